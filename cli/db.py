@@ -1,0 +1,47 @@
+"""``layerbase db``: create and inspect the warehouse."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import Context, emit, table
+
+
+@click.group()
+def db() -> None:
+    """Create, upgrade and inspect the warehouse database."""
+
+
+@db.command()
+@click.pass_obj
+def upgrade(obj: Context) -> None:
+    """Create or upgrade the schema to the newest migration."""
+    from warehouse.status import upgrade_schema
+
+    before, after, display = upgrade_schema(obj.database_url)
+    if before == after:
+        click.echo(f"Schema already at {after} ({display}).")
+    else:
+        click.echo(f"Schema upgraded {before or '(empty)'} -> {after} ({display}).")
+
+
+@db.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Show the server, pgvector, the migration revision and row counts."""
+    from warehouse.status import database_status
+
+    info = database_status(obj.database_url)
+    counts = info.pop("row_counts")
+    text = "\n".join(f"{k.replace('_', ' ')}: {v}" for k, v in info.items())
+    text += "\n\n" + table([{"table": t, "rows": n} for t, n in counts.items()], ["table", "rows"])
+    emit({**info, "row_counts": counts}, as_json, text)
+
+
+@db.command()
+def stop() -> None:
+    """Stop the embedded server (it starts again on the next command)."""
+    from warehouse.embedded import stop_embedded
+
+    click.echo("Embedded server stopped." if stop_embedded() else "The embedded server was not running.")

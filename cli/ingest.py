@@ -1,0 +1,118 @@
+"""``layerbase ingest``, ``jobs``, ``models`` and ``embeddings``."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import Context, emit, table
+
+model_option = click.option(
+    "--model", "source", required=True,
+    help="Packaged model name (SmolLM2-135M-Instruct, gemma-3-270m, all-MiniLM-L6-v2), "
+    "Hugging Face id, local model directory, or .gguf file.",
+)
+name_option = click.option("--name", help="Name to store the model under (default: from --model).")
+revision_option = click.option("--revision", help="Hub revision (branch, tag or commit).")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+    help="Weights dtype for the forward pass (activations are stored as float32).",
+)
+device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
+progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.command("ingest")
+@model_option
+@click.option("--dataset", "dataset_name", required=True, help="Registered dataset to run over.")
+@name_option
+@revision_option
+@dtype_option
+@device_option
+@click.option("--pooling", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+              help="Last real token, or mean over real tokens.")
+@click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
+@click.option("--max-tokens", type=int, help="Truncate prompts to N tokens (default: the context length).")
+@click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template as a user turn.")
+@click.option("--layer0", is_flag=True, help="Also store layer 0 (the embedding output).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass and per commit.")
+@progress_option
+@json_option
+@click.pass_obj
+def ingest_command(obj: Context, source: str, dataset_name: str, name: str | None, revision: str | None, dtype: str,
+                   device: str | None, pooling: str, padding_side: str, max_tokens: int | None, chat_template: bool,
+                   layer0: bool, batch_size: int, progress: bool, as_json: bool) -> None:
+    """Run a model over a dataset; store every block's pooled activation per prompt.
+
+    Re-running finishes an interrupted job; several processes on one job share its work.
+    """
+    from ingest.extract import ExtractionSettings
+    from ingest.runner import ingest
+
+    settings = ExtractionSettings(pooling, padding_side, max_tokens, chat_template)
+    report = ingest(
+        obj.warehouse(), source, dataset_name, name=name, revision=revision, dtype=dtype, device=device,
+        settings=settings, include_layer0=layer0, batch_size=batch_size, progress=progress,
+    )
+    text = (
+        f"{report.model} × {report.dataset}: {report.prompts_done}/{report.n_prompts} prompts stored "
+        f"({report.prompts_written_now} now), job {report.job_id} {report.state}"
+    )
+    if report.state != "done":
+        text += f"; {report.chunks_left} chunk(s) are being processed by other workers"
+    if report.n_truncated_now:
+        text += f"\nWarning: {report.n_truncated_now} prompt(s) were truncated (see `layerbase jobs`)."
+    emit(report.as_dict(), as_json, text)
+
+
+@click.command()
+@json_option
+@click.pass_obj
+def jobs(obj: Context, as_json: bool) -> None:
+    """List ingest jobs with their progress and truncation counts."""
+    from ingest.catalog import list_jobs
+
+    rows = list_jobs(obj.warehouse())
+    for r in rows:
+        r["progress"] = f"{r['done']}/{r['n_prompts']}"
+    emit(rows, as_json, table(rows, ["id", "model", "dataset", "state", "progress", "truncated", "error"]))
+
+
+@click.command()
+@json_option
+@click.pass_obj
+def models(obj: Context, as_json: bool) -> None:
+    """List stored models with their extraction settings."""
+    from ingest.catalog import list_models
+
+    rows = list_models(obj.warehouse())
+    emit(rows, as_json, table(rows, ["name", "architecture", "kind", "n_layers", "width", "dtype", "pooling", "source"]))
+
+
+@click.group()
+def embeddings() -> None:
+    """Token-embedding matrices."""
+
+
+@embeddings.command("export")
+@model_option
+@name_option
+@revision_option
+@dtype_option
+@device_option
+@progress_option
+@json_option
+@click.pass_obj
+def export(obj: Context, source: str, name: str | None, revision: str | None, dtype: str, device: str | None,
+           progress: bool, as_json: bool) -> None:
+    """Store a model's input embeddings (and unembeddings, when untied), one row per token."""
+    from ingest.embeddings import export_token_embeddings
+    from ingest.runner import default_model_name, open_model
+
+    wh = obj.warehouse()
+    lm = open_model(source, revision=revision, dtype=dtype, device=device)
+    name = name or default_model_name(source)
+    written = export_token_embeddings(wh, lm, name, progress=progress)
+    note = "" if "output" in written else " (unembedding tied to the input embedding, or none: not stored separately)"
+    emit({"model": name, "rows": written, "tied": lm.tied_embeddings}, as_json,
+         f"{name}: " + ", ".join(f"{k} {v} rows" for k, v in written.items()) + note)

@@ -1,0 +1,111 @@
+"""The root ``layerbase`` group, global options, and the one place errors become messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from warehouse.errors import LayerbaseError
+
+
+@dataclass
+class Context:
+    database_url: str | None
+    traceback: bool
+
+    def warehouse(self, *, check_schema: bool = True):  # type: ignore[no-untyped-def]
+        from warehouse.engine import connect
+
+        return connect(self.database_url, check_schema=check_schema)
+
+
+class LayerbaseGroup(click.Group):
+    """Turns LayerbaseError (and a few environment failures) into one clean line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LayerbaseError as exc:
+            if _traceback_wanted(ctx):
+                raise
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; stored work is kept, re-run the command to resume.", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if _traceback_wanted(ctx):
+                raise
+            click.secho(
+                f"Error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                "(re-run with --traceback for details, and report it if it persists)",
+                fg="red",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+def _traceback_wanted(ctx: click.Context) -> bool:
+    obj = ctx.find_object(Context)
+    return bool(obj and obj.traceback) or os.environ.get("LAYERBASE_TRACEBACK") == "1"
+
+
+@click.group(cls=LayerbaseGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="PostgreSQL URL (default: $LAYERBASE_DATABASE_URL, $DATABASE_URL, else the embedded server).",
+)
+@click.option("--traceback", is_flag=True, help="Show the full stack on errors.")
+@click.version_option(package_name="layerbase")
+@click.pass_context
+def root(ctx: click.Context, database_url: str | None, traceback: bool) -> None:
+    """Layerbase: a Postgres + pgvector warehouse for language-model activations."""
+    ctx.obj = Context(database_url, traceback)
+
+
+def emit(data: Any, as_json: bool, text: str | None = None) -> None:
+    """Print a result as JSON or as text."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _register() -> None:
+    from cli import dataset, db, ingest
+
+    root.add_command(db.db)
+    root.add_command(dataset.dataset)
+    root.add_command(ingest.ingest_command)
+    root.add_command(ingest.jobs)
+    root.add_command(ingest.models)
+    root.add_command(ingest.embeddings)
+
+
+_register()
+
+
+def main() -> None:
+    root(prog_name="layerbase")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Prompt sources, model loading, activation extraction, token-embedding export and the
+job runner. Imports ``warehouse`` only."""

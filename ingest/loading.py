@@ -1,0 +1,251 @@
+"""Load a Hugging Face model (hub id, local directory, or local GGUF file) and find
+its decoder blocks.
+
+GGUF files are de-quantized by transformers' GGUF loader, which is slow (tens of
+seconds); the result is cached as safetensors under the data directory, keyed by the
+file's path, size and modification time, so that later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from warehouse.config import data_dir
+from warehouse.errors import InputError
+
+DTYPES = ("float32", "float16", "bfloat16")
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert", "camembert"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction, with what provenance needs to know about it."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any
+    blocks: Any  # torch.nn.ModuleList of the decoder blocks
+    hook_site: str
+    kind: str  # causal or encoder
+    source: str
+    revision: str | None
+    gguf_file: str | None
+    dtype: str
+    device: str
+    n_layers: int
+    width: int
+    vocab_size: int
+    context_length: int
+    tied_embeddings: bool
+    from_cache: bool = False
+
+    @property
+    def architecture(self) -> str:
+        return str(self.model.config.model_type)
+
+    @property
+    def base(self) -> Any:
+        """The model without its LM head: extraction needs no logits."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return getattr(self.model, prefix, self.model) if prefix else self.model
+
+
+def pick_device(requested: str | None = None) -> str:
+    """CUDA if present, else MPS, else CPU (unless the user asked for one)."""
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {requested} was asked for but CUDA is not available here; use --device cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".gguf") or os.sep + os.sep in source
+
+
+def _gguf_cache_dir(path: Path, dtype: str) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:24]
+    return data_dir() / "models" / f"{path.stem}-{key}"
+
+
+def is_causal(config: Any) -> bool:
+    """Causal LM or encoder, from the config's architectures, flags and model type."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    if getattr(config, "is_encoder_decoder", False):
+        raise InputError(
+            f"{config.model_type} is an encoder-decoder model; Layerbase supports causal LMs and encoders"
+        )
+    return config.model_type not in ENCODER_TYPES
+
+
+def find_blocks(model: Any, n_layers: int) -> tuple[str, Any]:
+    """The ModuleList of the model's ``n_layers`` decoder (or encoder) blocks, and its path."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            return name, module
+    raise InputError(
+        f"cannot find the decoder blocks of this {model.config.model_type} model: no module list "
+        f"with num_hidden_layers = {n_layers} blocks; this architecture is not supported"
+    )
+
+
+def _from_pretrained(cls: Any, where: str, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(where, **kwargs)
+
+
+def _load_config(where: str, revision: str | None, gguf_file: str | None, source: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return _from_pretrained(AutoConfig, where, revision=revision, gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if Path(where).exists():
+            raise InputError(f"{source} is not a loadable model ({reason[:300]}); point at a model directory or .gguf file") from None
+        raise InputError(
+            f"cannot load model {source!r}: it is not a local path and the Hugging Face hub did not "
+            f"provide it ({reason[:200]}); pass a local model directory or .gguf file"
+        ) from None
+
+
+def load_model(
+    source: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM or encoder with its tokenizer, in eval mode on the chosen device."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _torch_dtype(dtype)
+    device = pick_device(device)
+    where = source
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise InputError(f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file")
+            path, gguf_file = path.parent, path.name
+        elif gguf_file is None and not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0].name
+            else:
+                raise InputError(
+                    f"{source} is not a model directory (no config.json"
+                    + (f", and {len(ggufs)} .gguf files: pick one by passing its path" if ggufs else "")
+                    + "); point at a Hugging Face model directory or a .gguf file"
+                )
+        where = str(path.resolve())
+    elif _looks_like_path(source):
+        raise InputError(f"model path {source} does not exist; check the path")
+
+    from_cache = False
+    load_from, load_gguf = where, gguf_file
+    if gguf_file:
+        cache = _gguf_cache_dir(Path(where) / gguf_file, dtype)
+        if (cache / "complete").exists():
+            load_from, load_gguf, from_cache = str(cache), None, True
+
+    config = _load_config(load_from, revision if not gguf_file else None, load_gguf, source)
+    causal = is_causal(config)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if load_gguf:
+        kwargs["gguf_file"] = load_gguf
+    elif revision and not gguf_file:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, load_from, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        model = _from_pretrained(cls, load_from, **kwargs)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise InputError(f"cannot load model {source!r}: {reason[:300]}") from None
+
+    if load_gguf:
+        model = _cache_gguf(model, tokenizer, Path(where) / gguf_file, dtype)
+
+    text_config = model.config.get_text_config()
+    n_layers = int(text_config.num_hidden_layers)
+    hook_site, blocks = find_blocks(model, n_layers)
+    model.to(device).eval()
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings() if causal else None
+    tied = out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+    context = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 1_000_000:
+        context = min(context, int(tok_max)) if context else int(tok_max)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        hook_site=f"{hook_site}[i] output",
+        kind="causal" if causal else "encoder",
+        source=source,
+        revision=revision,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        device=device,
+        n_layers=n_layers,
+        width=int(text_config.hidden_size),
+        vocab_size=int(inp.weight.shape[0]),
+        context_length=context or 2048,
+        tied_embeddings=bool(tied),
+        from_cache=from_cache,
+    )
+
+
+def _cache_gguf(model: Any, tokenizer: Any, gguf_path: Path, dtype: str) -> Any:
+    """Save a de-quantized GGUF model as safetensors; return a plain (unquantized) model.
+
+    The GGUF-loaded model carries a quantization config that ``save_pretrained`` keeps;
+    we drop it and rebuild the model class from the config (DESIGN.md §6).
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.to(model.dtype)
+    cache = _gguf_cache_dir(gguf_path, dtype)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").write_text(str(gguf_path))
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    except OSError as exc:  # the cache is an optimisation; a full disk must not fail ingest
+        warnings.warn(f"could not cache the converted GGUF model in {cache}: {exc}", stacklevel=2)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return plain.eval()

@@ -1,0 +1,367 @@
+"""The ingest job runner: register the model, plan the job, and work through its chunks.
+
+Atomicity unit: one chunk (= one forward batch). A worker claims a pending chunk with
+``SELECT … FOR UPDATE SKIP LOCKED`` and, in that same transaction, COPYs the chunk's
+activations and tokenization records and marks the chunk done. A crash (even
+``kill -9``) rolls the transaction back and releases the lock, so a re-run (or another
+worker) redoes exactly the missing chunks: no duplicates, no gaps.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, asdict
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from ingest.datasets import dataset_prompts, validate_name
+from ingest.extract import ExtractionSettings, Extractor, NonFiniteActivation
+from ingest.loading import LoadedModel
+from warehouse.copy import copy_columns
+from warehouse.engine import Warehouse, raw_connection
+from warehouse.errors import InputError
+from warehouse.models import Dataset, IngestChunk, IngestJob, Model
+
+CLAIM_CHUNK = """
+SELECT chunk_no, first_position, last_position FROM ingest_chunk
+WHERE job_id = :job AND NOT done
+ORDER BY chunk_no
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+JOB_PROGRESS = """
+SELECT count(*) FILTER (WHERE done) AS chunks_done,
+       coalesce(sum(last_position - first_position + 1) FILTER (WHERE done), 0) AS prompts_done,
+       count(*) AS chunks
+FROM ingest_chunk WHERE job_id = :job
+"""
+# Identity of an extraction: a model name stands for exactly these.
+IDENTITY_FIELDS = ("source", "revision", "gguf_file", "dtype", "pooling", "padding_side", "max_tokens", "chat_template")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def library_versions() -> dict[str, str]:
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "tokenizers": tokenizers.__version__}
+
+
+def model_row_values(lm: LoadedModel, name: str, extractor: Extractor) -> dict[str, Any]:
+    versions = library_versions()
+    s = extractor.settings
+    config = lm.model.config.to_diff_dict()
+    return {
+        "name": name,
+        "source": lm.source,
+        "revision": lm.revision,
+        "gguf_file": lm.gguf_file,
+        "architecture": lm.architecture,
+        "kind": lm.kind,
+        "n_layers": lm.n_layers,
+        "width": lm.width,
+        "vocab_size": lm.vocab_size,
+        "dtype": lm.dtype,
+        "hook_site": lm.hook_site,
+        "pooling": s.pooling,
+        "padding_side": s.padding_side,
+        "max_tokens": extractor.limit,
+        "chat_template": s.chat_template,
+        "tied_embeddings": lm.tied_embeddings,
+        "config": _jsonable(config),
+        "transformers_version": versions["transformers"],
+        "torch_version": versions["torch"],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extractor) -> Model:
+    """The model row for this (weights, extraction settings), created if new.
+
+    A name already used for other weights or settings is refused: the key
+    (model, layer, prompt) must mean one extraction.
+    """
+    validate_name(name, "model")
+    values = model_row_values(lm, name, extractor)
+    session.execute(insert(Model).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+    model = session.scalar(sa.select(Model).where(Model.name == name))
+    assert model is not None
+    diffs = [f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]]
+    if diffs:
+        raise InputError(
+            f"model name {name!r} is already used for another extraction ({'; '.join(diffs)}); "
+            "pass --name to store this one under a new name"
+        )
+    return model
+
+
+def ensure_job(session: Session, model: Model, dataset: Dataset, *, include_layer0: bool, batch_size: int) -> IngestJob:
+    """The job for (model, dataset), planned into chunks if new."""
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    n = dataset.n_prompts
+    n_chunks = (n + batch_size - 1) // batch_size
+    job_id = session.scalar(
+        insert(IngestJob)
+        .values(
+            model_id=model.id,
+            dataset_id=dataset.id,
+            include_layer0=include_layer0,
+            batch_size=batch_size,
+            n_prompts=n,
+            n_chunks=n_chunks,
+            settings={"created_by": worker_id(), **library_versions()},
+        )
+        .on_conflict_do_nothing(index_elements=["model_id", "dataset_id"])
+        .returning(IngestJob.id)
+    )
+    if job_id is not None:
+        session.execute(
+            insert(IngestChunk),
+            [
+                {
+                    "job_id": job_id,
+                    "chunk_no": c,
+                    "first_position": c * batch_size,
+                    "last_position": min(n, (c + 1) * batch_size) - 1,
+                }
+                for c in range(n_chunks)
+            ],
+        )
+    job = session.scalar(sa.select(IngestJob).where(IngestJob.model_id == model.id, IngestJob.dataset_id == dataset.id))
+    assert job is not None
+    if job.include_layer0 != include_layer0:
+        have = "with" if job.include_layer0 else "without"
+        raise InputError(
+            f"model {model.name!r} was already ingested on {dataset.name!r} {have} layer 0; "
+            f"re-run {'with' if job.include_layer0 else 'without'} --layer0, or use --name for a separate extraction"
+        )
+    return job
+
+
+@dataclass
+class JobReport:
+    """What a run of a job did and where the job stands."""
+
+    job_id: int
+    model: str
+    dataset: str
+    n_prompts: int
+    prompts_done: int
+    prompts_written_now: int
+    chunks_left: int
+    state: str
+    n_truncated_now: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def job_progress(conn: sa.Connection, job_id: int) -> tuple[int, int, int]:
+    """(chunks done, prompts done, chunks) of a job."""
+    row = conn.execute(sa.text(JOB_PROGRESS), {"job": job_id}).one()
+    return int(row.chunks_done), int(row.prompts_done), int(row.chunks)
+
+
+def _set_state(wh: Warehouse, job_id: int, state: str, error: str | None = None) -> None:
+    with wh.engine.begin() as conn:
+        conn.execute(
+            sa.update(IngestJob)
+            .where(IngestJob.id == job_id)
+            .values(
+                state=state,
+                error=error,
+                updated_at=sa.func.now(),
+                finished_at=sa.func.now() if state == "done" else None,
+            )
+        )
+
+
+def run_job(
+    wh: Warehouse,
+    job: IngestJob,
+    extractor: Extractor,
+    *,
+    model_name: str,
+    dataset_name: str,
+    progress: bool = True,
+) -> JobReport:
+    """Process the job's pending chunks until none is left to claim."""
+    from tqdm import tqdm
+
+    worker = worker_id()
+    with wh.engine.connect() as conn:
+        _, done_before, _ = job_progress(conn, job.id)
+    if done_before < job.n_prompts:
+        _set_state(wh, job.id, "running")
+    bar = tqdm(
+        total=job.n_prompts,
+        initial=done_before,
+        unit="prompt",
+        desc=f"{model_name} × {dataset_name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    written = truncated = 0
+    try:
+        while True:
+            n, n_trunc = _process_one_chunk(wh, job, extractor, worker, dataset_name)
+            if n == 0:
+                break
+            written += n
+            truncated += n_trunc
+            bar.update(n)
+    except Exception as exc:
+        from warehouse.errors import LayerbaseError
+
+        message = str(exc) if isinstance(exc, LayerbaseError) else f"{type(exc).__name__}: {exc}"
+        try:
+            _set_state(wh, job.id, "failed", message)
+        except sa.exc.SQLAlchemyError:
+            pass  # the database itself may be what failed; the original error matters
+        raise
+    finally:
+        bar.close()
+    with wh.engine.connect() as conn:
+        chunks_done, prompts_done, chunks = job_progress(conn, job.id)
+    state = "done" if chunks_done == chunks else "running"
+    if state == "done":
+        _set_state(wh, job.id, "done")
+    return JobReport(
+        job.id, model_name, dataset_name, job.n_prompts, prompts_done, written, chunks - chunks_done, state, truncated
+    )
+
+
+def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str) -> tuple[int, int]:
+    """Claim, extract and store one chunk in one transaction; (prompts, truncated) or (0, 0)."""
+    with wh.engine.begin() as conn:
+        claimed = conn.execute(sa.text(CLAIM_CHUNK), {"job": job.id}).first()
+        if claimed is None:
+            return 0, 0
+        with Session(bind=conn) as session:
+            prompts = dataset_prompts(session, job.dataset_id, claimed.first_position, claimed.last_position)
+        ids = np.array([p[0] for p in prompts], dtype=np.int64)
+        try:
+            batch = extractor([p[2] for p in prompts])
+        except NonFiniteActivation as exc:
+            pid, position, text = prompts[exc.index]
+            preview = text[:60] + ("…" if len(text) > 60 else "")
+            raise InputError(
+                f"prompt {position} (id {pid}) of dataset {dataset_name!r} gave NaN/Inf activations at "
+                f"layer {exc.layer}: {preview!r}; nothing of its batch was stored. Check the model's weights "
+                "and --dtype (float16 overflows; try float32), or remove the prompt"
+            ) from None
+        n_prompts, n_layers, _ = batch.vectors.shape
+        cur = raw_connection(conn).cursor()
+        copy_columns(
+            cur,
+            "activation",
+            ("model_id", "layer", "prompt_id", "vec"),
+            [
+                ("int4", np.full(n_prompts * n_layers, job.model_id, dtype=np.int32)),
+                ("int2", np.tile(np.array(batch.layers, dtype=np.int16), n_prompts)),
+                ("int8", np.repeat(ids, n_layers)),
+                ("vector", batch.vectors.reshape(n_prompts * n_layers, -1)),
+            ],
+        )
+        copy_columns(
+            cur,
+            "prompt_encoding",
+            ("model_id", "prompt_id", "job_id", "n_tokens", "n_tokens_full", "truncated"),
+            [
+                ("int4", np.full(n_prompts, job.model_id, dtype=np.int32)),
+                ("int8", ids),
+                ("int4", np.full(n_prompts, job.id, dtype=np.int32)),
+                ("int4", batch.n_tokens),
+                ("int4", batch.n_tokens_full),
+                ("bool", batch.truncated),
+            ],
+        )
+        conn.execute(
+            sa.update(IngestChunk)
+            .where(IngestChunk.job_id == job.id, IngestChunk.chunk_no == claimed.chunk_no)
+            .values(done=True, worker=worker, done_at=sa.func.now())
+        )
+    return n_prompts, int(batch.truncated.sum())
+
+
+def default_model_name(source: str) -> str:
+    """The name a model is stored under when the user gives none."""
+    from pathlib import Path
+
+    from ingest.packaged import resolve_packaged
+
+    packaged = resolve_packaged(source)
+    if packaged:
+        return packaged[0]
+    path = Path(source)
+    if path.exists():
+        return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return source
+
+
+def open_model(
+    source: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None
+) -> LoadedModel:
+    """Load a model by packaged name, hub id, directory or GGUF path."""
+    from ingest.loading import load_model
+    from ingest.packaged import resolve_packaged
+
+    packaged = resolve_packaged(source)
+    if packaged:
+        name, path = packaged
+        lm = load_model(str(path), revision=revision, dtype=dtype, device=device)
+        lm.source = name
+        return lm
+    return load_model(source, revision=revision, dtype=dtype, device=device)
+
+
+def ingest(
+    wh: Warehouse,
+    source: str,
+    dataset_name: str,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    settings: ExtractionSettings = ExtractionSettings(),
+    include_layer0: bool = False,
+    batch_size: int = 16,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+) -> JobReport:
+    """Run a model over a dataset and store every block's pooled activation per prompt.
+
+    Idempotent and resumable: only chunks not yet stored are computed.
+    """
+    from ingest.datasets import get_dataset
+
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    name = name or default_model_name(source)
+    validate_name(name, "model")
+    with Session(wh.engine) as session:
+        dataset = get_dataset(session, dataset_name)  # fail fast, before loading a model
+    lm = loaded or open_model(source, revision=revision, dtype=dtype, device=device)
+    extractor = Extractor(lm, settings, include_layer0=include_layer0)
+    with Session(wh.engine) as session, session.begin():
+        model = ensure_model(session, lm, name, extractor)
+        dataset = get_dataset(session, dataset_name)
+        job = ensure_job(session, model, dataset, include_layer0=include_layer0, batch_size=batch_size)
+        session.expunge(job)
+    return run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress)

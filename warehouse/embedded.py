@@ -1,0 +1,72 @@
+"""The embedded PostgreSQL server (``pgserver``: PostgreSQL 16 with pgvector 0.6.2).
+
+It is used when no database URL is configured. The server keeps running between
+commands (so that each command does not pay the start-up), listens only on a Unix
+socket in its data directory, and is stopped with ``layerbase db stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import URL, make_url
+
+from warehouse.config import data_dir
+from warehouse.errors import DatabaseError
+
+DATABASE_NAME = "layerbase"
+
+
+def pgdata_dir() -> Path:
+    """The embedded server's data directory."""
+    return data_dir() / "pgdata"
+
+
+def _server(pgdata: Path):  # type: ignore[no-untyped-def]
+    with warnings.catch_warnings():
+        # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (as in CI).
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    # pgserver logs every step at INFO; users need none of it.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    try:
+        return pgserver.get_server(pgdata, cleanup_mode=None)
+    except Exception as exc:  # pgserver raises bare subprocess/assert errors
+        raise DatabaseError(
+            f"could not start the embedded PostgreSQL server in {pgdata}: {exc}; "
+            f"see {pgdata / 'log'}, or set DATABASE_URL to use another server"
+        ) from None
+
+
+def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> URL:
+    """Start the embedded server if needed, create the database, and return its URL."""
+    pgdata = pgdata or pgdata_dir()
+    server = _server(pgdata)
+    admin_uri = server.get_uri()
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    url = make_url(server.get_uri(database))
+    return url.set(drivername="postgresql+psycopg")
+
+
+def stop_embedded(pgdata: Path | None = None) -> bool:
+    """Stop the embedded server if it runs; return whether one was running."""
+    from pgserver._commands import pg_ctl
+    from pgserver.utils import PostmasterInfo
+
+    pgdata = pgdata or pgdata_dir()
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    import os
+
+    user = "pgserver" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+    return True

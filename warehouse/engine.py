@@ -1,0 +1,127 @@
+"""The one place that creates engines and checks what the database offers.
+
+``connect()`` resolves the URL (explicit > env > embedded), creates the engine, and
+turns the failures users meet (server down, wrong password, no pgvector, old schema)
+into ``DatabaseError``s that say what to do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from functools import lru_cache
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import OperationalError, InterfaceError
+
+from warehouse.config import configured_url, safe_url
+from warehouse.errors import DatabaseError
+
+PGVECTOR_INSTALLED = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+PGVECTOR_AVAILABLE = "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+
+
+@dataclass(frozen=True)
+class Warehouse:
+    """A connected warehouse: the engine plus how it was reached."""
+
+    engine: Engine
+    url: URL
+    embedded: bool
+
+    @property
+    def display_url(self) -> str:
+        return safe_url(self.url)
+
+
+def resolve_url(explicit: str | None = None) -> tuple[URL, bool]:
+    """The URL to use and whether it is the embedded server's."""
+    url = configured_url(explicit)
+    if url is not None:
+        return url, False
+    from warehouse.embedded import embedded_url
+
+    return embedded_url(), True
+
+
+@lru_cache(maxsize=8)
+def _engine(url_text: str) -> Engine:
+    return sa.create_engine(url_text, pool_pre_ping=True)
+
+
+def connect(explicit_url: str | None = None, *, check_schema: bool = True) -> Warehouse:
+    """Connect, verify pgvector and (optionally) that the schema is current."""
+    url, embedded = resolve_url(explicit_url)
+    engine = _engine(url.render_as_string(hide_password=False))
+    wh = Warehouse(engine, url, embedded)
+    with translate_errors(wh):
+        with engine.connect() as conn:
+            require_pgvector(conn, wh)
+            if check_schema:
+                from warehouse.schema import require_current_schema
+
+                require_current_schema(conn)
+    return wh
+
+
+class translate_errors:
+    """Context manager: driver errors about connectivity become a clear DatabaseError."""
+
+    def __init__(self, wh: Warehouse | URL) -> None:
+        self.url_text = wh.display_url if isinstance(wh, Warehouse) else safe_url(wh)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        if exc is None or not isinstance(exc, (OperationalError, InterfaceError)):
+            return False
+        raise DatabaseError(
+            f"cannot reach the database at {self.url_text}: {first_line(exc.orig or exc)}; "
+            "check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "
+            "to use the embedded server"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first meaningful line of a driver error, without its SQL echo."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"\s+", " ", text)
+
+
+def pgvector_version(conn: sa.Connection) -> str | None:
+    """The installed pgvector version, or None."""
+    return conn.execute(sa.text(PGVECTOR_INSTALLED)).scalar()
+
+
+def require_pgvector(conn: sa.Connection, wh: Warehouse | None = None) -> str | None:
+    """Fail clearly when the server cannot provide pgvector at all.
+
+    Returns the installed version (None when it is available but not yet created,
+    which ``layerbase db upgrade`` does).
+    """
+    installed = pgvector_version(conn)
+    if installed:
+        return installed
+    if conn.execute(sa.text(PGVECTOR_AVAILABLE)).scalar() is None:
+        where = wh.display_url if wh else "this server"
+        raise DatabaseError(
+            f"the PostgreSQL server at {where} does not have the pgvector extension; "
+            "install pgvector on it (or run `docker compose up -d db`, which ships it), "
+            "or unset DATABASE_URL to use the embedded server"
+        )
+    return None
+
+
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    """'0.6.2' -> (0, 6, 2); None -> ()."""
+    if not version:
+        return ()
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+def raw_connection(conn: sa.Connection) -> Any:
+    """The psycopg connection under a SQLAlchemy connection, for COPY."""
+    return conn.connection.dbapi_connection

@@ -1,0 +1,210 @@
+"""SQLAlchemy models: the warehouse schema as the code sees it.
+
+The schema is created and changed only by Alembic migrations (``alembic/versions``);
+``alembic check`` proves that these models and the migrations agree.
+
+Citus-readiness (DESIGN.md §7): the hot tables (``activation``, ``prompt_encoding``,
+``token_embedding``) carry their distribution column (``model_id``) in the primary key
+and have no foreign keys to other hot tables. ``activation`` also has no foreign key to
+``prompt``: a per-row trigger check would slow bulk COPY, and the runner writes
+activations only for prompts it has just read from ``prompt``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    CheckConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB}
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Model(Base):
+    """A model and the extraction settings its activations were taken with.
+
+    One row per (weights, extraction settings): ingesting the same weights with another
+    pooling is stored under another name, so that (model, layer, prompt) stays the key.
+    """
+
+    __tablename__ = "model"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    source: Mapped[str] = mapped_column(Text, comment="Hugging Face id, local directory or GGUF path")
+    revision: Mapped[str | None] = mapped_column(Text)
+    gguf_file: Mapped[str | None] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(Text, comment="config.model_type")
+    kind: Mapped[str] = mapped_column(Text, comment="causal or encoder")
+    n_layers: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(Text)
+    hook_site: Mapped[str] = mapped_column(Text, comment="module path of the decoder blocks whose outputs are stored")
+    pooling: Mapped[str] = mapped_column(Text)
+    padding_side: Mapped[str] = mapped_column(Text)
+    max_tokens: Mapped[int] = mapped_column(Integer, comment="token limit applied (context length if not set)")
+    chat_template: Mapped[bool] = mapped_column(Boolean)
+    tied_embeddings: Mapped[bool] = mapped_column(Boolean)
+    config: Mapped[dict[str, Any]] = mapped_column()
+    transformers_version: Mapped[str] = mapped_column(Text)
+    torch_version: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("pooling IN ('last', 'mean')", name="pooling"),
+        CheckConstraint("padding_side IN ('left', 'right')", name="padding_side"),
+        CheckConstraint("kind IN ('causal', 'encoder')", name="kind"),
+    )
+
+
+class Dataset(Base):
+    """A named, ordered set of prompts."""
+
+    __tablename__ = "dataset"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    source_kind: Mapped[str] = mapped_column(Text, comment="lines, jsonl, csv, parquet, txt_dir, hf, random, pairs")
+    source_uri: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(comment="reader options, sampling, seed")
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64), comment="sha256 over the ordered prompt texts")
+    parallel_to_id: Mapped[int | None] = mapped_column(
+        ForeignKey("dataset.id", ondelete="SET NULL"),
+        comment="dataset whose prompt i is the translation/pair of this dataset's prompt i",
+    )
+    created_at: Mapped[datetime] = _now()
+
+
+class Prompt(Base):
+    """One prompt text at a position of a dataset."""
+
+    __tablename__ = "prompt"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer, comment="0-based position in the dataset")
+    text: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64), comment="sha256 of the text")
+    source_ref: Mapped[str] = mapped_column(Text, comment="where in the source it came from (line, file, row)")
+    parallel_prompt_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("prompt.id", ondelete="SET NULL"), comment="the paired prompt of a parallel dataset"
+    )
+
+    __table_args__ = (UniqueConstraint("dataset_id", "position"),)
+
+
+class Activation(Base):
+    """The pooled activation of a prompt at the end of one layer's block."""
+
+    __tablename__ = "activation"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True, comment="1..L block outputs; 0 = embedding output")
+    prompt_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # No typmod: models of different widths share this column (DESIGN.md §2).
+    vec: Mapped[Any] = mapped_column(Vector())
+
+
+class IngestJob(Base):
+    """Running one model over one dataset: its state, settings and error."""
+
+    __tablename__ = "ingest_job"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    include_layer0: Mapped[bool] = mapped_column(Boolean)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    n_chunks: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(Text, server_default="pending")
+    settings: Mapped[dict[str, Any]] = mapped_column(comment="library versions, device, tokenizer settings")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "dataset_id"),
+        CheckConstraint("state IN ('pending', 'running', 'done', 'failed')", name="state"),
+    )
+
+
+class IngestChunk(Base):
+    """A unit of ingest work: a contiguous range of prompt positions.
+
+    Workers claim chunks with ``FOR UPDATE SKIP LOCKED`` and write the chunk's activations
+    in the same transaction that marks it done, so a chunk is stored whole or not at all.
+    """
+
+    __tablename__ = "ingest_chunk"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("ingest_job.id", ondelete="CASCADE"), primary_key=True)
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_position: Mapped[int] = mapped_column(Integer)
+    last_position: Mapped[int] = mapped_column(Integer, comment="inclusive")
+    done: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    worker: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PromptEncoding(Base):
+    """How a model tokenized a prompt: token counts and whether it was truncated."""
+
+    __tablename__ = "prompt_encoding"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(Integer, comment="tokens the model read")
+    n_tokens_full: Mapped[int] = mapped_column(Integer, comment="tokens before truncation")
+    truncated: Mapped[bool] = mapped_column(Boolean)
+
+
+class TokenEmbedding(Base):
+    """A row of a model's input-embedding or unembedding matrix."""
+
+    __tablename__ = "token_embedding"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
+    matrix: Mapped[str] = mapped_column(Text, primary_key=True, comment="input or output")
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(Text, comment="the vocabulary entry")
+    text: Mapped[str] = mapped_column(Text, comment="the token decoded to text")
+    vec: Mapped[Any] = mapped_column(Vector())
+
+    __table_args__ = (CheckConstraint("matrix IN ('input', 'output')", name="matrix"),)

@@ -1,0 +1,43 @@
+"""What ``layerbase db upgrade`` and ``db status`` do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from warehouse.engine import connect, pgvector_version, translate_errors
+from warehouse.models import Base
+from warehouse.schema import current_revision, head_revision, upgrade
+
+
+def upgrade_schema(url: str | None = None) -> tuple[str | None, str, str]:
+    """Migrate to head; return (revision before, revision after, display URL)."""
+    wh = connect(url, check_schema=False)  # checks reachability and that pgvector exists
+    with translate_errors(wh), wh.engine.begin() as conn:
+        before = current_revision(conn)
+        upgrade(conn)
+        after = current_revision(conn)
+    assert after is not None
+    return before, after, wh.display_url
+
+
+def database_status(url: str | None = None) -> dict[str, Any]:
+    """Server, pgvector version, schema revision and exact row counts."""
+    wh = connect(url, check_schema=False)
+    with translate_errors(wh), wh.engine.connect() as conn:
+        revision = current_revision(conn)
+        counts: dict[str, Any] = {}
+        if revision is not None:
+            for table in Base.metadata.sorted_tables:
+                # Table names come from our own metadata, never from input.
+                counts[table.name] = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+        return {
+            "database": wh.display_url,
+            "embedded": wh.embedded,
+            "server": conn.execute(sa.text("SHOW server_version")).scalar(),
+            "pgvector": pgvector_version(conn) or "available, not yet created (run `layerbase db upgrade`)",
+            "schema_revision": revision or "none (run `layerbase db upgrade`)",
+            "code_revision": head_revision(),
+            "row_counts": counts,
+        }
