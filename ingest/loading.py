@@ -146,6 +146,9 @@ def load_model(
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars say what runs
     torch_dtype = _torch_dtype(dtype)
     device = pick_device(device)
     where = source

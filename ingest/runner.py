@@ -314,6 +314,13 @@ def default_model_name(source: str) -> str:
     return source
 
 
+def source_identity(source: str) -> str:
+    """What the model row's ``source`` holds for a --model value: a packaged name, or as given."""
+    from ingest.packaged import ALIASES
+
+    return ALIASES.get(source.lower(), source)
+
+
 def open_model(
     source: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None
 ) -> LoadedModel:
@@ -328,6 +335,35 @@ def open_model(
         lm.source = name
         return lm
     return load_model(source, revision=revision, dtype=dtype, device=device)
+
+
+def _finished_report(
+    session: Session,
+    name: str,
+    dataset: Dataset,
+    source: str,
+    revision: str | None,
+    dtype: str,
+    settings: ExtractionSettings,
+    include_layer0: bool,
+) -> JobReport | None:
+    """The report of an already complete job with these settings, or None."""
+    model = session.scalar(sa.select(Model).where(Model.name == name))
+    if model is None:
+        return None
+    job = session.scalar(sa.select(IngestJob).where(IngestJob.model_id == model.id, IngestJob.dataset_id == dataset.id))
+    requested = {
+        "revision": revision, "dtype": dtype, "pooling": settings.pooling, "padding_side": settings.padding_side,
+        "chat_template": settings.chat_template, "include_layer0": include_layer0,
+    }
+    stored = {k: getattr(model, k) for k in requested if k != "include_layer0"}
+    if job is None or job.state != "done" or {**stored, "include_layer0": job.include_layer0} != requested:
+        return None
+    if settings.max_tokens is not None and settings.max_tokens != model.max_tokens:
+        return None
+    if model.source != source_identity(source):
+        return None
+    return JobReport(job.id, name, dataset.name, job.n_prompts, job.n_prompts, 0, 0, "done", 0)
 
 
 def ingest(
@@ -357,6 +393,9 @@ def ingest(
     validate_name(name, "model")
     with Session(wh.engine) as session:
         dataset = get_dataset(session, dataset_name)  # fail fast, before loading a model
+        finished = _finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0)
+    if finished is not None and loaded is None:
+        return finished  # nothing to do: skip loading the model
     lm = loaded or open_model(source, revision=revision, dtype=dtype, device=device)
     extractor = Extractor(lm, settings, include_layer0=include_layer0)
     with Session(wh.engine) as session, session.begin():

@@ -1,0 +1,131 @@
+"""The database: schema creation, status, URL handling and the errors users meet."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from tests.helpers import assert_clean_error, cli
+
+
+def test_upgrade_creates_schema_and_status_reports_it(empty_db_url: str) -> None:
+    before = cli("db", "status", "--json")
+    assert before.exit_code == 0, before.output
+    assert "none" in before.output and '"pgvector"' in before.output
+
+    result = cli("db", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert "upgraded (empty) -> 0001" in result.output
+
+    again = cli("db", "upgrade")
+    assert "already at 0001" in again.output
+
+    status = cli("db", "status")
+    assert status.exit_code == 0, status.output
+    assert "pgvector: 0.6.2" in status.output
+    assert "schema revision: 0001" in status.output
+    assert "activation" in status.output and "token_embedding" in status.output
+
+
+def test_models_and_migrations_agree(db_url: str) -> None:
+    """What `alembic check` asserts: autogenerate finds nothing to change."""
+    import sqlalchemy as sa
+    from warehouse.config import parse_url
+    from warehouse.models import Base
+
+    engine = sa.create_engine(parse_url(db_url))
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+    engine.dispose()
+
+
+def test_commands_refuse_a_database_without_schema(empty_db_url: str) -> None:
+    result = cli("dataset", "list")
+    assert_clean_error(result, "layerbase db upgrade")
+
+
+def test_unknown_revision_is_reported_as_newer_than_code(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'ffff'")
+    assert_clean_error(cli("dataset", "list"), "ffff", "upgrade Layerbase")
+
+
+def test_unreachable_server_gives_clear_error_without_password() -> None:
+    url = "postgresql://alice:s3cret-pw@127.0.0.1:1/nowhere"
+    result = cli("db", "status", env={"LAYERBASE_DATABASE_URL": url})
+    assert_clean_error(result, "cannot reach the database", "127.0.0.1")
+    assert "s3cret-pw" not in result.output
+
+
+@pytest.mark.parametrize(
+    "url, needle",
+    [("not a url at all", "not a valid database URL"), ("mysql://u:p@localhost/db", "PostgreSQL")],
+)
+def test_malformed_database_url(url: str, needle: str) -> None:
+    result = cli("db", "status", env={"DATABASE_URL": url, "LAYERBASE_DATABASE_URL": ""})
+    assert_clean_error(result, needle)
+
+
+def test_layerbase_url_takes_precedence_over_database_url(db_url: str) -> None:
+    result = cli("db", "status", "--json", env={"DATABASE_URL": "postgresql://x:y@127.0.0.1:1/z"})
+    assert result.exit_code == 0, result.output
+
+
+def test_password_is_never_printed(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS lb_pw_user")
+        conn.execute("CREATE ROLE lb_pw_user LOGIN SUPERUSER PASSWORD 'Very-Secret-42'")
+    # The embedded server trusts local sockets, so the password is accepted and unused.
+    url = db_url.replace("postgres:@", "lb_pw_user:Very-Secret-42@")
+    for args in (["db", "status"], ["db", "status", "--json"], ["db", "upgrade"], ["dataset", "list"]):
+        result = cli(*args, env={"LAYERBASE_DATABASE_URL": url})
+        assert result.exit_code == 0, result.output
+        assert "Very-Secret-42" not in result.output
+
+
+@pytest.fixture(scope="module")
+def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real PostgreSQL 16 (pgserver's binaries) whose installation lacks pgvector."""
+    import pgserver
+
+    src = Path(pgserver.__file__).parent / "pginstall"
+    root = tmp_path_factory.mktemp("novector")
+    install = root / "pginstall"
+    shutil.copytree(src, install, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n.startswith("vector")])
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    user = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: use pgserver's system user
+        from pgserver.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(root)
+        subprocess.run(["chown", "-R", "pgserver", str(root)], check=True)
+        user = ["runuser", "-u", "pgserver", "--"]
+    bin_ = install / "bin"
+    # The wheel's binaries find their bundled libraries relative to the original tree.
+    libs = Path(pgserver.__file__).parent.parent / "pgserver.libs"
+    user = [*user, "env", f"LD_LIBRARY_PATH={libs}"]
+    subprocess.run([*user, str(bin_ / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+                    "-o", f"-h '' -k {sock}", "start"], check=True, capture_output=True)
+    yield f"postgresql://postgres@/postgres?host={sock}"
+    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "stop", "-m", "immediate"], capture_output=True)
+
+
+def test_server_without_pgvector_is_refused(server_without_pgvector: str) -> None:
+    for args in (["db", "upgrade"], ["db", "status"], ["dataset", "list"]):
+        result = cli(*args, env={"LAYERBASE_DATABASE_URL": server_without_pgvector})
+        assert_clean_error(result, "does not have the pgvector extension", "install pgvector")
+    with psycopg.connect(server_without_pgvector) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0]
+    assert tables == 0  # nothing was written
