@@ -90,8 +90,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _register() -> None:
-    from cli import dataset, db, ingest
+    from cli import dataset, db, demo, ingest
 
+    root.add_command(demo.demo)
     root.add_command(db.db)
     root.add_command(dataset.dataset)
     root.add_command(ingest.ingest_command)

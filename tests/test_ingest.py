@@ -46,7 +46,7 @@ def test_ingest_stores_every_layer_of_every_prompt(db_url: str, tiny_models: dic
     result = cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tiny-llama",
                  "--batch-size", "5", "--max-tokens", "48", "--layer0", "--no-progress", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["state"] == "done" and report["prompts_done"] == 22 and report["n_truncated_now"] == 1
 
     with psycopg.connect(db_url) as conn:
@@ -62,10 +62,10 @@ def test_ingest_stores_every_layer_of_every_prompt(db_url: str, tiny_models: dic
 
     again = cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tiny-llama",
                 "--batch-size", "5", "--max-tokens", "48", "--layer0", "--no-progress", "--json")
-    assert json.loads(again.output)["prompts_written_now"] == 0
+    assert json.loads(again.stdout)["prompts_written_now"] == 0
 
     jobs = cli("jobs", "--json")
-    assert json.loads(jobs.output)[0]["truncated"] == 1
+    assert json.loads(jobs.stdout)[0]["truncated"] == 1
     assert "tiny-llama" in cli("models").output
 
 
@@ -116,7 +116,7 @@ def test_killed_ingest_resumes_without_duplicates_or_gaps(pg_server, db_url: str
 
     resumed = cli(*args, "--json")
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads(resumed.output)["prompts_written_now"] == 400 - done * 2
+    assert json.loads(resumed.stdout)["prompts_written_now"] == 400 - done * 2
 
     reference = new_database(pg_server)
     env = {"LAYERBASE_DATABASE_URL": reference}
@@ -217,7 +217,7 @@ def test_nan_activations_name_the_prompt_and_store_nothing_of_the_batch(
     after = fingerprint(db_url)
     for table in ("activation", "prompt_encoding", "prompt", "dataset"):
         assert after[table] == before[table]
-    jobs = json.loads(cli("jobs", "--json").output)
+    jobs = json.loads(cli("jobs", "--json").stdout)
     assert jobs[0]["state"] == "failed" and "NaN" in jobs[0]["error"]
 
 

@@ -79,9 +79,9 @@ def test_cli_registers_datasets_idempotently(db_url: str, tmp_path: Path) -> Non
     f.write_text("delta\n")
     assert_clean_error(cli("dataset", "add", "greek", str(f)), "already exists", "another name")
     listing = cli("dataset", "list", "--json")
-    assert json.loads(listing.output)[0]["prompts"] == 3
+    assert json.loads(listing.stdout)[0]["prompts"] == 3
     shown = cli("dataset", "show", "greek", "--json")
-    assert [r["text"] for r in json.loads(shown.output)] == ["alpha", "beta", "gamma"]
+    assert [r["text"] for r in json.loads(shown.stdout)] == ["alpha", "beta", "gamma"]
 
 
 def test_parallel_datasets_link_prompt_to_prompt(db_url: str, tmp_path: Path) -> None:
@@ -165,4 +165,4 @@ def test_names_with_quotes_and_sql_are_just_names(db_url: str, tmp_path: Path) -
     name = "Robert'); DROP TABLE prompt; --"
     assert cli("dataset", "add", name, str(f)).exit_code == 0
     shown = cli("dataset", "show", name, "--json")
-    assert shown.exit_code == 0 and len(json.loads(shown.output)) == 2
+    assert shown.exit_code == 0 and len(json.loads(shown.stdout)) == 2

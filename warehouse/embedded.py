@@ -8,6 +8,7 @@ socket in its data directory, and is stopped with ``layerbase db stop``.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -26,14 +27,20 @@ def pgdata_dir() -> Path:
     return data_dir() / "pgdata"
 
 
-def _server(pgdata: Path):  # type: ignore[no-untyped-def]
+def _pgserver():  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():
         # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (as in CI).
         warnings.simplefilter("ignore")
         import pgserver
+        import pgserver.utils
 
     # pgserver logs every step at INFO; users need none of it.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    return pgserver
+
+
+def _server(pgdata: Path):  # type: ignore[no-untyped-def]
+    pgserver = _pgserver()
     try:
         return pgserver.get_server(pgdata, cleanup_mode=None)
     except Exception as exc:  # pgserver raises bare subprocess/assert errors
@@ -58,15 +65,11 @@ def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> U
 
 def stop_embedded(pgdata: Path | None = None) -> bool:
     """Stop the embedded server if it runs; return whether one was running."""
-    from pgserver._commands import pg_ctl
-    from pgserver.utils import PostmasterInfo
-
+    pgserver = _pgserver()
     pgdata = pgdata or pgdata_dir()
-    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    info = pgserver.utils.PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
     if info is None or not info.is_running():
         return False
-    import os
-
-    user = "pgserver" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs the server as this user under root
+    pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
     return True
