@@ -8,7 +8,7 @@ from alembic import context
 from pgvector.sqlalchemy import Vector
 
 from warehouse.engine import resolve_url
-from warehouse.models import Base
+from warehouse.models import RUNTIME_INDEX_PREFIX, Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:
@@ -26,12 +26,18 @@ def render_item(type_: str, obj: object, autogen_context) -> str | bool:  # type
     return False
 
 
+def include_object(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
+    """Per-(model, layer) HNSW indexes are made at run time by `layerbase knn`, not by migrations."""
+    return not (type_ == "index" and reflected and name and name.startswith(RUNTIME_INDEX_PREFIX))
+
+
 def _configure(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        include_object=include_object,
     )
 
 

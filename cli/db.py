@@ -45,3 +45,22 @@ def stop() -> None:
     from warehouse.embedded import stop_embedded
 
     click.echo("Embedded server stopped." if stop_embedded() else "The embedded server was not running.")
+
+
+@db.command("grant-reader")
+@click.argument("role")
+@click.option("--password-env", metavar="VAR", help="Set the role's password from this environment variable.")
+@click.pass_obj
+def grant_reader(obj: Context, role: str, password_env: str | None) -> None:
+    """Create ROLE: a login that can read the BI views (bi_*) and nothing else."""
+    import os
+
+    from warehouse.roles import grant_reader as grant
+
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise click.UsageError(f"--password-env {password_env}: that variable is not set")
+    views = grant(obj.warehouse(), role, password)
+    click.echo(f"Role {role!r} can read {', '.join(views)} and nothing else.")

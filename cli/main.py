@@ -90,7 +90,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _register() -> None:
-    from cli import dataset, db, demo, ingest
+    from cli import analyze, dataset, db, demo, ingest
 
     root.add_command(demo.demo)
     root.add_command(db.db)
@@ -99,6 +99,9 @@ def _register() -> None:
     root.add_command(ingest.jobs)
     root.add_command(ingest.models)
     root.add_command(ingest.embeddings)
+    root.add_command(analyze.knn)
+    root.add_command(analyze.affinity)
+    root.add_command(analyze.neighbors)
 
 
 _register()

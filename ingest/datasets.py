@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from ingest.sources import PromptSet
 from warehouse.copy import copy_rows
-from warehouse.errors import InputError, NotFoundError
+from warehouse.errors import InputError
+from warehouse.lookup import get_dataset
 from warehouse.engine import Warehouse
 from warehouse.models import Dataset, Prompt
 
@@ -39,16 +40,6 @@ def validate_name(name: str, what: str = "dataset") -> str:
     if len(name) > 200:
         raise InputError(f"the {what} name is longer than 200 characters; choose a shorter name")
     return name
-
-
-def get_dataset(session: Session, name: str) -> Dataset:
-    """The dataset called ``name``, or a NotFoundError listing the known ones."""
-    found = session.scalar(sa.select(Dataset).where(Dataset.name == name))
-    if found is None:
-        known = session.scalars(sa.select(Dataset.name).order_by(Dataset.name).limit(20)).all()
-        hint = f"known datasets: {', '.join(known)}" if known else "no dataset is registered yet"
-        raise NotFoundError(f"no dataset named {name!r} ({hint}); register it with `layerbase dataset add`")
-    return found
 
 
 def register(session: Session, name: str, prompts: PromptSet, *, parallel_to: str | None = None) -> tuple[Dataset, bool]:

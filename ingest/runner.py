@@ -270,11 +270,12 @@ def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, work
         copy_columns(
             cur,
             "activation",
-            ("model_id", "layer", "prompt_id", "vec"),
+            ("model_id", "layer", "prompt_id", "dataset_id", "vec"),
             [
                 ("int4", np.full(n_prompts * n_layers, job.model_id, dtype=np.int32)),
                 ("int2", np.tile(np.array(batch.layers, dtype=np.int16), n_prompts)),
                 ("int8", np.repeat(ids, n_layers)),
+                ("int4", np.full(n_prompts * n_layers, job.dataset_id, dtype=np.int32)),
                 ("vector", batch.vectors.reshape(n_prompts * n_layers, -1)),
             ],
         )
@@ -385,7 +386,7 @@ def ingest(
 
     Idempotent and resumable: only chunks not yet stored are computed.
     """
-    from ingest.datasets import get_dataset
+    from warehouse.lookup import get_dataset
 
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import psycopg
+import psycopg.sql
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
@@ -82,3 +83,29 @@ def copy_rows(cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequ
             copy.write_row(row)
             count += 1
     return count
+
+
+def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composable) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``COPY (query) TO STDOUT`` in binary for rows (int4, vector) and parse with numpy.
+
+    All vectors must have one width (as every activation of a (model, layer) does). The
+    rows are fixed-width, so the stream is read as one numpy structured array.
+    """
+    buffer = bytearray()
+    with cur.copy(psycopg.sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT BINARY)").format(query)) as copy:
+        for block in copy:
+            buffer += block
+    header_ext = int.from_bytes(buffer[15:19], "big")
+    body = memoryview(buffer)[19 + header_ext : len(buffer) - 2]
+    if len(body) == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float32)
+    # row: int16 nfields, int32 len, int32 value, int32 len, int16 dim, int16 unused, float4 x dim
+    dim = int.from_bytes(body[14:16], "big")
+    row = np.dtype([("nf", ">i2"), ("l0", ">i4"), ("pos", ">i4"), ("l1", ">i4"), ("dim", ">i2"), ("unused", ">i2"),
+                    ("vec", ">f4", (dim,))])
+    if len(body) % row.itemsize:
+        raise ValueError("vectors of different widths in one layer")
+    rows = np.frombuffer(body, dtype=row)
+    if (rows["dim"] != dim).any():
+        raise ValueError("vectors of different widths in one layer")
+    return rows["pos"].astype(np.int32), rows["vec"].astype(np.float32)

@@ -30,9 +30,13 @@ from sqlalchemy import (
     UniqueConstraint,
     func,
     CheckConstraint,
+    REAL,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Indexes created at run time (per-(model, layer) partial HNSW indexes) carry this prefix.
+RUNTIME_INDEX_PREFIX = "hnsw_activation_"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -135,6 +139,9 @@ class Activation(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
     layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True, comment="1..L block outputs; 0 = embedding output")
     prompt_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        Integer, comment="the prompt's dataset, denormalized so that per-(model, layer, dataset) indexes can be partial"
+    )
     # No typmod: models of different widths share this column (DESIGN.md §2).
     vec: Mapped[Any] = mapped_column(Vector())
 
@@ -208,3 +215,110 @@ class TokenEmbedding(Base):
     vec: Mapped[Any] = mapped_column(Vector())
 
     __table_args__ = (CheckConstraint("matrix IN ('input', 'output')", name="matrix"),)
+
+
+class KnnRun(Base):
+    """One materialized k-NN computation: (model, layer, dataset) by one engine."""
+
+    __tablename__ = "knn_run"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(SmallInteger)
+    k_max: Mapped[int] = mapped_column(SmallInteger, comment="neighbours stored per prompt; any k <= k_max can be read")
+    metric: Mapped[str] = mapped_column(Text, server_default="cosine")
+    engine: Mapped[str] = mapped_column(Text, comment="sql, hnsw or blas")
+    strategy: Mapped[str] = mapped_column(Text, comment="how the engine answered: exact scan, hnsw on vector(d), …")
+    ef_search: Mapped[int | None] = mapped_column(Integer)
+    recall: Mapped[float | None] = mapped_column(comment="recall@min(10, k_max) against exact, on recall_queries prompts")
+    recall_queries: Mapped[int | None] = mapped_column(Integer)
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column()
+    device: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint("model_id", "dataset_id", "layer", "engine"),
+        CheckConstraint("engine IN ('sql', 'hnsw', 'blas')", name="engine"),
+        CheckConstraint("metric = 'cosine'", name="metric"),
+    )
+
+
+class KnnNeighbor(Base):
+    """Long form: the rank-th nearest neighbour of the prompt at ``position`` (self excluded).
+
+    Prompts are named by dataset position, so that neighbour sets of parallel datasets
+    (prompt i of D1 <-> prompt i of D2) intersect directly.
+    """
+
+    __tablename__ = "knn_neighbor"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("knn_run.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True, comment="1 = nearest")
+    neighbor_position: Mapped[int] = mapped_column(Integer)
+    distance: Mapped[float] = mapped_column(REAL, comment="cosine distance")
+
+
+class AffinityRun(Base):
+    """A layer x layer mutual k-NN matrix between two models (Wolfram & Schein 2025)."""
+
+    __tablename__ = "affinity_run"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    dataset_a_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    dataset_b_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    k: Mapped[int] = mapped_column(SmallInteger)
+    include_layer0: Mapped[bool] = mapped_column(Boolean)
+    n_prompts: Mapped[int] = mapped_column(Integer)
+    n_layers_a: Mapped[int] = mapped_column(Integer)
+    n_layers_b: Mapped[int] = mapped_column(Integer)
+    chance: Mapped[float] = mapped_column(comment="null mean k/(|D|-1)")
+    null_sd: Mapped[float] = mapped_column(comment="null standard deviation of M_k")
+    knn_engine: Mapped[str] = mapped_column(Text)
+    study: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        UniqueConstraint(
+            "model_a_id", "model_b_id", "dataset_a_id", "dataset_b_id", "k", "include_layer0", name="uq_affinity_run_pair"
+        ),
+    )
+
+
+class AffinityCell(Base):
+    """One cell A[i, j] = M_k(f_A^(i), f_B^(j))."""
+
+    __tablename__ = "affinity_cell"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("affinity_run.id", ondelete="CASCADE"), primary_key=True)
+    layer_a: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    layer_b: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    depth_a: Mapped[float] = mapped_column(comment="layer_a / n_layers_a")
+    depth_b: Mapped[float] = mapped_column(comment="layer_b / n_layers_b")
+    score: Mapped[float] = mapped_column(comment="mutual k-NN in [0, 1]")
+    chance: Mapped[float] = mapped_column()
+    log10_p_null: Mapped[float] = mapped_column(comment="log10 p of the score under random neighbour sets")
+
+
+class DiagonalTest(Base):
+    """The generalized-diagonal t-test of an affinity matrix."""
+
+    __tablename__ = "diagonal_test"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("affinity_run.id", ondelete="CASCADE"), primary_key=True)
+    rows_model: Mapped[str] = mapped_column(Text, comment="a or b: the deeper model, whose layers are the rows")
+    n_on: Mapped[int] = mapped_column(Integer)
+    n_off: Mapped[int] = mapped_column(Integer)
+    mean_on: Mapped[float] = mapped_column()
+    mean_off: Mapped[float] = mapped_column()
+    t: Mapped[float] = mapped_column()
+    p: Mapped[float] = mapped_column()
+    log10_p: Mapped[float] = mapped_column()
+    n_pairs: Mapped[int] = mapped_column(Integer, comment="model pairs in the study (Bonferroni factor)")
+    p_bonferroni: Mapped[float] = mapped_column()
+    log10_p_bonferroni: Mapped[float] = mapped_column()

@@ -69,6 +69,7 @@ def upgrade() -> None:
     sa.Column('model_id', sa.Integer(), nullable=False),
     sa.Column('layer', sa.SmallInteger(), nullable=False, comment='1..L block outputs; 0 = embedding output'),
     sa.Column('prompt_id', sa.BigInteger(), nullable=False),
+    sa.Column('dataset_id', sa.Integer(), nullable=False, comment="the prompt's dataset, denormalized so that per-(model, layer, dataset) indexes can be partial"),
     sa.Column('vec', pgvector.sqlalchemy.Vector(), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['model.id'], name=op.f('fk_activation_model_id_model'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('model_id', 'layer', 'prompt_id', name=op.f('pk_activation'))

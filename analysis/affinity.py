@@ -1,0 +1,240 @@
+"""Cross-model layer affinity: A[i, j] = M_k(f_A^(i), f_B^(j)) (Wolfram & Schein 2025),
+computed in SQL from the materialized neighbour lists, stored with its statistics.
+
+The overlap counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one join of the
+long-form neighbour rows on (position, neighbour position); positions make parallel
+datasets (prompt i of D1 <-> prompt i of D2) intersect directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from analysis.knn import lock_key, materialize
+from analysis.resolve import get_dataset, get_model, ingested_layers
+from analysis.stats import DiagonalTest, diagonal_test, log10_p_null, null_model, relative_depths
+from warehouse.copy import copy_columns
+from warehouse.engine import Warehouse, raw_connection
+from warehouse.errors import InputError
+from warehouse.models import AffinityRun, DiagonalTest as DiagonalTestRow, KnnRun
+
+EXACT_ENGINES = ("blas", "sql")
+
+OVERLAP_SQL = """
+WITH a AS (
+    SELECT r.layer, n.position, n.neighbor_position
+    FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+    WHERE n.run_id = ANY(:runs_a) AND n.rank <= :k
+), b AS (
+    SELECT r.layer, n.position, n.neighbor_position
+    FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+    WHERE n.run_id = ANY(:runs_b) AND n.rank <= :k
+)
+SELECT a.layer AS layer_a, b.layer AS layer_b, count(*) AS shared
+FROM a JOIN b ON a.position = b.position AND a.neighbor_position = b.neighbor_position
+GROUP BY a.layer, b.layer
+"""
+
+
+@dataclass
+class AffinityMatrix:
+    """A stored affinity matrix with its test (rows = model A's layers)."""
+
+    run_id: int
+    model_a: str
+    model_b: str
+    dataset_a: str
+    dataset_b: str
+    k: int
+    n_prompts: int
+    layers_a: list[int]
+    layers_b: list[int]
+    scores: np.ndarray
+    chance: float
+    null_sd: float
+    test: DiagonalTest | None
+    seconds: float
+    knn_engine: str
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        t = self.test
+        return {
+            "run_id": self.run_id, "model_a": self.model_a, "model_b": self.model_b,
+            "dataset_a": self.dataset_a, "dataset_b": self.dataset_b, "k": self.k, "n_prompts": self.n_prompts,
+            "shape": list(self.scores.shape), "chance": self.chance, "max_score": float(self.scores.max()),
+            "test": t.as_dict() if t else None, "seconds": round(self.seconds, 3),
+        }
+
+
+def _knn_runs(conn: sa.Connection, model_id: int, dataset_id: int, layers: list[int], k: int, engine: str) -> dict[int, int]:
+    """run id per layer, preferring the requested engine, then exact ones; only runs with k_max >= k."""
+    rows = conn.execute(
+        sa.select(KnnRun.layer, KnnRun.id, KnnRun.engine)
+        .where(KnnRun.model_id == model_id, KnnRun.dataset_id == dataset_id, KnnRun.layer.in_(layers),
+               KnnRun.k_max >= k)
+    ).all()
+    preference = [engine] + [e for e in EXACT_ENGINES if e != engine]
+    best: dict[int, tuple[int, int]] = {}
+    for layer, run_id, eng in rows:
+        if eng not in preference:
+            continue
+        rank = preference.index(eng)
+        if layer not in best or rank < best[layer][0]:
+            best[layer] = (rank, run_id)
+    return {layer: rid for layer, (_, rid) in best.items()}
+
+
+def compute_affinity(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    dataset_a: str,
+    dataset_b: str | None = None,
+    *,
+    k: int = 10,
+    include_layer0: bool = False,
+    engine: str = "blas",
+    k_max: int | None = None,
+    study: str | None = None,
+    n_pairs: int = 1,
+    progress: bool = True,
+) -> AffinityMatrix:
+    """Compute (materializing missing k-NN sets first) and store one affinity matrix."""
+    dataset_b = dataset_b or dataset_a
+    with Session(wh.engine) as session:
+        ma, mb = get_model(session, model_a), get_model(session, model_b)
+        da, db = get_dataset(session, dataset_a), get_dataset(session, dataset_b)
+        if da.n_prompts != db.n_prompts:
+            raise InputError(
+                f"datasets {dataset_a!r} ({da.n_prompts} prompts) and {dataset_b!r} ({db.n_prompts}) differ in size; "
+                "a parallel affinity pairs prompt i with prompt i, so use parallel datasets (`dataset add-pairs`)"
+            )
+        if da.id != db.id and da.parallel_to_id != db.id and db.parallel_to_id != da.id:
+            raise InputError(
+                f"datasets {dataset_a!r} and {dataset_b!r} are not parallel; register them as a pair "
+                "(`layerbase dataset add-pairs`, or `dataset add --parallel-to`)"
+            )
+        layers_a = [x for x in ingested_layers(session, ma, da) if x > 0 or include_layer0]
+        layers_b = [x for x in ingested_layers(session, mb, db) if x > 0 or include_layer0]
+        if include_layer0 and (0 not in layers_a or 0 not in layers_b):
+            raise InputError("--layer0 needs both models ingested with --layer0")
+        ids = (ma.id, mb.id, da.id, db.id, ma.n_layers, mb.n_layers)
+        n = da.n_prompts
+    if not 0 < k < n:
+        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n}); lower -k")
+    k_needed = max(k, k_max or k)
+    for model, dataset, layers in ((model_a, dataset_a, layers_a), (model_b, dataset_b, layers_b)):
+        with wh.engine.connect() as conn:
+            have = _knn_runs(conn, ids[0] if model == model_a else ids[1],
+                             ids[2] if dataset == dataset_a else ids[3], layers, k, engine)
+        missing = [layer for layer in layers if layer not in have]
+        if missing:
+            materialize(wh, model, dataset, layers=missing, k_max=max(k_needed, min(100, n - 1)), engine=engine,
+                        progress=progress)
+    started = time.perf_counter()
+    mean, sd = null_model(k, n)
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key("affinity", *ids[:4], k)})
+        runs_a = _knn_runs(conn, ids[0], ids[2], layers_a, k, engine)
+        runs_b = _knn_runs(conn, ids[1], ids[3], layers_b, k, engine)
+        engines = set(conn.execute(sa.select(KnnRun.engine).where(
+            KnnRun.id.in_(list(runs_a.values()) + list(runs_b.values())))).scalars())
+        counts = conn.execute(sa.text(OVERLAP_SQL), {
+            "runs_a": list(runs_a.values()), "runs_b": list(runs_b.values()), "k": k}).all()
+        scores = np.zeros((len(layers_a), len(layers_b)))
+        row = {layer: i for i, layer in enumerate(layers_a)}
+        col = {layer: j for j, layer in enumerate(layers_b)}
+        for layer_a, layer_b, shared in counts:
+            scores[row[layer_a], col[layer_b]] = shared / (k * n)
+        # The diagonal test never includes the embedding layer (DESIGN.md §4).
+        block = scores[np.array(layers_a) > 0][:, np.array(layers_b) > 0]
+        test = diagonal_test(block, n_pairs) if block.size - min(block.shape) >= 2 else None
+        elapsed = time.perf_counter() - started
+        conn.execute(sa.delete(AffinityRun).where(
+            AffinityRun.model_a_id == ids[0], AffinityRun.model_b_id == ids[1], AffinityRun.dataset_a_id == ids[2],
+            AffinityRun.dataset_b_id == ids[3], AffinityRun.k == k, AffinityRun.include_layer0 == include_layer0))
+        run_id = conn.execute(sa.insert(AffinityRun).values(
+            model_a_id=ids[0], model_b_id=ids[1], dataset_a_id=ids[2], dataset_b_id=ids[3], k=k,
+            include_layer0=include_layer0, n_prompts=n, n_layers_a=ids[4], n_layers_b=ids[5], chance=mean,
+            null_sd=sd, knn_engine="+".join(sorted(engines)), study=study, seconds=elapsed,
+        ).returning(AffinityRun.id)).scalar_one()
+        _store_cells(conn, run_id, scores, layers_a, layers_b, ids[4], ids[5], k, n, mean)
+        if test is not None:
+            conn.execute(sa.insert(DiagonalTestRow).values(
+                run_id=run_id, rows_model="b" if test.transposed else "a", n_on=test.n_on, n_off=test.n_off,
+                mean_on=test.mean_on, mean_off=test.mean_off, t=test.t, p=test.p, log10_p=test.log10_p,
+                n_pairs=n_pairs, p_bonferroni=test.p_bonferroni, log10_p_bonferroni=test.log10_p_bonferroni))
+    return AffinityMatrix(run_id, model_a, model_b, dataset_a, dataset_b, k, n, layers_a, layers_b, scores, mean, sd,
+                          test, elapsed, "+".join(sorted(engines)))
+
+
+def _store_cells(conn: sa.Connection, run_id: int, scores: np.ndarray, layers_a: list[int], layers_b: list[int],
+                 n_layers_a: int, n_layers_b: int, k: int, n: int, chance: float) -> None:
+    la = np.repeat(np.array(layers_a, dtype=np.int16), len(layers_b))
+    lb = np.tile(np.array(layers_b, dtype=np.int16), len(layers_a))
+    flat = scores.ravel()
+    copy_columns(
+        raw_connection(conn).cursor(),
+        "affinity_cell",
+        ("run_id", "layer_a", "layer_b", "depth_a", "depth_b", "score", "chance", "log10_p_null"),
+        [
+            ("int4", np.full(flat.size, run_id, dtype=np.int32)),
+            ("int2", la),
+            ("int2", lb),
+            ("float8", la / n_layers_a),
+            ("float8", lb / n_layers_b),
+            ("float8", flat),
+            ("float8", np.full(flat.size, chance)),
+            ("float8", log10_p_null(flat, k, n)),
+        ],
+    )
+
+
+def compute_study(
+    wh: Warehouse,
+    models: list[str],
+    dataset: str,
+    dataset_b: str | None = None,
+    *,
+    k: int = 10,
+    include_layer0: bool = False,
+    engine: str = "blas",
+    study: str | None = None,
+    progress: bool = True,
+) -> list[AffinityMatrix]:
+    """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs.
+
+    With one dataset, pairs are unordered (A, B) for A before B in the list. With a
+    parallel pair of datasets, the first model reads ``dataset`` and the second ``dataset_b``.
+    """
+    if len(set(models)) < 2:
+        raise InputError("give at least two different models (e.g. --models A,B)")
+    pairs = list(itertools.combinations(models, 2))
+    study = study or "+".join(models) + f"@{dataset}" + (f"|{dataset_b}" if dataset_b else "")
+    return [
+        compute_affinity(wh, a, b, dataset, dataset_b, k=k, include_layer0=include_layer0, engine=engine,
+                         study=study, n_pairs=len(pairs), progress=progress)
+        for a, b in pairs
+    ]
+
+
+def load_matrix(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """(scores, layers_a, layers_b) of a stored affinity run."""
+    with wh.engine.connect() as conn:
+        cells = conn.execute(sa.text(
+            "SELECT layer_a, layer_b, score FROM affinity_cell WHERE run_id = :r ORDER BY layer_a, layer_b"),
+            {"r": run_id}).all()
+    layers_a = sorted({c[0] for c in cells})
+    layers_b = sorted({c[1] for c in cells})
+    scores = np.array([c[2] for c in cells]).reshape(len(layers_a), len(layers_b))
+    return scores, layers_a, layers_b
+
+
+__all__ = ["AffinityMatrix", "compute_affinity", "compute_study", "load_matrix", "relative_depths"]

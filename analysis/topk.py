@@ -1,0 +1,76 @@
+"""Exact blocked top-k cosine neighbours in memory (numpy, or torch on a GPU).
+
+Memory stays bounded: similarities are computed for a block of query rows at a time,
+never as an n x n matrix. Ties are broken by row index, as the SQL engine breaks them
+by dataset position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from warehouse.errors import InputError
+
+BLOCK_BYTES = 64 << 20  # similarities held at once
+EXTRA_CANDIDATES = 16  # partition slack so that ties at the k-th place resolve by index
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine similarity = dot product)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        row = int(np.argmax(norms[:, 0] == 0))
+        raise InputError(f"row {row} is a zero vector: cosine distance is undefined for it")
+    return (x / norms).astype(np.float32, copy=False)
+
+
+def default_device() -> str:
+    """CUDA when torch sees a GPU, else the CPU (numpy with BLAS)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _similarities(queries: np.ndarray, data: np.ndarray, device: str | None) -> np.ndarray:
+    if device and device != "cpu":
+        import torch
+
+        q = torch.from_numpy(queries).to(device)
+        d = torch.from_numpy(data).to(device)
+        return (q @ d.T).cpu().numpy()
+    return queries @ data.T
+
+
+def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [n, k], cosine distances [n, k]) of each row's k nearest other rows.
+
+    Self is excluded; ties are broken by the smaller index.
+    """
+    n = len(x)
+    if not 0 < k < n:
+        raise InputError(f"k must be between 1 and n - 1 = {n - 1} (got k = {k}); lower k or add prompts")
+    xn = normalize(np.asarray(x, dtype=np.float32))
+    block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n)))
+    cand = min(n - 1, k + EXTRA_CANDIDATES)
+    out_idx = np.empty((n, k), dtype=np.int64)
+    out_dist = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        dist = 1.0 - _similarities(xn[start:stop], xn, device)
+        rows = np.arange(stop - start)
+        dist[rows, start + rows] = np.inf  # self
+        part = np.argpartition(dist, cand - 1, axis=1)[:, :cand]
+        part_dist = np.take_along_axis(dist, part, axis=1)
+        order = np.lexsort((part, part_dist), axis=1)
+        idx = np.take_along_axis(part, order, axis=1)
+        dd = np.take_along_axis(part_dist, order, axis=1)
+        if cand < n - 1:
+            # A tie at the k-th distance could continue past the candidates: redo those rows fully.
+            for r in np.nonzero(dd[:, k - 1] >= dd[:, cand - 1])[0]:
+                full = np.lexsort((np.arange(n), dist[r]))[:k]
+                idx[r, :k], dd[r, :k] = full, dist[r, full]
+        out_idx[start:stop] = idx[:, :k]
+        out_dist[start:stop] = dd[:, :k]
+    return out_idx, out_dist

@@ -1,0 +1,24 @@
+"""Read activations out of the warehouse with binary COPY."""
+
+from __future__ import annotations
+
+import numpy as np
+import sqlalchemy as sa
+from psycopg import sql
+
+from warehouse.copy import read_positions_and_vectors
+from warehouse.engine import raw_connection
+
+LAYER_VECTORS = """
+SELECT p.position, a.vec FROM activation a JOIN prompt p ON p.id = a.prompt_id
+WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
+ORDER BY p.position
+"""
+
+
+def layer_vectors(conn: sa.Connection, model_id: int, layer: int, dataset_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, vectors [n, d] float32) of one (model, layer, dataset), in position order."""
+    query = sql.SQL(LAYER_VECTORS).format(
+        model=sql.Literal(int(model_id)), layer=sql.Literal(int(layer)), dataset=sql.Literal(int(dataset_id))
+    )
+    return read_positions_and_vectors(raw_connection(conn).cursor(), query)

@@ -1,0 +1,133 @@
+"""``layerbase knn``, ``affinity`` and ``neighbors``."""
+
+from __future__ import annotations
+
+import click
+
+from cli.main import Context, emit, table
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+
+
+@click.command()
+@click.option("--model", "model", required=True, help="Stored model name.")
+@click.option("--dataset", "dataset", required=True, help="Dataset the model was ingested on.")
+@click.option("--layers", help="Layers, e.g. '1-5,7' (default: all stored layers but 0).")
+@click.option("--k-max", type=int, default=100, show_default=True, help="Neighbours stored per prompt.")
+@click.option("--engine", type=click.Choice(["blas", "sql", "hnsw"]), default="blas", show_default=True,
+              help="blas: exact, in memory (fastest); sql: exact pgvector scan; hnsw: approximate, indexed.")
+@click.option("--ef-search", type=int, help="HNSW ef_search (default: max(100, 2(k_max + 1))).")
+@click.option("--force", is_flag=True, help="Recompute sets that are already stored.")
+@progress_option
+@json_option
+@click.pass_obj
+def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, engine: str, ef_search: int | None,
+        force: bool, progress: bool, as_json: bool) -> None:
+    """Materialize every prompt's k nearest prompts (cosine, self excluded) per layer."""
+    from analysis.knn import materialize
+
+    results = materialize(obj.warehouse(), model, dataset, layers=layers, k_max=k_max, engine=engine,
+                          ef_search=ef_search, force=force, progress=progress)
+    rows = [r.as_dict() for r in results]
+    for r in rows:
+        r["seconds"] = round(r["seconds"], 2)
+        r["recall@10"] = "" if r["recall"] is None else f"{r['recall']:.3f}"
+    emit(rows, as_json, table(rows, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10", "reused"]))
+
+
+@click.command()
+@click.option("--models", required=True, help="Comma-separated stored model names (every pair is computed).")
+@click.option("--dataset", required=True, help="Dataset (read by every model, or by the first of a parallel pair).")
+@click.option("--dataset-b", help="Parallel dataset read by the second model (prompt i <-> prompt i).")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbourhood size.")
+@click.option("--layer0", is_flag=True, help="Include layer 0 (the embedding output) in the matrix.")
+@click.option("--engine", type=click.Choice(["blas", "sql", "hnsw"]), default="blas", show_default=True,
+              help="Engine for k-NN sets not yet stored.")
+@click.option("--study", help="Name of the study (default: from the models and datasets).")
+@click.option("--show-matrix", is_flag=True, help="Print the matrices.")
+@progress_option
+@json_option
+@click.pass_obj
+def affinity(obj: Context, models: str, dataset: str, dataset_b: str | None, k: int, layer0: bool, engine: str,
+             study: str | None, show_matrix: bool, progress: bool, as_json: bool) -> None:
+    """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test."""
+    from analysis.affinity import compute_study
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    matrices = compute_study(obj.warehouse(), names, dataset, dataset_b, k=k, include_layer0=layer0, engine=engine,
+                             study=study, progress=progress)
+    if as_json:
+        emit([{**m.summary(), "layers_a": m.layers_a, "layers_b": m.layers_b, "scores": m.scores.round(6).tolist()}
+              for m in matrices], True)
+        return
+    for m in matrices:
+        click.echo(_describe(m, show_matrix))
+
+
+def _describe(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-def]
+    from analysis.stats import max_similarity_path
+
+    shape = f"{len(m.layers_a)}x{len(m.layers_b)}"
+    lines = [f"{m.model_a} × {m.model_b} on {m.dataset_a}" + (f" | {m.dataset_b}" if m.dataset_b != m.dataset_a else "")
+             + f": {shape} layers, k = {m.k}, |D| = {m.n_prompts}, chance {m.chance:.4f}, max {m.scores.max():.3f} "
+             f"(affinity run {m.run_id})"]
+    t = m.test
+    if t is not None:
+        lines.append(
+            f"  diagonal test: on {t.n_on} cells mean {t.mean_on:.4f} vs off {t.n_off} mean {t.mean_off:.4f}; "
+            f"t = {t.t:.2f}, log10 p = {t.log10_p:.1f}, Bonferroni ({t.n_pairs} pairs) log10 p = {t.log10_p_bonferroni:.1f}"
+        )
+    path = max_similarity_path(m.scores)
+    lines.append("  max-similarity path (layer A -> layer B): " + ", ".join(
+        f"{a}->{m.layers_b[j]}" for a, j in zip(m.layers_a, path)))
+    if show_matrix:
+        header = "      " + " ".join(f"{b:>5}" for b in m.layers_b)
+        lines.append(header)
+        lines += [f"{a:>5} " + " ".join(f"{v:5.3f}" for v in row) for a, row in zip(m.layers_a, m.scores)]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--model", required=True, help="Stored model name.")
+@click.option("--layer", type=int, required=True)
+@click.option("--dataset", required=True)
+@click.option("--prompt", "position", type=int, help="Position of a stored prompt in the dataset.")
+@click.option("--text", help="A new text, embedded on the fly with the model's stored settings.")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--vs-model", help="Compare with this model's neighbours of the same prompt (overlap).")
+@click.option("--vs-layer", type=int, help="Layer of --vs-model.")
+@click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")
+@click.option("--exact", is_flag=True, help="Skip the HNSW index and scan exactly.")
+@json_option
+@click.pass_obj
+def neighbors(obj: Context, model: str, layer: int, dataset: str, position: int | None, text: str | None, k: int,
+              vs_model: str | None, vs_layer: int | None, vs_dataset: str | None, exact: bool, as_json: bool) -> None:
+    """The k nearest prompts of a stored prompt or a new text at (model, layer)."""
+    from analysis.neighbors import nearest, overlap
+
+    wh = obj.warehouse()
+    if vs_model or vs_layer is not None:
+        if position is None or vs_layer is None:
+            raise click.UsageError("an overlap needs --prompt, --vs-model (default: --model) and --vs-layer")
+        result = overlap(wh, position, (model, layer, dataset), (vs_model or model, vs_layer, vs_dataset or dataset), k)
+        if as_json:
+            emit(result.as_dict(), True)
+            return
+        shared = set(result.shared)
+        for side in (result.first, result.second):
+            click.echo(_neighbors_text(side, shared))
+        click.echo(f"Shared: {len(shared)} of {k} ({', '.join(map(str, sorted(shared))) or 'none'})")
+        return
+    answer = nearest(wh, model, layer, dataset, position=position, text=text, k=k, exact=exact)
+    emit(answer.as_dict(), as_json, _neighbors_text(answer, set()))
+
+
+def _neighbors_text(answer, shared: set[int]) -> str:  # type: ignore[no-untyped-def]
+    lines = [f"{answer.model} layer {answer.layer} on {answer.dataset} — {answer.query[:90]}",
+             f"  answered by: {answer.path}"]
+    for rank, row in enumerate(answer.rows, start=1):
+        mark = "*" if row["position"] in shared else " "
+        snippet = row["text"].replace("\n", " ")[:70]
+        lines.append(f"  {mark}{rank:>3}. [{row['position']:>5}] {row['distance']:.4f}  {snippet}")
+    return "\n".join(lines)
