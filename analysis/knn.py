@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from analysis.hnsw import ensure_index, plan_index
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
-from analysis.topk import default_device, exact_topk
+from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk
 from analysis.vectors import layer_vectors
 from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, pgvector_version, raw_connection
@@ -49,7 +49,7 @@ SELECT {run}, position, rank, neighbor_position, distance FROM (
           AND p.position BETWEEN {first} AND {last}
     ) q
     CROSS JOIN LATERAL (
-        SELECT p2.position, (c.vec <=> q.vec)::real AS distance
+        SELECT p2.position, round((c.vec <=> q.vec)::numeric, {decimals})::real AS distance
         FROM (
             SELECT a2.prompt_id, a2.vec FROM activation a2
             WHERE a2.model_id = {model} AND a2.layer = {layer} AND a2.dataset_id = {dataset}
@@ -229,7 +229,7 @@ def _neighbors_in_sql(conn: sa.Connection, run_id: int, model_id: int, layer: in
         cur.execute(sql.SQL(NEIGHBOURS_SQL).format(
             run=sql.Literal(run_id), model=sql.Literal(model_id), layer=sql.Literal(layer),
             dataset=sql.Literal(dataset_id), first=sql.Literal(first), last=sql.Literal(first + QUERY_BLOCK - 1),
-            order=order, k=sql.Literal(k),
+            order=order, k=sql.Literal(k), decimals=sql.Literal(DISTANCE_DECIMALS),
         ))
 
 

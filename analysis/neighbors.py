@@ -20,7 +20,7 @@ from warehouse.engine import Warehouse, pgvector_version, raw_connection
 from warehouse.errors import InputError
 
 LOOKUP_SQL = """
-SELECT p.position, p.text, (c.vec <=> {query})::real AS distance
+SELECT p.position, p.text, round((c.vec <=> {query})::numeric, 6)::real AS distance
 FROM (
     SELECT a.prompt_id, a.vec FROM activation a
     WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}

