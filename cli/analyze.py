@@ -62,10 +62,10 @@ def affinity(obj: Context, models: str, dataset: str, dataset_b: str | None, k: 
               for m in matrices], True)
         return
     for m in matrices:
-        click.echo(_describe(m, show_matrix))
+        click.echo(describe_affinity(m, show_matrix))
 
 
-def _describe(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-def]
+def describe_affinity(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-def]
     from analysis.stats import max_similarity_path
 
     shape = f"{len(m.layers_a)}x{len(m.layers_b)}"

@@ -18,8 +18,11 @@ from cli.main import Context, emit
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def demo(obj: Context, n_prompts: int, batch_size: int, device: str | None, progress: bool, as_json: bool) -> None:
-    """Create the warehouse and ingest news leads and random strings through two real
-    packaged models (SmolLM2-135M, Gemma-3-270M). A second run reuses what is stored."""
+    """Create the warehouse, ingest news leads and random strings through two real packaged
+    models (SmolLM2-135M, Gemma-3-270M), and compute their k-NN sets, affinity matrices
+    and diagonal tests. A second run reuses what is stored."""
+    from analysis.affinity import compute_study
+    from cli.analyze import describe_affinity
     from ingest.demo import DEMO_MODELS, register_demo_datasets
     from ingest.runner import ingest
     from warehouse.status import upgrade_schema
@@ -32,6 +35,10 @@ def demo(obj: Context, n_prompts: int, batch_size: int, device: str | None, prog
     for model in DEMO_MODELS:
         for dataset in datasets:
             reports.append(ingest(wh, model, dataset, batch_size=batch_size, device=device, progress=progress))
+    matrices = [
+        m for dataset in datasets
+        for m in compute_study(wh, list(DEMO_MODELS), dataset, k=10, progress=progress)
+    ]
     elapsed = time.perf_counter() - started
     lines = [f"Warehouse: {wh.display_url}"]
     lines += [
@@ -39,6 +46,8 @@ def demo(obj: Context, n_prompts: int, batch_size: int, device: str | None, prog
         f" ({r.prompts_written_now} new, {r.n_truncated_now} truncated)"
         for r in reports
     ]
+    lines += [describe_affinity(m, show_matrix=False) for m in matrices]
     lines.append(f"Done in {elapsed:.0f} s.")
-    emit({"database": wh.display_url, "jobs": [r.as_dict() for r in reports], "seconds": round(elapsed, 1)},
+    emit({"database": wh.display_url, "jobs": [r.as_dict() for r in reports],
+          "affinity": [m.summary() for m in matrices], "seconds": round(elapsed, 1)},
          as_json, "\n".join(lines))
