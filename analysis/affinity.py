@@ -155,7 +155,9 @@ def compute_affinity(
             scores[row[layer_a], col[layer_b]] = shared / (k * n)
         # The diagonal test never includes the embedding layer (DESIGN.md §4).
         block = scores[np.array(layers_a) > 0][:, np.array(layers_b) > 0]
-        test = diagonal_test(block, n_pairs) if block.size - min(block.shape) >= 2 else None
+        # Within one model on one dataset the diagonal is 1 by construction: no test.
+        same = ids[0] == ids[1] and ids[2] == ids[3]
+        test = diagonal_test(block, n_pairs) if block.size - min(block.shape) >= 2 and not same else None
         elapsed = time.perf_counter() - started
         conn.execute(sa.delete(AffinityRun).where(
             AffinityRun.model_a_id == ids[0], AffinityRun.model_b_id == ids[1], AffinityRun.dataset_a_id == ids[2],

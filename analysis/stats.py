@@ -7,6 +7,7 @@ layer already removed.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -71,7 +72,11 @@ def diagonal_test(matrix: np.ndarray, n_pairs: int = 1) -> DiagonalTest:
     on, off = m[mask], m[~mask]
     if len(off) < 2 or len(on) < 1 or len(on) + len(off) < 3:
         raise ValueError(f"a {m.shape[0]}x{m.shape[1]} matrix has too few off-diagonal cells for a t-test")
-    result = stats.ttest_ind(on, off, equal_var=True, alternative="greater")
+    with warnings.catch_warnings():
+        # near-constant matrices (e.g. degenerate activations) trigger scipy's precision-loss
+        # warning; the statistic it returns (possibly nan or inf) is reported as is
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(on, off, equal_var=True, alternative="greater")
     t = float(result.statistic)
     df = len(on) + len(off) - 2
     log10_p = float(stats.t.logsf(t, df) / LN10) if np.isfinite(t) else (-math.inf if t > 0 else 0.0)

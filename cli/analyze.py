@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cli.main import Context, emit, table
@@ -54,8 +56,7 @@ def affinity(obj: Context, models: str, dataset: str, dataset_b: str | None, k: 
     """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test."""
     from analysis.affinity import compute_study
 
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    matrices = compute_study(obj.warehouse(), names, dataset, dataset_b, k=k, include_layer0=layer0, engine=engine,
+    matrices = compute_study(obj.warehouse(), _names(models), dataset, dataset_b, k=k, include_layer0=layer0, engine=engine,
                              study=study, progress=progress)
     if as_json:
         emit([{**m.summary(), "layers_a": m.layers_a, "layers_b": m.layers_b, "scores": m.scores.round(6).tolist()}
@@ -131,3 +132,34 @@ def _neighbors_text(answer, shared: set[int]) -> str:  # type: ignore[no-untyped
         snippet = row["text"].replace("\n", " ")[:70]
         lines.append(f"  {mark}{rank:>3}. [{row['position']:>5}] {row['distance']:.4f}  {snippet}")
     return "\n".join(lines)
+
+
+@click.command()
+@click.option("--models", required=True, help="Comma-separated stored model names (at least two).")
+@click.option("--datasets", required=True, help="Comma-separated datasets every model was ingested on.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("layerbase-report"),
+              show_default=True, help="Directory for report.html and the PNG files.")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--prompt", type=int, default=0, show_default=True, help="Prompt whose neighbours are shown.")
+@click.option("--square-size", type=int, default=32, show_default=True, help="Grid of the relative-depth matrices.")
+@click.option("--format", "export_format", type=click.Choice(["csv", "parquet", "json"]),
+              help="Also export every table of the report in this format (under OUT/tables).")
+@progress_option
+@json_option
+@click.pass_obj
+def report(obj: Context, models: str, datasets: str, out_dir: Path, k: int, prompt: int, square_size: int,
+           export_format: str | None, progress: bool, as_json: bool) -> None:
+    """Write a self-contained HTML report with affinity heatmaps, tests and neighbour lists."""
+    from analysis.report import build_report
+
+    result = build_report(obj.warehouse(), _names(models), _names(datasets), out_dir, k=k, prompt=prompt,
+                          square_size=square_size, export_format=export_format, progress=progress)
+    text = "\n".join([f"Report: {result.html}", f"Figures: {len(result.images)} PNG files in {out_dir}"]
+                     + ([f"Tables: {len(result.exported)} {export_format} files in {out_dir / 'tables'}"]
+                        if result.exported else [])
+                     + [f"Warning: {w}" for w in result.warnings])
+    emit(result.as_dict(), as_json, text)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]

@@ -102,6 +102,7 @@ def _register() -> None:
     root.add_command(analyze.knn)
     root.add_command(analyze.affinity)
     root.add_command(analyze.neighbors)
+    root.add_command(analyze.report)
 
 
 _register()

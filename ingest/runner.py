@@ -367,10 +367,19 @@ def _finished_report(
     return JobReport(job.id, name, dataset.name, job.n_prompts, job.n_prompts, 0, 0, "done", 0)
 
 
-def ingest(
+def ingest(wh: Warehouse, source: str, dataset_name: str, **options: Any) -> JobReport:
+    """Run a model over a dataset and store every block's pooled activation per prompt.
+
+    Idempotent and resumable: only chunks not yet stored are computed. Options are those
+    of ``ingest_datasets``.
+    """
+    return ingest_datasets(wh, source, [dataset_name], **options)[0]
+
+
+def ingest_datasets(
     wh: Warehouse,
     source: str,
-    dataset_name: str,
+    dataset_names: list[str],
     *,
     name: str | None = None,
     revision: str | None = None,
@@ -380,28 +389,33 @@ def ingest(
     include_layer0: bool = False,
     batch_size: int = 16,
     progress: bool = True,
-    loaded: LoadedModel | None = None,
-) -> JobReport:
-    """Run a model over a dataset and store every block's pooled activation per prompt.
-
-    Idempotent and resumable: only chunks not yet stored are computed.
-    """
+) -> list[JobReport]:
+    """Ingest several datasets with one model, loading it at most once (not at all when
+    every job is already complete)."""
     from warehouse.lookup import get_dataset
 
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     name = name or default_model_name(source)
     validate_name(name, "model")
+    reports: list[JobReport | None] = []
     with Session(wh.engine) as session:
-        dataset = get_dataset(session, dataset_name)  # fail fast, before loading a model
-        finished = _finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0)
-    if finished is not None and loaded is None:
-        return finished  # nothing to do: skip loading the model
-    lm = loaded or open_model(source, revision=revision, dtype=dtype, device=device)
+        for dataset_name in dataset_names:  # fail fast, before loading a model
+            dataset = get_dataset(session, dataset_name)
+            reports.append(_finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0))
+    if all(r is not None for r in reports):
+        return reports  # type: ignore[return-value]
+    lm = open_model(source, revision=revision, dtype=dtype, device=device)
     extractor = Extractor(lm, settings, include_layer0=include_layer0)
-    with Session(wh.engine) as session, session.begin():
-        model = ensure_model(session, lm, name, extractor)
-        dataset = get_dataset(session, dataset_name)
-        job = ensure_job(session, model, dataset, include_layer0=include_layer0, batch_size=batch_size)
-        session.expunge(job)
-    return run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress)
+    done: list[JobReport] = []
+    for dataset_name, finished in zip(dataset_names, reports):
+        if finished is not None:
+            done.append(finished)
+            continue
+        with Session(wh.engine) as session, session.begin():
+            model = ensure_model(session, lm, name, extractor)
+            dataset = get_dataset(session, dataset_name)
+            job = ensure_job(session, model, dataset, include_layer0=include_layer0, batch_size=batch_size)
+            session.expunge(job)
+        done.append(run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress))
+    return done

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from warehouse.errors import NotFoundError
 from warehouse.models import Dataset, Model
 
+Named = TypeVar("Named", Dataset, Model)
+
+
+def _by_name(session: Session, cls: type[Named], name: str, what: str, fix: str) -> Named:
+    found = session.scalar(sa.select(cls).where(cls.name == name))
+    if found is None:
+        known = session.scalars(sa.select(cls.name).order_by(cls.name).limit(20)).all()
+        hint = f"known {what}s: {', '.join(known)}" if known else f"no {what} is stored yet"
+        raise NotFoundError(f"no {what} named {name!r} ({hint}); {fix}")
+    return found
+
 
 def get_dataset(session: Session, name: str) -> Dataset:
     """The dataset called ``name``, or a NotFoundError listing the known ones."""
-    found = session.scalar(sa.select(Dataset).where(Dataset.name == name))
-    if found is None:
-        known = session.scalars(sa.select(Dataset.name).order_by(Dataset.name).limit(20)).all()
-        hint = f"known datasets: {', '.join(known)}" if known else "no dataset is registered yet"
-        raise NotFoundError(f"no dataset named {name!r} ({hint}); register it with `layerbase dataset add`")
-    return found
+    return _by_name(session, Dataset, name, "dataset", "register it with `layerbase dataset add`")
 
 
 def get_model(session: Session, name: str) -> Model:
     """The stored model called ``name``, or a NotFoundError listing the known ones."""
-    model = session.scalar(sa.select(Model).where(Model.name == name))
-    if model is None:
-        known = session.scalars(sa.select(Model.name).order_by(Model.name).limit(20)).all()
-        hint = f"stored models: {', '.join(known)}" if known else "no model is stored yet"
-        raise NotFoundError(f"no model named {name!r} ({hint}); ingest it with `layerbase ingest`")
-    return model
+    return _by_name(session, Model, name, "model", "ingest it with `layerbase ingest`")

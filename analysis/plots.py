@@ -1,0 +1,175 @@
+"""Figures for reports: affinity heatmaps (rectangular and relative-depth square), the
+mean square matrix, on- vs off-diagonal means, within-model matrices and neighbour lists.
+
+Every function returns a matplotlib Figure; ``save`` writes it as PNG.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analysis.stats import generalized_diagonal, max_similarity_path  # noqa: E402
+
+CMAP = "viridis"
+DPI = 110
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG and free it."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def mask_outline(mask: np.ndarray, x0: float, y0: float, dx: float = 1.0, dy: float = 1.0, **style) -> LineCollection:  # type: ignore[no-untyped-def]
+    """Line segments along the border of the True cells of a [row, col] mask.
+
+    Cell (r, c) spans x in [x0 + c dx, x0 + (c + 1) dx] and y in [y0 + r dy, y0 + (r + 1) dy].
+    """
+    segments = []
+    p = np.pad(mask, 1)  # p[r + 1, c + 1] is mask[r, c]; the border is False
+    for r, c in zip(*np.nonzero(mask)):
+        left, bottom = x0 + c * dx, y0 + r * dy
+        if not p[r, c + 1]:  # below
+            segments.append([(left, bottom), (left + dx, bottom)])
+        if not p[r + 2, c + 1]:  # above
+            segments.append([(left, bottom + dy), (left + dx, bottom + dy)])
+        if not p[r + 1, c]:  # left
+            segments.append([(left, bottom), (left, bottom + dy)])
+        if not p[r + 1, c + 2]:  # right
+            segments.append([(left + dx, bottom), (left + dx, bottom + dy)])
+    return LineCollection(segments, **style)
+
+
+def diagonal_mask_for(scores: np.ndarray) -> np.ndarray:
+    """The generalized diagonal in the matrix's own orientation (rows may be the shallower model)."""
+    if scores.shape[0] >= scores.shape[1]:
+        return generalized_diagonal(*scores.shape)
+    return generalized_diagonal(scores.shape[1], scores.shape[0]).T
+
+
+def heatmap_size(n_rows: int, n_cols: int) -> tuple[float, float]:
+    """Figure size in inches for a layer x layer heatmap: cells of about 0.22 inch."""
+    return max(6.0, 3.6 + 0.22 * n_cols), max(4.8, 2.6 + 0.22 * n_rows)
+
+
+def affinity_heatmap(
+    scores: np.ndarray,
+    layers_a: list[int],
+    layers_b: list[int],
+    name_a: str,
+    name_b: str,
+    *,
+    k: int,
+    chance: float,
+    subtitle: str = "",
+    diagonal: bool = True,
+    vmax: float | None = None,
+) -> Figure:
+    """Layer x layer heatmap: rows = model A's layers (bottom to top), columns = model B's.
+
+    The generalized diagonal is outlined and the max-similarity path (best B layer for each
+    A layer) is drawn. Top and right axes give relative depth.
+    """
+    n_a, n_b = len(layers_a), len(layers_b)
+    fig, ax = plt.subplots(figsize=heatmap_size(n_a, n_b), layout="constrained")
+    extent = (layers_b[0] - 0.5, layers_b[-1] + 0.5, layers_a[0] - 0.5, layers_a[-1] + 0.5)
+    image = ax.imshow(scores, origin="lower", extent=extent, cmap=CMAP, aspect="auto", vmin=0, vmax=vmax,
+                      interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, pad=0.02)
+    bar.set_label(f"mutual k-NN, k = {k}  (chance {chance:.3f})")
+    if diagonal and n_a > 1 and n_b > 1:
+        ax.add_collection(mask_outline(diagonal_mask_for(scores), layers_b[0] - 0.5, layers_a[0] - 0.5,
+                                       colors="white", linewidths=1.2, linestyles="--"))
+    path = max_similarity_path(scores)
+    ax.plot([layers_b[j] for j in path], layers_a, color="#ff5a36", marker="o", markersize=3.5, linewidth=1.2,
+            label="max-similarity path")
+    ax.set_xlabel(f"{name_b} layer")
+    ax.set_ylabel(f"{name_a} layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    n_layers_a, n_layers_b = max(layers_a), max(layers_b)
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers_b, lambda d: d * n_layers_b))
+    top.set_xlabel(f"{name_b} relative depth")
+    right = ax.secondary_yaxis("right", functions=(lambda y: y / n_layers_a, lambda d: d * n_layers_a))
+    right.set_ylabel(f"{name_a} relative depth")
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    title = f"{name_a} × {name_b}"
+    if subtitle:
+        title += "\n" + textwrap.fill(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def square_heatmap(square: np.ndarray, title: str, *, label: str = "mutual k-NN", vmax: float | None = None,
+                   name_a: str = "model A", name_b: str = "model B") -> Figure:
+    """A matrix on a relative-depth grid (0..1 on both axes) with the y = x line and the path."""
+    size = square.shape[0]
+    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    image = ax.imshow(square, origin="lower", extent=(0, 1, 0, 1), cmap=CMAP, vmin=0, vmax=vmax,
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax).set_label(label)
+    ax.plot([0, 1], [0, 1], color="white", linestyle="--", linewidth=1, label="equal relative depth")
+    centres = (np.arange(size) + 0.5) / size
+    ax.plot(centres[max_similarity_path(square)], centres, color="#ff5a36", marker="o", markersize=2.5,
+            linewidth=1, label="max-similarity path")
+    ax.set_xlabel(f"{name_b} relative depth")
+    ax.set_ylabel(f"{name_a} relative depth")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
+    return fig
+
+
+def on_off_scatter(points: list[tuple[str, float, float]], chance: float | None = None) -> Figure:
+    """One point per model pair: off-diagonal mean (x) vs on-diagonal mean (y)."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    xs = [p[1] for p in points]
+    ys = [p[2] for p in points]
+    top = max(xs + ys + [chance or 0]) * 1.15 or 1.0
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="on = off")
+    ax.scatter(xs, ys, color="#3b6fb6", zorder=3)
+    for label, x, y in points:
+        pair, _, dataset = label.partition(" @ ")
+        text = pair + (f"\non {dataset}" if dataset else "")
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4, 6), fontsize=6.5, ha="right")
+    if chance is not None:
+        ax.axvline(chance, color="#ff5a36", linewidth=0.8, linestyle=":", label=f"chance {chance:.3f}")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("mean off-diagonal mutual k-NN")
+    ax.set_ylabel("mean on-diagonal mutual k-NN")
+    ax.set_title("Generalized diagonal vs the rest, per model pair", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    return fig
+
+
+def neighbour_lists(query: str, panels: list[tuple[str, list[tuple[int, str]], set[int]]]) -> Figure:
+    """Side-by-side neighbour lists of one prompt; shared neighbours are highlighted.
+
+    ``panels``: (title, [(position, text)], shared positions).
+    """
+    rows = max(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 1.3 + 0.36 * rows))
+    axes = np.atleast_1d(axes)
+    fig.suptitle(textwrap.shorten("Prompt: " + query.replace("\n", " "), 150), fontsize=9, y=0.995)
+    for ax, (title, items, shared) in zip(axes, panels):
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9)
+        for i, (position, text) in enumerate(items):
+            hit = position in shared
+            ax.text(0.0, 1 - (i + 0.8) / rows, f"{i + 1:>2}. [{position}] " + textwrap.shorten(text.replace("\n", " "), 60),
+                    fontsize=7.5, family="monospace", transform=ax.transAxes,
+                    color="#b3261e" if hit else "#222222", weight="bold" if hit else "normal")
+    fig.text(0.5, 0.005, "red, bold: in both neighbour sets", ha="center", fontsize=7, color="#b3261e")
+    return fig
