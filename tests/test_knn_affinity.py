@@ -213,3 +213,21 @@ def test_reader_role_reads_views_only(wh, db_url: str) -> None:  # type: ignore[
                 conn.execute(statement)
     # running it again is harmless
     assert cli("db", "grant-reader", "bi_reader").exit_code == 0
+
+
+def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    import analysis.hnsw as hnsw
+
+    assert hnsw.parallel_build_unsafe("0.6.2") and hnsw.parallel_build_unsafe("0.8.1")
+    assert not hnsw.parallel_build_unsafe("0.8.2") and not hnsw.parallel_build_unsafe("0.5.1")
+    store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1)
+    hnsw._warned_parallel = False
+    plan = hnsw.plan_index(1, 1, 1, 8, "0.6.2")
+    with caplog.at_level(logging.WARNING, logger="analysis.hnsw"), wh.engine.begin() as conn:
+        assert hnsw.ensure_index(conn, plan, 1, 1, 1)
+        assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "0"
+    assert "CVE-2026-3172" in caplog.text and "without parallel workers" in caplog.text
+    with wh.engine.begin() as conn:  # said once per process, and an existing index is not rebuilt
+        assert not hnsw.ensure_index(conn, plan, 1, 1, 1)

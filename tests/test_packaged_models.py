@@ -89,3 +89,26 @@ def test_minilm_encoder_ingests(db_url: str, tmp_path: Path) -> None:
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     # a trained sentence encoder puts the two music sentences closer than music vs. markets
     assert v[0] @ v[2] > v[0] @ v[1]
+
+
+def test_demo_end_to_end_and_rerun(db_url: str, tmp_path: Path) -> None:
+    """The README's main job, smaller: real models, report written, second run reuses."""
+    from tests.test_report import check_report
+
+    out = tmp_path / "report"
+    first = cli("demo", "--prompts", "24", "--out", str(out), "--no-progress", "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert [j["prompts_done"] for j in summary["jobs"]] == [24, 24, 24, 24]
+    assert len(summary["affinity"]) == 2 and all(a["shape"] == [30, 18] for a in summary["affinity"])
+    images = [Path(p) for p in summary["report"]["images"]]
+    check_report(Path(summary["report"]["html"]), images)
+    assert len(images) == 2 * (2 + 1 + 2 + 1) + 1  # per dataset: rect+square, mean, 2 within, neighbours; + scatter
+
+    second = cli("demo", "--prompts", "24", "--out", str(out), "--no-progress", "--json")
+    assert second.exit_code == 0, second.output
+    rerun = json.loads(second.stdout)
+    assert all(j["prompts_written_now"] == 0 for j in rerun["jobs"])
+    assert rerun["seconds"] < summary["seconds"]
+    text = cli("demo", "--prompts", "24", "--out", str(out), "--no-progress")
+    assert "diagonal test" in text.output and "Report:" in text.output
