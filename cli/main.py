@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from warehouse.errors import LayerbaseError
 
@@ -40,6 +41,18 @@ class LayerbaseGroup(click.Group):
             ctx.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except (OperationalError, InterfaceError) as exc:
+            if _traceback_wanted(ctx):
+                raise
+            from warehouse.engine import first_line
+
+            click.secho(
+                f"Error: the database connection failed: {first_line(exc.orig or exc)}; check that the server "
+                "runs, then re-run the command: committed work is kept and it resumes where it stopped",
+                fg="red",
+                err=True,
+            )
+            ctx.exit(3)
         except Exception as exc:
             if _traceback_wanted(ctx):
                 raise

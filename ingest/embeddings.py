@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -72,14 +71,3 @@ def _clean(text: str) -> str:
     # Postgres text cannot hold NUL; byte-fallback vocabularies have a token for it.
     return text.replace("\x00", "\\x00")
 
-
-def embedding_matrix(wh: Warehouse, model_id: int, matrix: str = "input") -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, vectors) of a stored matrix, in token order."""
-    with wh.engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(TokenEmbedding.token_id, TokenEmbedding.vec)
-            .where(TokenEmbedding.model_id == model_id, TokenEmbedding.matrix == matrix)
-            .order_by(TokenEmbedding.token_id)
-        ).all()
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    return ids, np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)

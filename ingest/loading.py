@@ -143,10 +143,8 @@ def load_model(
     gguf_file: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM or encoder with its tokenizer, in eval mode on the chosen device."""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # our own bars say what runs
     torch_dtype = _torch_dtype(dtype)

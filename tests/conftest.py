@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import string
 import uuid
 from pathlib import Path
 
@@ -173,7 +172,3 @@ def random_texts(n: int, seed: int = 0, words: int = 12) -> list[str]:
 def write_lines(path: Path, texts: list[str]) -> Path:
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
     return path
-
-
-def random_string(n: int = 8) -> str:
-    return "".join(random.choices(string.ascii_lowercase, k=n))

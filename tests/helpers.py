@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -56,7 +55,3 @@ def assert_clean_error(result: Result, *needles: str) -> None:
     assert len(error_lines) == 1, text
     for needle in needles:
         assert needle.lower() in error_lines[0].lower(), text
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
