@@ -118,7 +118,7 @@ def materialize(
             f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max"
         )
     ef = max(ef_search or 0, 2 * (k_max + 1), 100)
-    if ef > 1000:
+    if engine == "hnsw" and ef > 1000:
         raise InputError(f"HNSW ef_search is at most 1000 in pgvector; k_max {k_max} needs {ef}: lower --k-max")
     if engine == "blas" and device is None:
         device = default_device()
@@ -184,7 +184,7 @@ def _materialize_layer(wh: Warehouse, model_name: str, dataset_name: str, model_
                                          recall_queries)
         seconds = time.perf_counter() - started
         conn.execute(sa.update(KnnRun).where(KnnRun.id == run_id).values(
-            seconds=seconds, recall=recall, recall_queries=recall_queries if recall is not None else None))
+            seconds=seconds, recall=recall, recall_queries=min(recall_queries, n) if recall is not None else None))
     return KnnResult(model_name, dataset_name, layer, engine, strategy, k_max, n, seconds, recall, reused=False)
 
 

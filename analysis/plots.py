@@ -75,6 +75,7 @@ def affinity_heatmap(
     chance: float,
     subtitle: str = "",
     diagonal: bool = True,
+    path: bool = True,
     vmax: float | None = None,
 ) -> Figure:
     """Layer x layer heatmap: rows = model A's layers (bottom to top), columns = model B's.
@@ -92,9 +93,11 @@ def affinity_heatmap(
     if diagonal and n_a > 1 and n_b > 1:
         ax.add_collection(mask_outline(diagonal_mask_for(scores), layers_b[0] - 0.5, layers_a[0] - 0.5,
                                        colors="white", linewidths=1.2, linestyles="--"))
-    path = max_similarity_path(scores)
-    ax.plot([layers_b[j] for j in path], layers_a, color="#ff5a36", marker="o", markersize=3.5, linewidth=1.2,
-            label="max-similarity path")
+    if path:
+        best = max_similarity_path(scores)
+        ax.plot([layers_b[j] for j in best], layers_a, color="#ff5a36", marker="o", markersize=3.5, linewidth=1.2,
+                label="max-similarity path")
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xlabel(f"{name_b} layer")
     ax.set_ylabel(f"{name_a} layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -104,7 +107,6 @@ def affinity_heatmap(
     top.set_xlabel(f"{name_b} relative depth")
     right = ax.secondary_yaxis("right", functions=(lambda y: y / n_layers_a, lambda d: d * n_layers_a))
     right.set_ylabel(f"{name_a} relative depth")
-    ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     title = f"{name_a} × {name_b}"
     if subtitle:
         title += "\n" + textwrap.fill(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))

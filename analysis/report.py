@@ -152,7 +152,7 @@ def build_report(
         for w in within:
             png = plots.save(plots.affinity_heatmap(w.scores, w.layers_a, w.layers_b, w.model_a, w.model_a, k=k,
                                                     chance=w.chance, subtitle=f"{dataset}, within-model",
-                                                    diagonal=False),
+                                                    diagonal=False, path=False),
                              out_dir / f"within_{_slug(w.model_a)}__{_slug(dataset)}.png")
             images.append(png)
             part.append(_img(png))
