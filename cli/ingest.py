@@ -24,7 +24,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 @click.command("ingest")
 @model_option
-@click.option("--dataset", "dataset_name", required=True, help="Registered dataset to run over.")
+@click.option("--dataset", "dataset_names", required=True, multiple=True,
+              help="Registered dataset to run over (repeat for several: the model loads once).")
 @name_option
 @revision_option
 @dtype_option
@@ -39,7 +40,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @progress_option
 @json_option
 @click.pass_obj
-def ingest_command(obj: Context, source: str, dataset_name: str, name: str | None, revision: str | None, dtype: str,
+def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], name: str | None, revision: str | None, dtype: str,
                    device: str | None, pooling: str, padding_side: str, max_tokens: int | None, chat_template: bool,
                    layer0: bool, batch_size: int, progress: bool, as_json: bool) -> None:
     """Run a model over a dataset; store every block's pooled activation per prompt.
@@ -47,22 +48,26 @@ def ingest_command(obj: Context, source: str, dataset_name: str, name: str | Non
     Re-running finishes an interrupted job; several processes on one job share its work.
     """
     from ingest.extract import ExtractionSettings
-    from ingest.runner import ingest
+    from ingest.runner import ingest_datasets
 
     settings = ExtractionSettings(pooling, padding_side, max_tokens, chat_template)
-    report = ingest(
-        obj.warehouse(), source, dataset_name, name=name, revision=revision, dtype=dtype, device=device,
+    reports = ingest_datasets(
+        obj.warehouse(), source, list(dataset_names), name=name, revision=revision, dtype=dtype, device=device,
         settings=settings, include_layer0=layer0, batch_size=batch_size, progress=progress,
     )
-    text = (
-        f"{report.model} × {report.dataset}: {report.prompts_done}/{report.n_prompts} prompts stored "
-        f"({report.prompts_written_now} now), job {report.job_id} {report.state}"
-    )
-    if report.state != "done":
-        text += f"; {report.chunks_left} chunk(s) are being processed by other workers"
-    if report.n_truncated_now:
-        text += f"\nWarning: {report.n_truncated_now} prompt(s) were truncated (see `layerbase jobs`)."
-    emit(report.as_dict(), as_json, text)
+    lines = []
+    for report in reports:
+        line = (
+            f"{report.model} × {report.dataset}: {report.prompts_done}/{report.n_prompts} prompts stored "
+            f"({report.prompts_written_now} now), job {report.job_id} {report.state}"
+        )
+        if report.state != "done":
+            line += f"; {report.chunks_left} chunk(s) are being processed by other workers"
+        if report.n_truncated_now:
+            line += f"\nWarning: {report.n_truncated_now} prompt(s) were truncated (see `layerbase jobs`)."
+        lines.append(line)
+    data = reports[0].as_dict() if len(reports) == 1 else [r.as_dict() for r in reports]
+    emit(data, as_json, "\n".join(lines))
 
 
 @click.command()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -172,3 +174,34 @@ def random_texts(n: int, seed: int = 0, words: int = 12) -> list[str]:
 def write_lines(path: Path, texts: list[str]) -> Path:
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real PostgreSQL 16 (pgserver's binaries) whose installation lacks pgvector."""
+    import pgserver
+
+    src = Path(pgserver.__file__).parent / "pginstall"
+    root = tmp_path_factory.mktemp("novector")
+    install = root / "pginstall"
+    shutil.copytree(src, install, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n.startswith("vector")])
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    user = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: use pgserver's system user
+        from pgserver.utils import ensure_prefix_permissions
+
+        ensure_prefix_permissions(root)
+        subprocess.run(["chown", "-R", "pgserver", str(root)], check=True)
+        user = ["runuser", "-u", "pgserver", "--"]
+    bin_ = install / "bin"
+    # The wheel's binaries find their bundled libraries relative to the original tree.
+    libs = Path(pgserver.__file__).parent.parent / "pgserver.libs"
+    user = [*user, "env", f"LD_LIBRARY_PATH={libs}"]
+    subprocess.run([*user, str(bin_ / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+                    "-o", f"-h '' -k {sock}", "start"], check=True, capture_output=True)
+    yield f"postgresql://postgres@/postgres?host={sock}"
+    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "stop", "-m", "immediate"], capture_output=True)

@@ -10,7 +10,12 @@ from pathlib import Path
 import psycopg
 from click.testing import CliRunner, Result
 
-TABLES = ("model", "dataset", "prompt", "activation", "ingest_job", "ingest_chunk", "prompt_encoding", "token_embedding")
+
+
+def warehouse_tables() -> list[str]:
+    from warehouse.models import Base
+
+    return [t.name for t in Base.metadata.sorted_tables] + ["alembic_version"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -34,15 +39,29 @@ def cli_subprocess(*args: str, env: dict[str, str] | None = None, **kwargs) -> s
     )
 
 
-def fingerprint(url: str) -> dict[str, tuple[int, str]]:
-    """Row count and an md5 over every row of every warehouse table."""
-    out = {}
+CATALOG = {
+    "indexes": "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+    "roles": "SELECT rolname FROM pg_roles ORDER BY 1",
+    "relations": "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                 "WHERE n.nspname = 'public' ORDER BY 1",
+}
+
+
+def fingerprint(url: str) -> dict[str, object]:
+    """Row count and an md5 over every row of every warehouse table, plus the indexes,
+    relations and roles: what a failed command must leave exactly as it was."""
+    out: dict[str, object] = {}
     with psycopg.connect(url) as conn:
-        for table in TABLES:
+        for table in warehouse_tables():
+            if conn.execute("SELECT to_regclass(%s) IS NULL", (table,)).fetchone()[0]:
+                out[table] = None  # not in this schema version
+                continue
             count, digest = conn.execute(
                 f"SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
             ).fetchone()
             out[table] = (count, digest)
+        for name, query in CATALOG.items():
+            out[name] = [r[0] for r in conn.execute(query)]
     return out
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -96,47 +92,38 @@ def test_layerbase_url_takes_precedence_over_database_url(db_url: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_password_is_never_printed(db_url: str) -> None:
+def test_no_command_prints_a_password(pg_server, db_url: str, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import random_texts, write_lines
+
+    secret = "Very-Secret-42"
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DROP ROLE IF EXISTS lb_pw_user")
-        conn.execute("CREATE ROLE lb_pw_user LOGIN SUPERUSER PASSWORD 'Very-Secret-42'")
+        conn.execute(f"CREATE ROLE lb_pw_user LOGIN SUPERUSER PASSWORD '{secret}'")
     # The embedded server trusts local sockets, so the password is accepted and unused.
-    url = db_url.replace("postgres:@", "lb_pw_user:Very-Secret-42@")
-    for args in (["db", "status"], ["db", "status", "--json"], ["db", "upgrade"], ["dataset", "list"]):
-        result = cli(*args, env={"LAYERBASE_DATABASE_URL": url})
-        assert result.exit_code == 0, result.output
-        assert "Very-Secret-42" not in result.output
-
-
-@pytest.fixture(scope="module")
-def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A real PostgreSQL 16 (pgserver's binaries) whose installation lacks pgvector."""
-    import pgserver
-
-    src = Path(pgserver.__file__).parent / "pginstall"
-    root = tmp_path_factory.mktemp("novector")
-    install = root / "pginstall"
-    shutil.copytree(src, install, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n.startswith("vector")])
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    user = []
-    if os.geteuid() == 0:  # postgres refuses to run as root: use pgserver's system user
-        from pgserver.utils import ensure_prefix_permissions
-
-        ensure_prefix_permissions(root)
-        subprocess.run(["chown", "-R", "pgserver", str(root)], check=True)
-        user = ["runuser", "-u", "pgserver", "--"]
-    bin_ = install / "bin"
-    # The wheel's binaries find their bundled libraries relative to the original tree.
-    libs = Path(pgserver.__file__).parent.parent / "pgserver.libs"
-    user = [*user, "env", f"LD_LIBRARY_PATH={libs}"]
-    subprocess.run([*user, str(bin_ / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                    "-o", f"-h '' -k {sock}", "start"], check=True, capture_output=True)
-    yield f"postgresql://postgres@/postgres?host={sock}"
-    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "stop", "-m", "immediate"], capture_output=True)
+    url = db_url.replace("postgres:@", f"lb_pw_user:{secret}@")
+    data = write_lines(tmp_path / "p.txt", random_texts(12))
+    commands = [
+        ["db", "status"], ["db", "status", "--json"], ["db", "upgrade"],
+        ["dataset", "add", "p", str(data)], ["dataset", "list"], ["dataset", "show", "p"],
+        ["ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "p", "--name", "g", "--no-progress"],
+        ["ingest", "--model", str(tiny_models["llama"]), "--dataset", "p", "--name", "l", "--no-progress"],
+        ["jobs"], ["models"], ["embeddings", "export", "--model", str(tiny_models["gpt2"]), "--name", "g",
+                               "--no-progress"],
+        ["knn", "--model", "g", "--dataset", "p", "--k-max", "3", "--no-progress"],
+        ["affinity", "--models", "g,l", "--dataset", "p", "-k", "3", "--no-progress"],
+        ["neighbors", "--model", "g", "--layer", "1", "--dataset", "p", "--prompt", "0", "-k", "3"],
+        ["report", "--models", "g,l", "--datasets", "p", "-k", "3", "--out", str(tmp_path / "r"), "--no-progress"],
+        ["db", "grant-reader", "lb_reader", "--password-env", "READER_PW"],
+        ["knn", "--model", "nope", "--dataset", "p"],  # an error path
+        ["--database-url", url.replace("/t_", "/missing_"), "jobs"],  # an unreachable database
+    ]
+    for args in commands:
+        result = cli(*args, env={"LAYERBASE_DATABASE_URL": url, "READER_PW": "reader-pw-7"})
+        assert secret not in result.output and "reader-pw-7" not in result.output, args
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert secret not in report
+    log = (pg_server.pgdata / "log").read_text(errors="replace")
+    assert secret not in log and "reader-pw-7" not in log
 
 
 def test_server_without_pgvector_is_refused(server_without_pgvector: str) -> None:
