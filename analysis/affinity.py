@@ -2,7 +2,7 @@
 computed in SQL from the materialized neighbour lists, stored with its statistics.
 
 The overlap counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one join of the
-long-form neighbour rows on (position, neighbour position); positions make parallel
+unnested neighbour arrays on (position, neighbour position); positions make parallel
 datasets (prompt i of D1 <-> prompt i of D2) intersect directly.
 """
 
@@ -28,13 +28,13 @@ EXACT_ENGINES = ("blas", "sql")
 
 OVERLAP_SQL = """
 WITH a AS (
-    SELECT r.layer, n.position, n.neighbor_position
+    SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(:k AS int)]) AS neighbor_position
     FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
-    WHERE n.run_id = ANY(:runs_a) AND n.rank <= :k
+    WHERE n.run_id = ANY(:runs_a)
 ), b AS (
-    SELECT r.layer, n.position, n.neighbor_position
+    SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(:k AS int)]) AS neighbor_position
     FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
-    WHERE n.run_id = ANY(:runs_b) AND n.rank <= :k
+    WHERE n.run_id = ANY(:runs_b)
 )
 SELECT a.layer AS layer_a, b.layer AS layer_b, count(*) AS shared
 FROM a JOIN b ON a.position = b.position AND a.neighbor_position = b.neighbor_position

@@ -37,12 +37,15 @@ QUERY_BLOCK = 64  # prompts per in-database statement (progress granularity)
 # One statement ranks the neighbours of a block of query prompts. The inner scan takes
 # k + 1 candidates (self is among them) ordered by {order}: the exact ``vec <=> q`` for
 # the sql engine, or the indexed expression for hnsw (so that the planner can use the
-# partial index). Candidates are then ranked by exact distance, ties by position.
+# partial index). Candidates are then ranked by exact distance, ties by position, and the
+# first k stored as arrays.
 NEIGHBOURS_SQL = """
-INSERT INTO knn_neighbor (run_id, position, rank, neighbor_position, distance)
-SELECT {run}, position, rank, neighbor_position, distance FROM (
-    SELECT q.position, nb.position AS neighbor_position, nb.distance,
-           row_number() OVER (PARTITION BY q.position ORDER BY nb.distance, nb.position) AS rank
+INSERT INTO knn_neighbor (run_id, position, neighbors, distances)
+SELECT {run}, position,
+       (array_agg(neighbor_position ORDER BY distance, neighbor_position))[1:{k}],
+       (array_agg(distance ORDER BY distance, neighbor_position))[1:{k}]
+FROM (
+    SELECT q.position, nb.position AS neighbor_position, nb.distance
     FROM (
         SELECT p.position, a.vec FROM activation a JOIN prompt p ON p.id = a.prompt_id
         WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
@@ -59,8 +62,8 @@ SELECT {run}, position, rank, neighbor_position, distance FROM (
         JOIN prompt p2 ON p2.id = c.prompt_id
         WHERE p2.position <> q.position
     ) nb
-) ranked
-WHERE rank <= {k}
+) candidates
+GROUP BY position
 """
 
 
@@ -198,17 +201,16 @@ def _check_complete(positions: np.ndarray, n: int, model: str, dataset: str, lay
 
 def _copy_neighbors(conn: sa.Connection, run_id: int, positions: np.ndarray, neighbor_positions: np.ndarray,
                     distances: np.ndarray) -> None:
-    n, k = neighbor_positions.shape
+    n = len(positions)
     copy_columns(
         raw_connection(conn).cursor(),
         "knn_neighbor",
-        ("run_id", "position", "rank", "neighbor_position", "distance"),
+        ("run_id", "position", "neighbors", "distances"),
         [
-            ("int4", np.full(n * k, run_id, dtype=np.int32)),
-            ("int4", np.repeat(positions.astype(np.int32), k)),
-            ("int2", np.tile(np.arange(1, k + 1, dtype=np.int16), n)),
-            ("int4", neighbor_positions.astype(np.int32).ravel()),
-            ("float4", distances.astype(np.float32).ravel()),
+            ("int4", np.full(n, run_id, dtype=np.int32)),
+            ("int4", positions.astype(np.int32)),
+            ("int4[]", neighbor_positions.astype(np.int32)),
+            ("float4[]", distances.astype(np.float32)),
         ],
     )
 
@@ -248,13 +250,12 @@ def _measure_recall(conn: sa.Connection, run_id: int, model_id: int, layer: int,
 def neighbor_array(conn: sa.Connection, run_id: int, k: int) -> np.ndarray:
     """[n, k] neighbour positions of a stored run, rows in position order (-1 where missing)."""
     rows = conn.execute(
-        sa.text("SELECT position, rank, neighbor_position FROM knn_neighbor WHERE run_id = :r AND rank <= :k"),
+        sa.text("SELECT position, neighbors[1:CAST(:k AS int)] FROM knn_neighbor WHERE run_id = :r"),
         {"r": run_id, "k": k},
     ).all()
     if not rows:
         return np.zeros((0, k), dtype=np.int64)
-    data = np.array(rows, dtype=np.int64)
-    n = int(data[:, 0].max()) + 1
-    out = np.full((n, k), -1, dtype=np.int64)
-    out[data[:, 0], data[:, 1] - 1] = data[:, 2]
+    out = np.full((max(r[0] for r in rows) + 1, k), -1, dtype=np.int64)
+    for position, neighbors in rows:
+        out[position, : len(neighbors)] = neighbors
     return out

@@ -53,12 +53,15 @@ def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[n
         assert (a[layer] == b[layer]).all()
     with wh.engine.connect() as conn:
         distances = conn.execute(sa.text(
-            """SELECT n.distance FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
-               WHERE r.engine = 'blas' AND r.layer = 1 AND n.position = 0 ORDER BY n.rank""")).scalars().all()
+            """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+               WHERE r.engine = 'blas' AND r.layer = 1 AND n.position = 0""")).scalar()
+        sql_distances = conn.execute(sa.text(
+            """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+               WHERE r.engine = 'sql' AND r.layer = 1 AND n.position = 0""")).scalar()
         positions, vectors = layer_vectors(conn, 1, 1, 1)
     assert distances == sorted(distances) and len(distances) == 25
     _, ref = exact_topk(vectors, 25)
-    assert np.allclose(distances, ref[0], atol=1e-5)
+    assert np.allclose(distances, ref[0], atol=1e-5) and np.allclose(sql_distances, ref[0], atol=1e-5)
     # reuse: a smaller k is served by the stored sets
     again = materialize(wh, "syn", "d", k_max=10, engine="blas", progress=False)
     assert all(r.reused for r in again)

@@ -145,7 +145,7 @@ def test_concurrent_knn_and_affinity_runs_do_not_duplicate(wh, db_url: str) -> N
     with psycopg.connect(db_url) as conn:
         runs = conn.execute(
             "SELECT m.name, r.layer, r.engine, count(*) OVER (PARTITION BY r.model_id, r.layer, r.engine), "
-            "(SELECT count(*) FROM knn_neighbor n WHERE n.run_id = r.id) "
+            "(SELECT sum(cardinality(n.neighbors)) FROM knn_neighbor n WHERE n.run_id = r.id) "
             "FROM knn_run r JOIN model m ON m.id = r.model_id ORDER BY 1, 2").fetchall()
         affinity = conn.execute("SELECT count(*) FROM affinity_run").fetchone()[0]
         cells = conn.execute("SELECT count(*), count(DISTINCT (run_id, layer_a, layer_b)) FROM affinity_cell").fetchone()

@@ -23,13 +23,16 @@ TRAILER = b"\xff\xff"
 
 # Postgres type name -> big-endian numpy dtype of its binary wire form.
 FIXED_TYPES = {"int2": ">i2", "int4": ">i4", "int8": ">i8", "float4": ">f4", "float8": ">f8", "bool": "?"}
+# One-dimensional arrays without NULLs: element type oid and wire dtype.
+ARRAY_TYPES = {"int4[]": (23, ">i4"), "float4[]": (700, ">f4")}
 
 
 def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     """The binary COPY stream for rows given column-wise.
 
-    Each column is (postgres type, array): a fixed type with a 1-D array of n values, or
-    ``vector`` with an (n, d) float array. Every column must have n rows.
+    Each column is (postgres type, array): a fixed type with a 1-D array of n values,
+    ``vector`` with an (n, d) float array, or ``int4[]``/``float4[]`` with an (n, k) array
+    (every row an array of k elements). Every column must have n rows.
     """
     n = len(columns[0][1])
     fields: list[tuple[str, object]] = [("nfields", ">i2")]
@@ -40,6 +43,11 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
         if pgtype == "vector":
             d = values.shape[1]
             fields += [(f"dim{i}", ">i2"), (f"unused{i}", ">i2"), (f"val{i}", ">f4", (d,))]
+        elif pgtype in ARRAY_TYPES:
+            k = values.shape[1]
+            element = np.dtype([("len", ">i4"), ("v", ARRAY_TYPES[pgtype][1])])
+            fields += [(f"ndim{i}", ">i4"), (f"nulls{i}", ">i4"), (f"oid{i}", ">i4"), (f"size{i}", ">i4"),
+                       (f"lbound{i}", ">i4"), (f"val{i}", element, (k,))]
         else:
             fields.append((f"val{i}", FIXED_TYPES[pgtype]))
     rows = np.empty(n, dtype=np.dtype(fields))  # type: ignore[call-overload]
@@ -50,9 +58,17 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
             rows[f"len{i}"] = 4 + 4 * d
             rows[f"dim{i}"] = d
             rows[f"unused{i}"] = 0
+            rows[f"val{i}"] = values
+        elif pgtype in ARRAY_TYPES:
+            k = values.shape[1]
+            rows[f"len{i}"] = 20 + 8 * k
+            rows[f"ndim{i}"], rows[f"nulls{i}"], rows[f"oid{i}"] = 1, 0, ARRAY_TYPES[pgtype][0]
+            rows[f"size{i}"], rows[f"lbound{i}"] = k, 1
+            rows[f"val{i}"]["len"] = 4
+            rows[f"val{i}"]["v"] = values
         else:
             rows[f"len{i}"] = np.dtype(FIXED_TYPES[pgtype]).itemsize
-        rows[f"val{i}"] = values
+            rows[f"val{i}"] = values
     return SIGNATURE + rows.tobytes() + TRAILER
 
 

@@ -32,7 +32,7 @@ from sqlalchemy import (
     CheckConstraint,
     REAL,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Indexes created at run time (per-(model, layer) partial HNSW indexes) carry this prefix.
@@ -246,8 +246,11 @@ class KnnRun(Base):
 
 
 class KnnNeighbor(Base):
-    """Long form: the rank-th nearest neighbour of the prompt at ``position`` (self excluded).
+    """The ranked nearest neighbours of one prompt (self excluded) in one k-NN run.
 
+    One row per prompt with the neighbours' dataset positions and cosine distances as
+    arrays, nearest first: ``neighbors[1:k]`` is N_k for any k <= k_max. (Long form, one row
+    per neighbour, cost about 80 bytes per neighbour and dominated the write time.)
     Prompts are named by dataset position, so that neighbour sets of parallel datasets
     (prompt i of D1 <-> prompt i of D2) intersect directly.
     """
@@ -256,9 +259,8 @@ class KnnNeighbor(Base):
 
     run_id: Mapped[int] = mapped_column(ForeignKey("knn_run.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True, comment="1 = nearest")
-    neighbor_position: Mapped[int] = mapped_column(Integer)
-    distance: Mapped[float] = mapped_column(REAL, comment="cosine distance")
+    neighbors: Mapped[list[int]] = mapped_column(ARRAY(Integer), comment="dataset positions, nearest first")
+    distances: Mapped[list[float]] = mapped_column(ARRAY(REAL), comment="cosine distances, ascending")
 
 
 class AffinityRun(Base):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 
 revision = '0002'
@@ -137,11 +138,10 @@ def upgrade() -> None:
     op.create_table('knn_neighbor',
     sa.Column('run_id', sa.Integer(), nullable=False),
     sa.Column('position', sa.Integer(), nullable=False),
-    sa.Column('rank', sa.SmallInteger(), nullable=False, comment='1 = nearest'),
-    sa.Column('neighbor_position', sa.Integer(), nullable=False),
-    sa.Column('distance', sa.REAL(), nullable=False, comment='cosine distance'),
+    sa.Column('neighbors', postgresql.ARRAY(sa.Integer()), nullable=False, comment='dataset positions, nearest first'),
+    sa.Column('distances', postgresql.ARRAY(sa.REAL()), nullable=False, comment='cosine distances, ascending'),
     sa.ForeignKeyConstraint(['run_id'], ['knn_run.id'], name=op.f('fk_knn_neighbor_run_id_knn_run'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('run_id', 'position', 'rank', name=op.f('pk_knn_neighbor'))
+    sa.PrimaryKeyConstraint('run_id', 'position', name=op.f('pk_knn_neighbor'))
     )
 
     for statement in VIEWS:

@@ -1,0 +1,54 @@
+"""Figure 1: the ``blas`` k-NN engine end to end (COPY out of Postgres, blocked top-k,
+COPY of the neighbour lists back) against an in-memory numpy reference that computes the
+same sets from arrays already in RAM.
+
+    python -m bench.knn_blas                      # n in {2048, 10000}, d in {576, 2048, 4096}
+    python -m bench.knn_blas --sizes 512x64 --repeats 1    # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import sqlalchemy as sa
+
+from bench.common import bench_warehouse, median_time, print_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2048x576,2048x2048,2048x4096,10000x576,10000x2048,10000x4096",
+                        help="comma-separated NxD shapes")
+    parser.add_argument("--k-max", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from analysis.knn import materialize, neighbor_array
+    from analysis.topk import exact_topk
+    from ingest.synthetic import clustered_vectors, store_synthetic
+
+    rows = []
+    with bench_warehouse() as wh:
+        for shape in args.sizes.split(","):
+            n, d = (int(x) for x in shape.lower().split("x"))
+            vectors = clustered_vectors(n, d, seed=n + d)
+            name = f"syn-{n}x{d}"
+            store_synthetic(wh, name, f"d{n}", n=n, d=d, n_layers=1, layer_vectors={1: vectors})
+            reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k_max), args.repeats)
+            end_to_end, _ = median_time(
+                lambda: materialize(wh, name, f"d{n}", k_max=args.k_max, engine="blas", force=True, progress=False),
+                args.repeats)
+            with wh.engine.connect() as conn:
+                run = conn.execute(sa.text("SELECT r.id FROM knn_run r JOIN model m ON m.id = r.model_id "
+                                           "WHERE m.name = :m AND r.engine = 'blas'"), {"m": name}).scalar()
+                stored = neighbor_array(conn, run, args.k_max)
+            assert (stored == idx).all(), "the stored sets differ from the reference"
+            rows.append({"n": n, "d": d, "k_max": args.k_max, "reference_s": reference, "end_to_end_s": end_to_end,
+                         "ratio": end_to_end / reference})
+            print_table(rows[-1:], list(rows[-1]))
+    print("\nblas engine end to end vs in-memory numpy (median of %d runs):" % args.repeats)
+    print_table(rows, ["n", "d", "k_max", "reference_s", "end_to_end_s", "ratio"])
+
+
+if __name__ == "__main__":
+    main()
