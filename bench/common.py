@@ -14,8 +14,11 @@ from typing import Any
 
 @contextmanager
 def bench_warehouse() -> Iterator[Any]:
-    """A fresh warehouse: the embedded server in a temporary directory (or DATABASE_URL's
-    server when set, in a new database there is not supported: use an empty one)."""
+    """A fresh warehouse: an embedded server in a temporary directory, removed afterwards.
+
+    With DATABASE_URL (or LAYERBASE_DATABASE_URL) set, that server is used instead: point it
+    at an empty database, since the benchmark stores synthetic models there.
+    """
     home = None
     if not (os.environ.get("LAYERBASE_DATABASE_URL") or os.environ.get("DATABASE_URL")):
         home = tempfile.mkdtemp(prefix="layerbase-bench-")
