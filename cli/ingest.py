@@ -43,9 +43,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], name: str | None, revision: str | None, dtype: str,
                    device: str | None, pooling: str, padding_side: str, max_tokens: int | None, chat_template: bool,
                    layer0: bool, batch_size: int, progress: bool, as_json: bool) -> None:
-    """Run a model over a dataset; store every block's pooled activation per prompt.
+    """Run a model over datasets; store every block's pooled activation per prompt.
 
     Re-running finishes an interrupted job; several processes on one job share its work.
+    With --json: one object for one dataset, a list for several.
     """
     from ingest.extract import ExtractionSettings
     from ingest.runner import ingest_datasets
