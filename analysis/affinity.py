@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
@@ -61,7 +61,6 @@ class AffinityMatrix:
     test: DiagonalTest | None
     seconds: float
     knn_engine: str
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         t = self.test
@@ -101,7 +100,6 @@ def compute_affinity(
     k: int = 10,
     include_layer0: bool = False,
     engine: str = "blas",
-    k_max: int | None = None,
     study: str | None = None,
     n_pairs: int = 1,
     progress: bool = True,
@@ -129,14 +127,13 @@ def compute_affinity(
         n = da.n_prompts
     if not 0 < k < n:
         raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n}); lower -k")
-    k_needed = max(k, k_max or k)
-    for model, dataset, layers in ((model_a, dataset_a, layers_a), (model_b, dataset_b, layers_b)):
+    sides = ((model_a, ids[0], dataset_a, ids[2], layers_a), (model_b, ids[1], dataset_b, ids[3], layers_b))
+    for model, model_id, dataset, dataset_id, layers in sides:
         with wh.engine.connect() as conn:
-            have = _knn_runs(conn, ids[0] if model == model_a else ids[1],
-                             ids[2] if dataset == dataset_a else ids[3], layers, k, engine)
+            have = _knn_runs(conn, model_id, dataset_id, layers, k, engine)
         missing = [layer for layer in layers if layer not in have]
-        if missing:
-            materialize(wh, model, dataset, layers=missing, k_max=max(k_needed, min(100, n - 1)), engine=engine,
+        if missing:  # stored up to K_max (100 by default) so that later k up to it need no recompute
+            materialize(wh, model, dataset, layers=missing, k_max=max(k, min(100, n - 1)), engine=engine,
                         progress=progress)
     started = time.perf_counter()
     mean, sd = null_model(k, n)

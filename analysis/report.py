@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from analysis import plots
 from analysis.affinity import AffinityMatrix, compute_affinity, compute_study
 from analysis.neighbors import overlap
-from analysis.stats import mean_square, resize_square
+from analysis.stats import max_similarity_path, mean_square, resize_square
 from warehouse.engine import Warehouse
 from warehouse.errors import InputError
 
@@ -128,12 +128,12 @@ def build_report(
             if m.test:
                 scatter.append((label, m.test.mean_off, m.test.mean_on))
                 tests.append({"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k,
-                              **{key: v for key, v in m.test.as_dict().items()}})
+                              **m.test.as_dict()})
             cells += [{"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k, "layer_a": la,
                        "layer_b": lb, "depth_a": la / max(m.layers_a), "depth_b": lb / max(m.layers_b),
                        "score": float(m.scores[i, j]), "chance": m.chance}
                       for i, la in enumerate(m.layers_a) for j, lb in enumerate(m.layers_b)]
-            best = np.argmax(m.scores, axis=1)
+            best = max_similarity_path(m.scores)
             paths += [{"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "layer_a": la,
                        "depth_a": la / max(m.layers_a), "best_layer_b": m.layers_b[int(j)],
                        "best_depth_b": m.layers_b[int(j)] / max(m.layers_b), "score": float(m.scores[i, int(j)])}
@@ -196,7 +196,7 @@ def _neighbour_figure(wh: Warehouse, m: AffinityMatrix, dataset: str, prompt: in
                       out_dir: Path) -> tuple[Path, list[dict[str, Any]]]:
     """Neighbours of one prompt at an early and a late layer of model A, each next to the
     most similar layer of model B (from the max-similarity path)."""
-    path = np.argmax(m.scores, axis=1)
+    path = max_similarity_path(m.scores)
     picks = sorted({m.layers_a[max(0, round(len(m.layers_a) * f) - 1)] for f in (1 / 3, 2 / 3)})
     panels, rows, query = [], [], ""
     for layer_a in picks:

@@ -31,38 +31,30 @@ class LayerbaseGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except LayerbaseError as exc:
-            if _traceback_wanted(ctx):
-                raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted; stored work is kept, re-run the command to resume.", err=True)
             ctx.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except LayerbaseError as exc:
+            _fail(ctx, str(exc), exc.exit_code)
         except (OperationalError, InterfaceError) as exc:
-            if _traceback_wanted(ctx):
-                raise
             from warehouse.engine import first_line
 
-            click.secho(
-                f"Error: the database connection failed: {first_line(exc.orig or exc)}; check that the server "
-                "runs, then re-run the command: committed work is kept and it resumes where it stopped",
-                fg="red",
-                err=True,
-            )
-            ctx.exit(3)
+            _fail(ctx, f"the database connection failed: {first_line(exc.orig or exc)}; check that the server "
+                  "runs, then re-run the command: committed work is kept and it resumes where it stopped", 3)
         except Exception as exc:
-            if _traceback_wanted(ctx):
-                raise
-            click.secho(
-                f"Error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                "(re-run with --traceback for details, and report it if it persists)",
-                fg="red",
-                err=True,
-            )
-            ctx.exit(1)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(ctx, f"unexpected {type(exc).__name__}: {first} "
+                  "(re-run with --traceback for details, and report it if it persists)", 1)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    """Re-raise the error being handled when a traceback is wanted, else print one line and exit."""
+    if _traceback_wanted(ctx):
+        raise  # noqa: PLE0704 - called only from an except block
+    click.secho(f"Error: {message}", fg="red", err=True)
+    ctx.exit(code)
 
 
 def _traceback_wanted(ctx: click.Context) -> bool:

@@ -300,26 +300,28 @@ def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, work
     return n_prompts, int(batch.truncated.sum())
 
 
-def default_model_name(source: str) -> str:
-    """The name a model is stored under when the user gives none."""
-    from pathlib import Path
-
-    from ingest.packaged import resolve_packaged
-
-    packaged = resolve_packaged(source)
-    if packaged:
-        return packaged[0]
-    path = Path(source)
-    if path.exists():
-        return path.stem if path.suffix == ".gguf" else path.resolve().name
-    return source
-
-
 def source_identity(source: str) -> str:
     """What the model row's ``source`` holds for a --model value: a packaged name, or as given."""
     from ingest.packaged import ALIASES
 
     return ALIASES.get(source.lower(), source)
+
+
+def default_model_name(source: str) -> str:
+    """The name a model is stored under when the user gives none.
+
+    Packaged names are looked up, not resolved: resolving Gemma assembles its GGUF file.
+    """
+    from pathlib import Path
+
+    from ingest.packaged import ALIASES
+
+    if source.lower() in ALIASES:
+        return ALIASES[source.lower()]
+    path = Path(source)
+    if path.exists():
+        return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return source
 
 
 def open_model(
@@ -331,9 +333,9 @@ def open_model(
 
     packaged = resolve_packaged(source)
     if packaged:
-        name, path = packaged
+        _, path = packaged
         lm = load_model(str(path), revision=revision, dtype=dtype, device=device)
-        lm.source = name
+        lm.source = source_identity(source)
         return lm
     return load_model(source, revision=revision, dtype=dtype, device=device)
 
@@ -348,21 +350,24 @@ def _finished_report(
     settings: ExtractionSettings,
     include_layer0: bool,
 ) -> JobReport | None:
-    """The report of an already complete job with these settings, or None."""
+    """The report of an already complete job with these settings, or None.
+
+    Compares what is known before loading the model (the gguf file and the default token
+    limit come from the loaded model; ``ensure_model`` checks those once it is loaded).
+    """
     model = session.scalar(sa.select(Model).where(Model.name == name))
     if model is None:
         return None
     job = session.scalar(sa.select(IngestJob).where(IngestJob.model_id == model.id, IngestJob.dataset_id == dataset.id))
-    requested = {
-        "revision": revision, "dtype": dtype, "pooling": settings.pooling, "padding_side": settings.padding_side,
-        "chat_template": settings.chat_template, "include_layer0": include_layer0,
+    if job is None or job.state != "done" or job.include_layer0 != include_layer0:
+        return None
+    wanted = {
+        "source": source_identity(source), "revision": revision, "dtype": dtype, "pooling": settings.pooling,
+        "padding_side": settings.padding_side, "chat_template": settings.chat_template,
     }
-    stored = {k: getattr(model, k) for k in requested if k != "include_layer0"}
-    if job is None or job.state != "done" or {**stored, "include_layer0": job.include_layer0} != requested:
-        return None
-    if settings.max_tokens is not None and settings.max_tokens != model.max_tokens:
-        return None
-    if model.source != source_identity(source):
+    if settings.max_tokens is not None:
+        wanted["max_tokens"] = settings.max_tokens
+    if any(getattr(model, field) != value for field, value in wanted.items()):
         return None
     return JobReport(job.id, name, dataset.name, job.n_prompts, job.n_prompts, 0, 0, "done", 0)
 

@@ -21,12 +21,10 @@ def grant_reader(wh: Warehouse, role: str, password: str | None = None) -> list[
     with translate_errors(wh), wh.engine.begin() as conn:
         cur = raw_connection(conn).cursor()
         ident = sql.Identifier(role)
-        exists = conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar()
-        if exists:
-            is_super = conn.execute(sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar()
-            if is_super:
-                raise InputError(f"role {role!r} is a superuser; choose another name for a read-only role")
-        else:
+        is_super = conn.execute(sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar()
+        if is_super:
+            raise InputError(f"role {role!r} is a superuser; choose another name for a read-only role")
+        if is_super is None:  # no such role yet
             cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(ident))
         if password is not None:
             cur.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
