@@ -120,14 +120,11 @@ def nearest(
 
 def _embed_text(model, layer: int, text: str) -> str:  # type: ignore[no-untyped-def]
     """A new text's activation at a layer, extracted with the model's stored settings."""
-    from ingest.extract import ExtractionSettings, Extractor
-    from ingest.runner import open_model
+    from ingest.extract import Extractor
+    from ingest.runner import open_stored_model, stored_settings
 
-    if model.source == "synthetic":
-        raise InputError(f"model {model.name!r} is synthetic: it cannot embed new text")
-    lm = open_model(model.source, revision=model.revision, dtype=model.dtype)
-    settings = ExtractionSettings(model.pooling, model.padding_side, model.max_tokens, model.chat_template)
-    batch = Extractor(lm, settings, include_layer0=layer == 0)([text])
+    lm = open_stored_model(model)
+    batch = Extractor(lm, stored_settings(model), include_layer0=layer == 0)([text])
     vector = batch.vectors[0, batch.layers.index(layer)]
     return "[" + ",".join(repr(float(v)) for v in np.asarray(vector, dtype=np.float32)) + "]"
 

@@ -175,3 +175,66 @@ def neighbour_lists(query: str, panels: list[tuple[str, list[tuple[int, str]], s
                     color="#b3261e" if hit else "#222222", weight="bold" if hit else "normal")
     fig.text(0.5, 0.005, "red, bold: in both neighbour sets", ha="center", fontsize=7, color="#b3261e")
     return fig
+
+
+def model_matrix(matrix: np.ndarray, names: list[str], title: str, label: str = "Pearson r") -> Figure:
+    """A symmetric model x model matrix with the values written in the cells."""
+    size = len(names)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * size, 1.2 + 0.9 * size))
+    image = ax.imshow(matrix, cmap=CMAP, vmin=min(0.0, float(matrix.min())), vmax=1.0)
+    fig.colorbar(image, ax=ax).set_label(label)
+    ax.set_xticks(range(size), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(size), names, fontsize=8)
+    for i in range(size):
+        for j in range(size):
+            ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                    color="black" if matrix[i, j] > 0.6 else "white")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def local_geometry(id_a: np.ndarray, id_b: np.ndarray, errors: dict[str, np.ndarray], name_a: str, name_b: str,
+                   title: str) -> Figure:
+    """Left: intrinsic dimension of each token in A vs B. Right: distributions of the
+    relative reconstruction error of B's tokens under each choice of weights."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.3))
+    rng = np.random.default_rng(0)
+    jitter = lambda n: rng.uniform(-0.3, 0.3, n)  # noqa: E731 - integer IDs overlap without it
+    left.scatter(id_a + jitter(len(id_a)), id_b + jitter(len(id_b)), s=4, alpha=0.35, color="#3b6fb6")
+    top = max(id_a.max(), id_b.max()) + 1
+    left.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1)
+    left.set_xlabel(f"intrinsic dimension in {name_a}")
+    left.set_ylabel(f"intrinsic dimension in {name_b}")
+    left.set_title("Per-token intrinsic dimension", fontsize=9)
+    bins = np.linspace(0, max(float(np.percentile(np.concatenate(list(errors.values())), 99.5)), 1e-6), 60)
+    for (label, values), colour in zip(errors.items(), ["#2e7d32", "#3b6fb6", "#ff5a36", "#888888"]):
+        right.hist(values, bins=bins, histtype="step", linewidth=1.4, color=colour,
+                   label=f"{label} (median {np.median(values):.3f})")
+    right.set_xlabel(f"relative error reconstructing {name_b}'s token")
+    right.set_ylabel("tokens")
+    right.set_title("LLE reconstruction in B", fontsize=9)
+    right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def steering_sweep(rows: list[dict], title: str) -> Figure:
+    """Mean log-odds shift against the coefficient: the vector, and the random controls'
+    mean and range."""
+    coefficients = np.array([r["coefficient"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    ax.axhline(0, color="grey", linewidth=0.8)
+    shift = np.array([r["vector_shift"] for r in rows])
+    sd = np.array([r["vector_sd"] for r in rows])
+    ax.plot(coefficients, shift, marker="o", color="#b3261e", label="steering vector (± sd over prompts)")
+    ax.fill_between(coefficients, shift - sd, shift + sd, color="#b3261e", alpha=0.12)
+    if rows and rows[0]["random_mean"] is not None:
+        ax.plot(coefficients, [r["random_mean"] for r in rows], marker="s", color="#555555",
+                label="random vectors, same norm (mean, range)")
+        ax.fill_between(coefficients, [r["random_min"] for r in rows], [r["random_max"] for r in rows],
+                        color="#555555", alpha=0.15)
+    ax.set_xlabel("coefficient")
+    ax.set_ylabel("shift in log-odds, positive vs negative targets")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return fig

@@ -47,24 +47,27 @@ def _similarities(queries: np.ndarray, data: np.ndarray, device: str | None) -> 
     return queries @ data.T
 
 
-def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(indices [n, k], cosine distances [n, k]) of each row's k nearest other rows.
+def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None,
+               queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [q, k], cosine distances [q, k]) of each query row's k nearest other rows.
 
-    Self is excluded; distances are rounded to 1e-6 and ties broken by the smaller index.
+    Queries are all rows, or the row indices given. Self is excluded; distances are
+    rounded to 1e-6 and ties broken by the smaller index.
     """
     n = len(x)
     if not 0 < k < n:
         raise InputError(f"k must be between 1 and n - 1 = {n - 1} (got k = {k}); lower k or add prompts")
+    query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     xn = normalize(np.asarray(x, dtype=np.float32))
     block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n)))
     cand = min(n - 1, k + EXTRA_CANDIDATES)
-    out_idx = np.empty((n, k), dtype=np.int64)
-    out_dist = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        dist = np.round(1.0 - _similarities(xn[start:stop], xn, device), DISTANCE_DECIMALS)
-        rows = np.arange(stop - start)
-        dist[rows, start + rows] = np.inf  # self
+    out_idx = np.empty((len(query_rows), k), dtype=np.int64)
+    out_dist = np.empty((len(query_rows), k), dtype=np.float32)
+    for start in range(0, len(query_rows), block):
+        stop = min(len(query_rows), start + block)
+        rows_here = query_rows[start:stop]
+        dist = np.round(1.0 - _similarities(xn[rows_here], xn, device), DISTANCE_DECIMALS)
+        dist[np.arange(stop - start), rows_here] = np.inf  # self
         part = np.argpartition(dist, cand - 1, axis=1)[:, :cand]
         part_dist = np.take_along_axis(dist, part, axis=1)
         order = np.lexsort((part, part_dist), axis=1)

@@ -95,7 +95,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _register() -> None:
-    from cli import analyze, dataset, db, demo, ingest
+    from cli import analyze, dataset, db, demo, geometry, ingest, steer
 
     root.add_command(demo.demo)
     root.add_command(db.db)
@@ -108,6 +108,8 @@ def _register() -> None:
     root.add_command(analyze.affinity)
     root.add_command(analyze.neighbors)
     root.add_command(analyze.report)
+    root.add_command(geometry.geometry)
+    root.add_command(steer.steer)
 
 
 _register()

@@ -51,20 +51,28 @@ def export_token_embeddings(wh: Warehouse, lm: LoadedModel, name: str, *, progre
     for matrix, weight in matrices_of(lm).items():
         values = weight.detach().float().cpu().numpy()
         pieces, texts = token_texts(lm.tokenizer, values.shape[0])
+        special = set(getattr(lm.tokenizer, "all_special_ids", None) or [])
+        special |= _special_added(lm.tokenizer)
         with wh.engine.begin() as conn:
             conn.execute(sa.delete(TokenEmbedding).where(TokenEmbedding.model_id == model_id, TokenEmbedding.matrix == matrix))
             raw = raw_connection(conn)
             register_vector(raw)
             cur = raw.cursor()
             with cur.copy(
-                "COPY token_embedding (model_id, matrix, token_id, token, text, vec) FROM STDIN WITH (FORMAT BINARY)"
+                "COPY token_embedding (model_id, matrix, token_id, token, text, special, vec) FROM STDIN WITH (FORMAT BINARY)"
             ) as copy:
-                copy.set_types(["int4", "text", "int4", "text", "text", "vector"])
+                copy.set_types(["int4", "text", "int4", "text", "text", "bool", "vector"])
                 for i in tqdm(range(values.shape[0]), desc=f"{name} {matrix} embeddings", unit="token",
                               disable=not progress, miniters=BLOCK_ROWS):
-                    copy.write_row((model_id, matrix, i, _clean(pieces[i]), _clean(texts[i]), values[i]))
+                    copy.write_row((model_id, matrix, i, _clean(pieces[i]), _clean(texts[i]), i in special, values[i]))
         written[matrix] = int(values.shape[0])
     return written
+
+
+def _special_added(tokenizer: Any) -> set[int]:
+    """Ids of added tokens marked special (control tokens such as Gemma's <start_of_turn>)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 def _clean(text: str) -> str:

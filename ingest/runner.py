@@ -340,6 +340,18 @@ def open_model(
     return load_model(source, revision=revision, dtype=dtype, device=device)
 
 
+def open_stored_model(model: Model, *, device: str | None = None) -> LoadedModel:
+    """Reload the weights a stored model row was ingested with."""
+    if model.source == "synthetic":
+        raise InputError(f"model {model.name!r} is synthetic: it has no weights to run")
+    return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
+
+
+def stored_settings(model: Model, pooling: str | None = None) -> ExtractionSettings:
+    """The extraction settings a stored model row records (optionally with another pooling)."""
+    return ExtractionSettings(pooling or model.pooling, model.padding_side, model.max_tokens, model.chat_template)
+
+
 def _finished_report(
     session: Session,
     name: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +37,9 @@ def make_files(tmp: Path) -> dict[str, Path]:
     (tmp / "notamodel").mkdir()
     (tmp / "notamodel" / "notes.txt").write_text("hello")
     (tmp / "nodir").mkdir()
+    np.save(tmp / "wide.npy", np.ones(16, dtype=np.float32))
+    np.save(tmp / "nan.npy", np.array([np.nan] * 8, dtype=np.float32))
+    np.save(tmp / "matrix.npy", np.ones((2, 8), dtype=np.float32))
     return {p.name: p for p in tmp.iterdir()}
 
 
@@ -77,6 +81,19 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("report over an unknown dataset", ["report", "--models", "A,B", "--datasets", "zzz", "--out", "{tmp}/r"],
      ["no dataset named 'zzz'"]),
     ("reader role that is a superuser", ["db", "grant-reader", "postgres"], ["superuser", "another name"]),
+    ("steering vector of the wrong width", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{wide.npy}",
+                                            "--name", "w"], ["16 wide", "8 wide", "steer transfer"]),
+    ("steering vector with NaN", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{nan.npy}",
+                                  "--name", "w"], ["NaN"]),
+    ("steering vector that is a matrix", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{matrix.npy}",
+                                          "--name", "w"], ["one-dimensional"]),
+    ("steering layer out of range", ["steer", "make", "--model", "A", "--layer", "9", "--preset", "sentiment",
+                                     "--name", "s"], ["layer 9", "1..3"]),
+    ("steering without prompts", ["steer", "make", "--model", "A", "--layer", "1", "--name", "s"], ["exactly one"]),
+    ("unknown steering vector", ["steer", "evaluate", "nope"], ["no steering vector named 'nope'", "steer make"]),
+    ("coefficients that are not numbers", ["steer", "evaluate", "nope", "--coefficients", "a,b"], ["--coefficients"]),
+    ("geometry before exporting embeddings", ["geometry", "global", "--models", "A,B"], ["embeddings export"]),
+    ("local geometry of one model", ["geometry", "local", "--models", "A"], ["exactly two"]),
 ]
 
 

@@ -8,9 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from warehouse.errors import NotFoundError
-from warehouse.models import Dataset, Model
+from warehouse.models import Dataset, Model, SteeringVector
 
-Named = TypeVar("Named", Dataset, Model)
+Named = TypeVar("Named", Dataset, Model, SteeringVector)
 
 
 def _by_name(session: Session, cls: type[Named], name: str, what: str, fix: str) -> Named:
@@ -30,3 +30,8 @@ def get_dataset(session: Session, name: str) -> Dataset:
 def get_model(session: Session, name: str) -> Model:
     """The stored model called ``name``, or a NotFoundError listing the known ones."""
     return _by_name(session, Model, name, "model", "ingest it with `layerbase ingest`")
+
+
+def get_vector(session: Session, name: str) -> SteeringVector:
+    """The steering vector called ``name``, or a NotFoundError listing the known ones."""
+    return _by_name(session, SteeringVector, name, "steering vector", "make one with `layerbase steer make`")

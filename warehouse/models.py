@@ -212,6 +212,7 @@ class TokenEmbedding(Base):
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token: Mapped[str] = mapped_column(Text, comment="the vocabulary entry")
     text: Mapped[str] = mapped_column(Text, comment="the token decoded to text")
+    special: Mapped[bool] = mapped_column(Boolean, server_default="false", comment="a special token of the tokenizer")
     vec: Mapped[Any] = mapped_column(Vector())
 
     __table_args__ = (CheckConstraint("matrix IN ('input', 'output')", name="matrix"),)
@@ -324,3 +325,176 @@ class DiagonalTest(Base):
     n_pairs: Mapped[int] = mapped_column(Integer, comment="model pairs in the study (Bonferroni factor)")
     p_bonferroni: Mapped[float] = mapped_column()
     log10_p_bonferroni: Mapped[float] = mapped_column()
+
+
+class GeometryGlobal(Base):
+    """Global token geometry (Lee et al. 2025): the Pearson correlation of two models'
+    token-token cosine-similarity matrices over one sample of matched tokens."""
+
+    __tablename__ = "geometry_global"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    matrix_a: Mapped[str] = mapped_column(Text, comment="input or output")
+    matrix_b: Mapped[str] = mapped_column(Text, comment="input or output")
+    matching: Mapped[dict[str, Any]] = mapped_column(comment="how tokens were matched across the two vocabularies")
+    n_tokens: Mapped[int] = mapped_column(Integer, comment="tokens in the sample")
+    seed: Mapped[int] = mapped_column(Integer)
+    pearson: Mapped[float] = mapped_column(comment="Pearson r over the sample's token pairs (upper triangle)")
+    spearman: Mapped[float] = mapped_column()
+    token_ids_a: Mapped[list[int]] = mapped_column(ARRAY(Integer), comment="the sample, as model A's token ids")
+    token_ids_b: Mapped[list[int]] = mapped_column(ARRAY(Integer), comment="the same tokens in model B")
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = _now()
+
+
+class GeometryLocalRun(Base):
+    """Local token geometry of two models over one token sample: LLE weights, their
+    transfer from A to B, and per-token intrinsic dimensions."""
+
+    __tablename__ = "geometry_local_run"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    matrix_a: Mapped[str] = mapped_column(Text)
+    matrix_b: Mapped[str] = mapped_column(Text)
+    matching: Mapped[dict[str, Any]] = mapped_column()
+    k: Mapped[int] = mapped_column(SmallInteger, comment="neighbours per token for LLE")
+    id_k: Mapped[int] = mapped_column(SmallInteger, comment="neighbourhood size for the intrinsic dimension")
+    variance_threshold: Mapped[float] = mapped_column(comment="variance share the ID's components must explain")
+    regularizer: Mapped[float] = mapped_column(comment="LLE ridge, relative to the trace of the local Gram matrix")
+    n_tokens: Mapped[int] = mapped_column(Integer, comment="tokens in the sample")
+    n_candidates: Mapped[int] = mapped_column(Integer, comment="matched tokens the neighbours are drawn from")
+    seed: Mapped[int] = mapped_column(Integer)
+    err_own: Mapped[float] = mapped_column(comment="median relative error: B from B's own neighbours and weights")
+    err_refit: Mapped[float] = mapped_column(comment="median: B from A's neighbours with weights refitted in B")
+    err_transfer: Mapped[float] = mapped_column(comment="median: B from A's neighbours with A's weights")
+    err_random: Mapped[float] = mapped_column(comment="median: B from A's neighbours with random sum-to-one weights")
+    id_pearson: Mapped[float | None] = mapped_column(comment="correlation of intrinsic dimensions across the models")
+    id_spearman: Mapped[float | None] = mapped_column()
+    mean_id_a: Mapped[float] = mapped_column()
+    mean_id_b: Mapped[float] = mapped_column()
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = _now()
+
+
+class GeometryLocalToken(Base):
+    """One sampled token of a local-geometry run, in both models."""
+
+    __tablename__ = "geometry_local_token"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("geometry_local_run.id", ondelete="CASCADE"), primary_key=True)
+    token_id_a: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id_b: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    neighbors_a: Mapped[list[int]] = mapped_column(ARRAY(Integer), comment="A's token ids, nearest first")
+    weights_a: Mapped[list[float]] = mapped_column(ARRAY(REAL), comment="A's LLE weights over neighbors_a (sum 1)")
+    neighbors_b: Mapped[list[int]] = mapped_column(ARRAY(Integer), comment="B's token ids, nearest first")
+    weights_b: Mapped[list[float]] = mapped_column(ARRAY(REAL))
+    id_a: Mapped[int] = mapped_column(SmallInteger, comment="intrinsic dimension in A")
+    id_b: Mapped[int] = mapped_column(SmallInteger)
+    err_own: Mapped[float] = mapped_column()
+    err_refit: Mapped[float] = mapped_column()
+    err_transfer: Mapped[float] = mapped_column()
+    err_random: Mapped[float] = mapped_column()
+
+
+class Emb2EmbMap(Base):
+    """A linear (optionally affine) map y = x·W + b from model A's space to model B's,
+    fitted by (ridge) least squares on paired vectors. Immutable once written."""
+
+    __tablename__ = "emb2emb_map"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    model_a_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    model_b_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    pairs: Mapped[str] = mapped_column(Text, comment="tokens-input, tokens-output or prompts")
+    layer_a: Mapped[int | None] = mapped_column(SmallInteger, comment="for prompt pairs")
+    layer_b: Mapped[int | None] = mapped_column(SmallInteger)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
+    layer_rule: Mapped[str | None] = mapped_column(Text, comment="how layer_b was chosen")
+    bias: Mapped[bool] = mapped_column(Boolean)
+    ridge: Mapped[float] = mapped_column()
+    seed: Mapped[int] = mapped_column(Integer, comment="of the train/held-out split")
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_test: Mapped[int] = mapped_column(Integer)
+    r2_train: Mapped[float] = mapped_column()
+    r2_test: Mapped[float] = mapped_column(comment="held-out R^2 (variance-weighted over B's dimensions)")
+    cosine_test: Mapped[float] = mapped_column(comment="mean cosine of mapped vs true held-out vectors")
+    width_a: Mapped[int] = mapped_column(Integer)
+    width_b: Mapped[int] = mapped_column(Integer)
+    weights: Mapped[list[float]] = mapped_column(ARRAY(REAL), comment="W, width_a x width_b, row-major")
+    bias_vec: Mapped[list[float] | None] = mapped_column(ARRAY(REAL))
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("pairs IN ('tokens-input', 'tokens-output', 'prompts')", name="pairs"),)
+
+
+class SteeringVector(Base):
+    """A steering vector in one model at one layer, with its provenance. Immutable once
+    written: a different vector is a new row."""
+
+    __tablename__ = "steering_vector"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(SmallInteger, comment="added to the output of this decoder block")
+    hook_site: Mapped[str] = mapped_column(Text)
+    token_rule: Mapped[str] = mapped_column(Text, comment="last or mean: which token states were averaged")
+    method: Mapped[str] = mapped_column(Text, comment="mean-difference or emb2emb")
+    positive: Mapped[dict[str, Any] | None] = mapped_column(comment="the positive prompt set: source, count, texts")
+    negative: Mapped[dict[str, Any] | None] = mapped_column()
+    norm: Mapped[float] = mapped_column()
+    activation_norm: Mapped[float] = mapped_column(comment="median norm of the layer's activations it was measured against")
+    source_vector_id: Mapped[int | None] = mapped_column(ForeignKey("steering_vector.id", ondelete="CASCADE"))
+    map_id: Mapped[int | None] = mapped_column(ForeignKey("emb2emb_map.id", ondelete="CASCADE"))
+    calibration: Mapped[dict[str, Any] | None] = mapped_column(comment="how a mapped vector's norm was set")
+    vec: Mapped[Any] = mapped_column(Vector())
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("method IN ('mean-difference', 'emb2emb')", name="method"),
+        CheckConstraint("token_rule IN ('last', 'mean')", name="token_rule"),
+    )
+
+
+class SteeringEval(Base):
+    """A measured effect of a steering vector: target-token log-probability shifts over a
+    prompt set, across coefficients, against random vectors of the same norm."""
+
+    __tablename__ = "steering_eval"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    vector_id: Mapped[int] = mapped_column(ForeignKey("steering_vector.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(SmallInteger)
+    prompts: Mapped[dict[str, Any]] = mapped_column(comment="the evaluation prompts: source, count, texts")
+    targets: Mapped[dict[str, Any]] = mapped_column(comment="positive and negative target words and their token ids")
+    coefficients: Mapped[list[float]] = mapped_column(ARRAY(REAL))
+    n_random: Mapped[int] = mapped_column(SmallInteger, comment="random control vectors of the same norm")
+    seed: Mapped[int] = mapped_column(Integer)
+    baseline_logodds: Mapped[float] = mapped_column(comment="mean log-odds of positive vs negative targets, unsteered")
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = _now()
+
+
+class SteeringEvalPoint(Base):
+    """One (control, replicate, coefficient) point of a steering evaluation."""
+
+    __tablename__ = "steering_eval_point"
+
+    eval_id: Mapped[int] = mapped_column(ForeignKey("steering_eval.id", ondelete="CASCADE"), primary_key=True)
+    control: Mapped[str] = mapped_column(Text, primary_key=True, comment="vector or random")
+    replicate: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    coefficient: Mapped[float] = mapped_column(REAL, primary_key=True)
+    shift_logodds: Mapped[float] = mapped_column(comment="mean over prompts of the log-odds shift vs unsteered")
+    sd_logodds: Mapped[float] = mapped_column()
+    shift_positive: Mapped[float] = mapped_column(comment="mean shift of log P(positive targets)")
+    shift_negative: Mapped[float] = mapped_column(comment="mean shift of log P(negative targets)")
+    n_prompts: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (CheckConstraint("control IN ('vector', 'random')", name="control"),)

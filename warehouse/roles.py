@@ -11,7 +11,7 @@ from psycopg import sql
 from warehouse.engine import Warehouse, raw_connection, translate_errors
 from warehouse.errors import InputError
 
-BI_VIEWS = ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path")
+BI_VIEWS = ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path", "bi_steering_eval", "bi_geometry")
 
 
 def grant_reader(wh: Warehouse, role: str, password: str | None = None) -> list[str]:
