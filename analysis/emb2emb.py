@@ -28,7 +28,7 @@ from ingest.runner import open_stored_model
 from warehouse.engine import Warehouse
 from warehouse.errors import InputError
 from warehouse.lookup import get_dataset, get_model, get_vector
-from warehouse.models import AffinityCell, AffinityRun, Emb2EmbMap, Model, SteeringVector
+from warehouse.models import AffinityCell, AffinityRun, Dataset, Emb2EmbMap, Model, SteeringVector
 
 PAIRS = ("tokens-input", "tokens-output", "prompts")
 CALIBRATIONS = ("relative", "none")
@@ -177,14 +177,19 @@ def _map_info(row: Emb2EmbMap, model_a: str, model_b: str, *, reused: bool) -> M
                    row.n_pairs, row.n_train, row.n_test, row.r2_train, row.r2_test, row.cosine_test, reused)
 
 
-def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int) -> tuple[int, str]:
+def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int,
+                        dataset: str | None = None) -> tuple[int, str]:
     """B's layer for A's layer: the max-similarity path of the newest stored affinity
-    matrix of the pair when there is one, else the same relative depth."""
+    matrix of the pair (on ``dataset`` when given) if there is one, else the same relative depth."""
     with Session(wh.engine) as session:
+        dataset_id = get_dataset(session, dataset).id if dataset else None
         for first, second, flipped in ((a, b, False), (b, a, True)):
-            run = session.scalar(sa.select(AffinityRun).where(
+            query = sa.select(AffinityRun).where(
                 AffinityRun.model_a_id == first.id, AffinityRun.model_b_id == second.id,
-                AffinityRun.include_layer0.is_(False)).order_by(AffinityRun.id.desc()).limit(1))
+                AffinityRun.include_layer0.is_(False))
+            if dataset_id is not None:
+                query = query.where(AffinityRun.dataset_a_id == dataset_id)
+            run = session.scalar(query.order_by(AffinityRun.id.desc()).limit(1))
             if run is None:
                 continue
             cells = session.execute(sa.select(AffinityCell.layer_a, AffinityCell.layer_b, AffinityCell.score)
@@ -195,7 +200,8 @@ def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int) -> tupl
             if flipped:
                 matrix = matrix.T  # rows are A's layers
             best = int(max_similarity_path(matrix)[layer_a - 1]) + 1
-            return best, f"max-similarity path of affinity run {run.id}"
+            on = session.get(Dataset, run.dataset_a_id).name  # type: ignore[union-attr]
+            return best, f"max-similarity path of affinity run {run.id} (k = {run.k}, on {on})"
     proportional = max(1, min(b.n_layers, int(round(layer_a / a.n_layers * b.n_layers))))
     return proportional, "same relative depth (no affinity run of the pair is stored)"
 
@@ -229,7 +235,7 @@ def transfer(wh: Warehouse, vector_name: str, target: str, *, layer: int | None 
             native = float(native_row.norm)
         session.expunge_all()
     if layer is None:
-        layer, rule = corresponding_layer(wh, a, b, source.layer)
+        layer, rule = corresponding_layer(wh, a, b, source.layer, dataset)
     else:
         rule = "given"
     check_layer(b, layer)

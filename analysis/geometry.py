@@ -129,13 +129,27 @@ def match_tokens(a: TokenMatrix, b: TokenMatrix) -> Matching:
     return Matching(rows_a, rows_b, [text for _, text in shared], stats)
 
 
-def sample_rows(n: int, size: int | None, seed: int) -> np.ndarray:
-    """A sorted seeded sample of range(n), or all of it."""
+SAMPLE_RULES = ("uniform", "frequent")
+
+
+def sample_rows(n: int, size: int | None, seed: int, rule: str = "uniform") -> np.ndarray:
+    """A sorted sample of range(n): seeded uniform, or the first ``size`` rows ("frequent":
+    matched rows are in model A's token-id order, and BPE vocabularies number their pieces
+    in merge order, so the lowest ids are the most frequent pieces)."""
+    if rule not in SAMPLE_RULES:
+        raise InputError(f"unknown sample rule {rule!r}; use uniform or frequent")
     if size is None or size >= n:
         return np.arange(n)
     if size < 3:
         raise InputError(f"the token sample must hold at least 3 tokens (got {size})")
+    if rule == "frequent":
+        return np.arange(size)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def sample_description(rule: str, seed: int) -> str:
+    return (f"uniform without replacement, seed {seed}" if rule == "uniform"
+            else "the lowest token ids of model A (the most frequent BPE pieces)")
 
 
 # ---------------------------------------------------------------- global geometry
@@ -168,6 +182,7 @@ class GlobalResult:
     matrix_b: str
     n_tokens: int
     seed: int
+    centered: bool
     pearson: float
     spearman: float
     matching: dict[str, Any]
@@ -178,15 +193,24 @@ class GlobalResult:
 
 
 def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = "input", matrix_b: str = "input",
-                   sample: int | None = 4000, seed: int = 0) -> GlobalResult:
-    """Correlate two models' token-similarity structure over a matched token sample; store it."""
+                   sample: int | None = 4000, seed: int = 0, rule: str = "uniform",
+                   center: bool = False) -> GlobalResult:
+    """Correlate two models' token-similarity structure over a matched token sample; store it.
+
+    ``center`` subtracts each model's mean embedding over the matched tokens first: raw
+    embeddings share a large common direction that makes every cosine similarity alike.
+    """
     started = time.perf_counter()
     a, b = load_token_matrix(wh, model_a, matrix_a), load_token_matrix(wh, model_b, matrix_b)
     matching = match_tokens(a, b)
-    picked = sample_rows(len(matching), sample, seed)
+    picked = sample_rows(len(matching), sample, seed, rule)
+    xa, xb = a.vectors[matching.rows_a], b.vectors[matching.rows_b]
+    if center:
+        xa, xb = xa - xa.mean(axis=0), xb - xb.mean(axis=0)
+    pearson, spearman = global_correlation(xa[picked], xb[picked])
     rows_a, rows_b = matching.rows_a[picked], matching.rows_b[picked]
-    pearson, spearman = global_correlation(a.vectors[rows_a], b.vectors[rows_b])
-    stats = matching.stats | {"sampled": len(picked), "sample_rule": f"uniform without replacement, seed {seed}"}
+    stats = matching.stats | {"sampled": len(picked), "sample_rule": sample_description(rule, seed),
+                              "centered": center}
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
         run_id = conn.execute(sa.insert(GeometryGlobal).values(
@@ -194,7 +218,8 @@ def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str =
             n_tokens=len(picked), seed=seed, pearson=pearson, spearman=spearman,
             token_ids_a=a.token_ids[rows_a].tolist(), token_ids_b=b.token_ids[rows_b].tolist(), seconds=seconds,
         ).returning(GeometryGlobal.id)).scalar_one()
-    return GlobalResult(run_id, model_a, model_b, matrix_a, matrix_b, len(picked), seed, pearson, spearman, stats, seconds)
+    return GlobalResult(run_id, model_a, model_b, matrix_a, matrix_b, len(picked), seed, center, pearson, spearman,
+                        stats, seconds)
 
 
 # ----------------------------------------------------------------- local geometry
@@ -327,7 +352,7 @@ def compute_local(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = 
     id_pearson, id_spearman = _correlations(out["id_a"].astype(float), out["id_b"].astype(float))
     ids_a, ids_b = a.token_ids[matching.rows_a], b.token_ids[matching.rows_b]
     medians = {name: float(np.median(out[name])) for name in ("err_own", "err_refit", "err_transfer", "err_random")}
-    stats = matching.stats | {"sampled": len(queries), "sample_rule": f"uniform without replacement, seed {seed}",
+    stats = matching.stats | {"sampled": len(queries), "sample_rule": sample_description("uniform", seed),
                               "neighbours_from": "all matched tokens"}
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
@@ -359,7 +384,7 @@ def compute_local(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = 
 
 
 def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sample: int | None = 4000,
-                  seed: int = 0) -> tuple[np.ndarray, list[GlobalResult]]:
+                  seed: int = 0, rule: str = "uniform", center: bool = False) -> tuple[np.ndarray, list[GlobalResult]]:
     """The Pearson matrix over every pair of models (1 on the diagonal), each pair stored."""
     if len(set(models)) < 2:
         raise InputError("name at least two different models")
@@ -368,7 +393,8 @@ def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sa
     results = []
     for i in range(size):
         for j in range(i + 1, size):
-            r = compute_global(wh, models[i], models[j], matrix_a=matrix, matrix_b=matrix, sample=sample, seed=seed)
+            r = compute_global(wh, models[i], models[j], matrix_a=matrix, matrix_b=matrix, sample=sample, seed=seed,
+                               rule=rule, center=center)
             out[i, j] = out[j, i] = r.pearson
             results.append(r)
     return out, results

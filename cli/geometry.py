@@ -24,21 +24,28 @@ def geometry() -> None:
 @click.option("--models", required=True, help="Comma-separated stored model names (every pair is compared).")
 @matrix_option
 @click.option("--sample", type=int, default=4000, show_default=True, help="Matched tokens sampled (0: all).")
+@click.option("--sample-rule", type=click.Choice(["uniform", "frequent"]), default="uniform", show_default=True,
+              help="uniform: a seeded sample; frequent: the lowest token ids of the first model (BPE merge order).")
+@click.option("--center", is_flag=True, help="Subtract each model's mean embedding first (removes the common "
+                                             "direction that makes raw cosine similarities alike).")
 @seed_option
 @plot_option
 @json_option
 @click.pass_obj
-def global_(obj: Context, models: str, matrix: str, sample: int, seed: int, plot: Path | None, as_json: bool) -> None:
+def global_(obj: Context, models: str, matrix: str, sample: int, sample_rule: str, center: bool, seed: int,
+            plot: Path | None, as_json: bool) -> None:
     """Pearson correlation of token-token cosine similarities over matched tokens."""
     from analysis.geometry import global_matrix
     from cli.analyze import _names
 
     names = _names(models)
-    matrix_values, results = global_matrix(obj.warehouse(), names, matrix=matrix, sample=sample or None, seed=seed)
+    matrix_values, results = global_matrix(obj.warehouse(), names, matrix=matrix, sample=sample or None, seed=seed,
+                                           rule=sample_rule, center=center)
     if plot is not None:
         from analysis.plots import model_matrix, save
 
-        save(model_matrix(matrix_values, names, f"Global token geometry ({matrix} embeddings), "
+        save(model_matrix(matrix_values, names, f"Global token geometry ({matrix} embeddings"
+                                                f"{', centred' if center else ''}), {sample_rule} sample of "
                                                 f"{results[0].n_tokens} matched tokens"), plot)
     rows = [r.as_dict() for r in results]
     if as_json:
@@ -49,7 +56,7 @@ def global_(obj: Context, models: str, matrix: str, sample: int, seed: int, plot
              for r in rows]
     click.echo(table(shown, ["run", "model_a", "model_b", "shared", "tokens", "pearson", "spearman"]))
     first = rows[0]["matching"]
-    click.echo(f"matching: {first['rule']}; sample: {first['sample_rule']}")
+    click.echo(f"matching: {first['rule']}; sample: {first['sample_rule']}; centred: {center}")
     if plot is not None:
         click.echo(f"figure: {plot}")
 

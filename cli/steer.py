@@ -97,6 +97,19 @@ def list_(obj: Context, as_json: bool) -> None:
     emit(rows, as_json, table(rows, ["name", "model", "layer", "method", "token_rule", "norm", "activation_norm", "from"]))
 
 
+@steer.command("compare")
+@click.argument("first")
+@click.argument("second")
+@json_option
+@click.pass_obj
+def compare(obj: Context, first: str, second: str, as_json: bool) -> None:
+    """Cosine similarity of two stored vectors of one model (e.g. a transferred and a native one)."""
+    from analysis.emb2emb import compare_vectors
+
+    cosine = compare_vectors(obj.warehouse(), first, second)
+    emit({"first": first, "second": second, "cosine": cosine}, as_json, f"cosine({first}, {second}) = {cosine:+.4f}")
+
+
 @steer.command("generate")
 @click.argument("vector")
 @click.option("--prompt", required=True, help="Text to continue.")
@@ -132,7 +145,8 @@ def generate_(obj: Context, vector: str, prompt: str, coefficient: float, max_ne
 @click.option("--pairs", type=click.Choice(["tokens-input", "tokens-output", "prompts"]), default="tokens-input",
               show_default=True, help="Fit on shared-vocabulary token (un)embeddings, or on stored hidden states "
                                       "of the same prompts at the two layers.")
-@click.option("--dataset", help="For --pairs prompts: a dataset both models have ingested.")
+@click.option("--dataset", help="For --pairs prompts: a dataset both models have ingested (also picks the affinity "
+                                "matrix whose max-similarity path chooses the layer).")
 @click.option("--bias/--no-bias", default=True, show_default=True, help="Fit an affine map.")
 @click.option("--ridge", type=float, default=0.0, show_default=True, help="Ridge penalty on the map.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train / held-out split.")

@@ -1,0 +1,103 @@
+"""Figure 4: the share of ``layerbase ingest`` wall time spent outside the model's forward
+pass (tokenization, claiming chunks, COPY, commits), with a real packaged model on the
+BBC news leads; and the stored bytes per activation against its raw float32 size.
+
+    python -m bench.ingest_overhead                  # SmolLM2, 128 news leads, 3 runs
+    python -m bench.ingest_overhead --model all-MiniLM-L6-v2 --prompts 32 --repeats 1   # a quick run
+
+The forward pass is timed by wrapping the model's own ``forward`` inside the same run, so
+the reference and the total come from the same prompts on the same machine at the same
+time. Pooling runs in forward hooks and so counts as forward time; model loading is a
+one-time cost and is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+from bench.common import bench_warehouse, print_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", help="cuda or cpu (default: the best available)")
+    args = parser.parse_args(argv)
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from ingest.demo import LEAD_PARAGRAPHS, bbc_dir
+    from ingest.datasets import add_datasets
+    from ingest.extract import ExtractionSettings, Extractor
+    from ingest.runner import ensure_job, ensure_model, open_model, run_job
+    from ingest.sources import read_txt_dir
+    from warehouse.lookup import get_dataset
+
+    with bench_warehouse() as wh:
+        news = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(args.prompts, 0)
+        add_datasets(wh, [("news", news)])
+        started = time.perf_counter()
+        lm = open_model(args.model, device=args.device)
+        load_s = time.perf_counter() - started
+        forward_s = [0.0]
+        inner = lm.base.forward
+
+        @functools.wraps(inner)
+        def timed(*a, **kw):  # type: ignore[no-untyped-def]
+            if lm.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            if lm.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            forward_s[0] += time.perf_counter() - t0
+            return out
+
+        lm.base.forward = timed  # nn.Module.__call__ looks forward up on the instance
+        extractor = Extractor(lm, ExtractionSettings())
+        rows = []
+        for repeat in range(args.repeats):
+            name = f"{args.model}-run{repeat}"  # a fresh job each run, same weights and prompts
+            with Session(wh.engine) as session, session.begin():
+                model = ensure_model(session, lm, name, extractor)
+                job = ensure_job(session, model, get_dataset(session, "news"), include_layer0=False,
+                                 batch_size=args.batch_size)
+                session.expunge(job)
+            forward_s[0] = 0.0
+            t0 = time.perf_counter()
+            report = run_job(wh, job, extractor, model_name=name, dataset_name="news", progress=False)
+            total = time.perf_counter() - t0
+            assert report.state == "done" and report.prompts_written_now == args.prompts
+            rows.append({"run": repeat + 1, "prompts": args.prompts, "total_s": total, "forward_s": forward_s[0],
+                         "outside_forward": f"{100 * (1 - forward_s[0] / total):.1f}%",
+                         "prompts_per_s": args.prompts / total})
+            print_table(rows[-1:], list(rows[-1]))
+        with wh.engine.connect() as conn:
+            count = conn.execute(sa.text("SELECT count(*) FROM activation")).scalar()
+            heap = conn.execute(sa.text("SELECT pg_table_size('activation')")).scalar()
+            total_bytes = conn.execute(sa.text("SELECT pg_total_relation_size('activation')")).scalar()
+    shares = sorted(1 - r["forward_s"] / r["total_s"] for r in rows)
+    raw = 4 * lm.width
+    print(f"\ningest of {args.prompts} news leads with {args.model} on {lm.device}, batch {args.batch_size} "
+          f"(model load {load_s:.1f} s, not included):")
+    print_table(rows, list(rows[0]))
+    print(f"median share of wall time outside the forward pass: {100 * statistics.median(shares):.1f}% "
+          f"(target <= 10%)")
+    print(f"stored bytes per activation: {heap / count:.0f} in the table (with TOAST), {total_bytes / count:.0f} "
+          f"with its primary-key index; raw float32 is {raw} (d = {lm.width}): ratios {heap / count / raw:.3f} and "
+          f"{total_bytes / count / raw:.3f}")
+
+
+if __name__ == "__main__":
+    main()

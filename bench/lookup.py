@@ -1,0 +1,81 @@
+"""Figure 5: ad-hoc ``layerbase neighbors`` latency for a stored prompt, through the CLI's
+own code path (``analysis.neighbors.nearest``) with the HNSW index, at n = 100000
+synthetic vectors of width 576; recall@k against exact neighbours, and an in-memory
+numpy lookup of the same queries as the reference.
+
+    python -m bench.lookup                            # n = 100000, d = 576, 200 queries
+    python -m bench.lookup --n 5000 --d 64 --queries 20   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from bench.common import bench_warehouse, print_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: the CLI's)")
+    args = parser.parse_args(argv)
+
+    import sqlalchemy as sa
+
+    from analysis.hnsw import ensure_index, plan_index
+    from analysis.neighbors import nearest
+    from analysis.topk import exact_topk, normalize
+    from ingest.synthetic import clustered_vectors, store_synthetic
+    from warehouse.engine import pgvector_version
+
+    n, d, k = args.n, args.d, args.k
+    with bench_warehouse() as wh:
+        vectors = clustered_vectors(n, d, seed=5)
+        t0 = time.perf_counter()
+        store_synthetic(wh, "syn", "lookup", n=n, d=d, n_layers=1, layer_vectors={1: vectors})
+        store_s = time.perf_counter() - t0
+        with wh.engine.begin() as conn:
+            model_id, dataset_id = conn.execute(sa.text(
+                "SELECT m.id, d.id FROM model m, dataset d WHERE m.name = 'syn' AND d.name = 'lookup'")).one()
+            plan = plan_index(model_id, 1, dataset_id, d, pgvector_version(conn))
+            t0 = time.perf_counter()
+            ensure_index(conn, plan, model_id, 1, dataset_id)
+            build_s = time.perf_counter() - t0
+            conn.execute(sa.text("ANALYZE activation, prompt"))
+        queries = np.sort(np.random.default_rng(0).choice(n, size=args.queries, replace=False))
+        nearest(wh, "syn", 1, "lookup", position=int(queries[0]), k=k)  # warm the connection and the cache
+        latencies, found, paths = [], [], set()
+        for position in queries:
+            t0 = time.perf_counter()
+            answer = nearest(wh, "syn", 1, "lookup", position=int(position), k=k, ef_search=args.ef_search)
+            latencies.append(time.perf_counter() - t0)
+            found.append(answer.positions)
+            paths.add(answer.path)
+        exact, _ = exact_topk(vectors, k, queries=queries)
+        unit = normalize(vectors)
+        reference = []
+        for position in queries:  # one query at a time, as a user's lookup would run in RAM
+            t0 = time.perf_counter()
+            sims = unit @ unit[position]
+            sims[position] = -np.inf
+            np.argpartition(-sims, k)[:k]
+            reference.append(time.perf_counter() - t0)
+    recall = float(np.mean([len(np.intersect1d(f, e)) / k for f, e in zip(found, exact)]))
+    lat, ref = np.array(latencies) * 1000, np.array(reference) * 1000
+    row = {"n": n, "d": d, "k": k, "queries": len(queries), "p50_ms": float(np.percentile(lat, 50)),
+           "p99_ms": float(np.percentile(lat, 99)), f"recall@{k}": recall,
+           "numpy_p50_ms": float(np.percentile(ref, 50)), "p50/numpy": float(np.percentile(lat, 50) / np.percentile(ref, 50)),
+           "index_build_s": build_s, "load_s": store_s}
+    print(f"`layerbase neighbors` code path, answered by: {'; '.join(sorted(paths))}")
+    print_table([row], list(row))
+    print("target: p50 <= 5 ms at recall@10 >= 0.99")
+
+
+if __name__ == "__main__":
+    main()
