@@ -3,6 +3,7 @@ pass (tokenization, claiming chunks, COPY, commits), with a real packaged model 
 BBC news leads; and the stored bytes per activation against its raw float32 size.
 
     python -m bench.ingest_overhead                  # SmolLM2, 128 news leads, 3 runs
+    python -m bench.ingest_overhead --corpus random --prompts 512   # short prompts: overhead weighs more
     python -m bench.ingest_overhead --model all-MiniLM-L6-v2 --prompts 32 --repeats 1   # a quick run
 
 The forward pass is timed by wrapping the model's own ``forward`` inside the same run, so
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--corpus", choices=["news", "random"], default="news",
+                        help="news leads (about 170 tokens) or 32-character random strings")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", help="cuda or cpu (default: the best available)")
@@ -37,12 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     from ingest.datasets import add_datasets
     from ingest.extract import ExtractionSettings, Extractor
     from ingest.runner import ensure_job, ensure_model, open_model, run_job
-    from ingest.sources import read_txt_dir
+    from ingest.sources import generate_random, read_txt_dir
     from warehouse.lookup import get_dataset
 
     with bench_warehouse() as wh:
-        news = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(args.prompts, 0)
-        add_datasets(wh, [("news", news)])
+        if args.corpus == "news":
+            prompts = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(args.prompts, 0)
+        else:
+            prompts = generate_random(args.prompts, 32, seed=0)
+        add_datasets(wh, [("news", prompts)])
         started = time.perf_counter()
         lm = open_model(args.model, device=args.device)
         load_s = time.perf_counter() - started
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             total_bytes = conn.execute(sa.text("SELECT pg_total_relation_size('activation')")).scalar()
     shares = sorted(1 - r["forward_s"] / r["total_s"] for r in rows)
     raw = 4 * lm.width
-    print(f"\ningest of {args.prompts} news leads with {args.model} on {lm.device}, batch {args.batch_size} "
+    print(f"\ningest of {args.prompts} {'news leads' if args.corpus == 'news' else 'random strings'} with {args.model} on {lm.device}, batch {args.batch_size} "
           f"(model load {load_s:.1f} s, not included):")
     print_table(rows, list(rows[0]))
     print(f"median share of wall time outside the forward pass: {100 * statistics.median(shares):.1f}% "

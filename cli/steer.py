@@ -31,8 +31,9 @@ def _side(name: str):  # type: ignore[no-untyped-def]
 
 
 def _vector_text(info) -> str:  # type: ignore[no-untyped-def]
+    reference = f"median activation norm {info.activation_norm:.4g}" if info.activation_norm else "no activation norm"
     return (f"stored steering vector {info.name!r}: {info.model} layer {info.layer}, {info.method}, "
-            f"token rule {info.token_rule}, norm {info.norm:.4g} (median activation norm {info.activation_norm:.4g}); "
+            f"token rule {info.token_rule}, norm {info.norm:.4g} ({reference}); "
             f"{info.n_positive} positive / {info.n_negative} negative prompts, from {info.source}")
 
 

@@ -141,6 +141,15 @@ def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Pa
     assert all(p["matching"]["shared"] == p["n_tokens"] > 150 for p in out["pairs"])
     assert all(p["matching"]["dropped_a"]["special"] == 2 for p in out["pairs"])  # <|endoftext|> and <s>
     assert plot.stat().st_size > 5000
+    # Centring and the frequent-token sample are options, stored with the result.
+    result = cli("geometry", "global", "--models", "A,B", "--sample", "50", "--sample-rule", "frequent", "--center",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    pair = json.loads(result.output)["pairs"][0]
+    assert pair["centered"] and pair["matching"]["centered"] and "lowest token ids" in pair["matching"]["sample_rule"]
+    with psycopg.connect(world["db"]) as conn:
+        ids = conn.execute("SELECT token_ids_a, token_ids_b FROM geometry_global WHERE id = %s", (pair["id"],)).fetchone()
+    assert ids[0] == ids[1] == sorted(ids[0]) and len(ids[0]) == 50
     result = cli("geometry", "local", "--models", "A,A2", "--sample", "100", "-k", "5", "--id-k", "20",
                  "--plot", str(tmp_path / "local.png"))
     assert result.exit_code == 0, result.output
