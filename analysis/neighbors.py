@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.hnsw import index_exists, index_name, plan_index
+from analysis.hnsw import index_exists, plan_index
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError

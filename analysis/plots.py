@@ -213,7 +213,8 @@ def local_geometry(id_a: np.ndarray, id_b: np.ndarray, errors: dict[str, np.ndar
     right.set_xlabel(f"relative error reconstructing {name_b}'s token")
     right.set_ylabel("tokens")
     right.set_title("LLE reconstruction in B", fontsize=9)
-    right.legend(fontsize=7)
+    right.set_ylim(top=right.get_ylim()[1] * 1.4)  # room for the legend above the bars
+    right.legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -4,7 +4,6 @@ on tiny models (one of them a planted linear image of the other)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +259,19 @@ def test_transfer_recovers_the_planted_map(world: dict) -> None:
     assert again["map"]["reused"] and again["map"]["id"] == out["map"]["id"]
     wrong = cli("steer", "generate", "planted", "--model", "B", "--prompt", "x")
     assert wrong.exit_code == 2 and "32 wide" in wrong.output and "steer transfer planted --to B" in wrong.output
+    # With an affinity matrix of the pair stored (here B x A, so it is read transposed),
+    # the target layer follows its max-similarity path.
+    assert cli("affinity", "--models", "B,A", "--dataset", "pos", "-k", "3", "--no-progress").exit_code == 0
+    path = json.loads(cli("steer", "transfer", "planted", "--to", "B", "--calibrate", "none", "--name", "p3",
+                          "--dataset", "pos", "--json").output)
+    with psycopg.connect(world["db"]) as conn:
+        cells = conn.execute("SELECT layer_a, layer_b, score FROM bi_affinity_cell WHERE model_a = 'B' "
+                             "AND model_b = 'A'").fetchall()
+    matrix = np.zeros((6, 4))
+    for layer_b, layer_a, score in cells:
+        matrix[layer_b - 1, layer_a - 1] = score
+    assert "max-similarity path" in path["calibration"]["layer_rule"]
+    assert path["vector"]["layer"] == int(np.argmax(matrix[:, 1])) + 1  # A's layer 2 -> B's most similar layer
 
 
 def test_transfer_on_prompt_pairs_with_relative_calibration(world: dict) -> None:
