@@ -31,6 +31,11 @@ class LayerbaseGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader of our output went away (`layerbase … | head`): not an error of ours.
+            # Point stdout at /dev/null so that the interpreter's final flush stays quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except KeyboardInterrupt:
             click.echo("Interrupted; stored work is kept, re-run the command to resume.", err=True)
             ctx.exit(130)
