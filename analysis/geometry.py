@@ -384,18 +384,22 @@ def compute_local(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = 
 
 
 def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sample: int | None = 4000,
-                  seed: int = 0, rule: str = "uniform", center: bool = False) -> tuple[np.ndarray, list[GlobalResult]]:
+                  seed: int = 0, rule: str = "uniform", center: bool = False,
+                  progress: bool = True) -> tuple[np.ndarray, list[GlobalResult]]:
     """The Pearson matrix over every pair of models (1 on the diagonal), each pair stored."""
+    from tqdm import tqdm
+
     if len(set(models)) < 2:
         raise InputError("name at least two different models")
     size = len(models)
     out = np.eye(size)
     results = []
-    for i in range(size):
-        for j in range(i + 1, size):
-            r = compute_global(wh, models[i], models[j], matrix_a=matrix, matrix_b=matrix, sample=sample, seed=seed,
-                               rule=rule, center=center)
-            out[i, j] = out[j, i] = r.pearson
-            results.append(r)
+    pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+    for i, j in tqdm(pairs, desc="global geometry", unit="pair", disable=not progress or len(pairs) < 2,
+                     dynamic_ncols=True):
+        r = compute_global(wh, models[i], models[j], matrix_a=matrix, matrix_b=matrix, sample=sample, seed=seed,
+                           rule=rule, center=center)
+        out[i, j] = out[j, i] = r.pearson
+        results.append(r)
     return out, results
 

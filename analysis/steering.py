@@ -379,7 +379,7 @@ def parse_coefficients(text: str) -> list[float]:
 
 def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive_words: list[str] | None = None,
              negative_words: list[str] | None = None, coefficients: list[float] | None = None, n_random: int = 3,
-             seed: int = 0, batch_size: int = 16, device: str | None = None) -> EvalResult:
+             seed: int = 0, batch_size: int = 16, device: str | None = None, progress: bool = True) -> EvalResult:
     """Mean log-odds shift of positive vs negative target tokens over a prompt set, per
     coefficient, for the vector and for ``n_random`` random vectors of the same norm."""
     started = time.perf_counter()
@@ -409,16 +409,25 @@ def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive
         with added_to_residual(lm, layer, delta):
             return _logodds(next_token_logprobs(lm, prompts.texts, batch_size), pos_ids, neg_ids)
 
+    from tqdm import tqdm
+
+    runs = [(c, control, replicate, direction) for c in coefficients
+            for control, replicate, direction in [("vector", 0, vector)] + [("random", i, r) for i, r in enumerate(randoms)]]
+    bar = tqdm(total=len(runs) + 1, desc=f"evaluate {vector_name}", unit="pass", disable=not progress,
+               dynamic_ncols=True)
     base, base_pos, base_neg = logodds(None)
+    bar.update()
     points = []
-    for coefficient in coefficients:
-        for control, replicate, direction in [("vector", 0, vector)] + [("random", i, r) for i, r in enumerate(randoms)]:
-            lo, lp, ln = logodds(coefficient * direction)
-            shift = lo - base
-            points.append({"control": control, "replicate": replicate, "coefficient": coefficient,
-                           "shift_logodds": float(shift.mean()), "sd_logodds": float(shift.std(ddof=1)) if len(shift) > 1 else 0.0,
-                           "shift_positive": float((lp - base_pos).mean()), "shift_negative": float((ln - base_neg).mean()),
-                           "n_prompts": len(shift)})
+    for coefficient, control, replicate, direction in runs:
+        lo, lp, ln = logodds(coefficient * direction)
+        bar.update()
+        shift = lo - base
+        points.append({"control": control, "replicate": replicate, "coefficient": coefficient,
+                       "shift_logodds": float(shift.mean()),
+                       "sd_logodds": float(shift.std(ddof=1)) if len(shift) > 1 else 0.0,
+                       "shift_positive": float((lp - base_pos).mean()),
+                       "shift_negative": float((ln - base_neg).mean()), "n_prompts": len(shift)})
+    bar.close()
     targets = {"positive_words": positive_words, "negative_words": negative_words,
                "positive_ids": pos_ids, "negative_ids": neg_ids, "rule": "first token of each word"}
     seconds = time.perf_counter() - started

@@ -30,17 +30,18 @@ def geometry() -> None:
                                              "direction that makes raw cosine similarities alike).")
 @seed_option
 @plot_option
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar over the model pairs.")
 @json_option
 @click.pass_obj
 def global_(obj: Context, models: str, matrix: str, sample: int, sample_rule: str, center: bool, seed: int,
-            plot: Path | None, as_json: bool) -> None:
+            plot: Path | None, progress: bool, as_json: bool) -> None:
     """Pearson correlation of token-token cosine similarities over matched tokens."""
     from analysis.geometry import global_matrix
     from cli.analyze import _names
 
     names = _names(models)
     matrix_values, results = global_matrix(obj.warehouse(), names, matrix=matrix, sample=sample or None, seed=seed,
-                                           rule=sample_rule, center=center)
+                                           rule=sample_rule, center=center, progress=progress)
     if plot is not None:
         from analysis.plots import model_matrix, save
 

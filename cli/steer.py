@@ -192,11 +192,12 @@ def transfer_(obj: Context, vector: str, target: str, layer: int | None, pairs: 
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @plot_option
 @device_option
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar over the forward passes.")
 @json_option
 @click.pass_obj
 def evaluate_(obj: Context, vector: str, prompts_dataset: str | None, prompts_file: Path | None,
               positive_words: str | None, negative_words: str | None, coefficients: str, n_random: int, seed: int,
-              batch_size: int, plot: Path | None, device: str | None, as_json: bool) -> None:
+              batch_size: int, plot: Path | None, device: str | None, progress: bool, as_json: bool) -> None:
     """Shift of target-token log-odds over a prompt set, per coefficient, vs random vectors."""
     from analysis.steering import evaluate, parse_coefficients, prompt_source
 
@@ -205,7 +206,7 @@ def evaluate_(obj: Context, vector: str, prompts_dataset: str | None, prompts_fi
     prompts = prompt_source(wh, dataset=prompts_dataset, file=prompts_file, preset=preset, what="evaluation prompts")
     result = evaluate(wh, vector, prompts, positive_words=_words(positive_words), negative_words=_words(negative_words),
                       coefficients=parse_coefficients(coefficients), n_random=n_random, seed=seed,
-                      batch_size=batch_size, device=device)
+                      batch_size=batch_size, device=device, progress=progress)
     summary = result.summary()
     if plot is not None:
         from analysis.plots import save, steering_sweep

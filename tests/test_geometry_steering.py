@@ -133,7 +133,8 @@ def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Pa
     result = cli("embeddings", "export", "--model", world["a"], "--name", "A2", "--no-progress")
     assert result.exit_code == 0
     plot = tmp_path / "global.png"
-    result = cli("geometry", "global", "--models", "A,A2,B", "--sample", "0", "--plot", str(plot), "--json")
+    result = cli("geometry", "global", "--models", "A,A2,B", "--sample", "0", "--plot", str(plot), "--json",
+                 "--no-progress")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["matrix"][0][1] == pytest.approx(1, abs=1e-6)
@@ -229,7 +230,8 @@ def test_generate_and_evaluate(world: dict, tmp_path: Path) -> None:
     prompts = write_lines(tmp_path / "eval.txt", random_texts(6, seed=9))
     plot = tmp_path / "sweep.png"
     result = cli("steer", "evaluate", "v", "--prompts-file", str(prompts), "--positive-words", " the, cat",
-                 "--negative-words", " dog", "--coefficients", "0,1,4", "--random", "2", "--plot", str(plot), "--json")
+                 "--negative-words", " dog", "--coefficients", "0,1,4", "--random", "2", "--plot", str(plot), "--json",
+                 "--no-progress")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     at_zero = [p for p in out["points"] if p["coefficient"] == 0]
