@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 
 from analysis.hnsw import ensure_index, plan_index
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
-from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk
+from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
 from analysis.vectors import layer_vectors
-from warehouse.copy import copy_columns
+from warehouse.copy import copy_column_blocks
 from warehouse.engine import Warehouse, pgvector_version, raw_connection
 from warehouse.errors import InputError
 from warehouse.models import KnnRun
@@ -176,8 +176,12 @@ def _materialize_layer(wh: Warehouse, model_name: str, dataset_name: str, model_
         if engine == "blas":
             positions, vectors = layer_vectors(conn, model_id, layer, dataset_id)
             _check_complete(positions, n, model_name, dataset_name, layer)
-            idx, dist = exact_topk(vectors, k_max, device=device)
-            _copy_neighbors(conn, run_id, positions, positions[idx], dist)
+            # Blocks of query rows go to the server as they are computed, so that storing
+            # one overlaps computing the next (the write was a third of the time at n = 2048).
+            blocks = topk_blocks(vectors, k_max, device=device)
+            copy_column_blocks(raw_connection(conn).cursor(), "knn_neighbor", NEIGHBOR_COLUMNS,
+                               (_neighbor_columns(run_id, positions[start:start + len(idx)], positions[idx], dist)
+                                for start, idx, dist in blocks))
         else:
             exact = engine == "sql" or not plan.indexable
             if not exact:
@@ -201,20 +205,17 @@ def _check_complete(positions: np.ndarray, n: int, model: str, dataset: str, lay
         )
 
 
-def _copy_neighbors(conn: sa.Connection, run_id: int, positions: np.ndarray, neighbor_positions: np.ndarray,
-                    distances: np.ndarray) -> None:
-    n = len(positions)
-    copy_columns(
-        raw_connection(conn).cursor(),
-        "knn_neighbor",
-        ("run_id", "position", "neighbors", "distances"),
-        [
-            ("int4", np.full(n, run_id, dtype=np.int32)),
-            ("int4", positions.astype(np.int32)),
-            ("int4[]", neighbor_positions.astype(np.int32)),
-            ("float4[]", distances.astype(np.float32)),
-        ],
-    )
+NEIGHBOR_COLUMNS = ("run_id", "position", "neighbors", "distances")
+
+
+def _neighbor_columns(run_id: int, positions: np.ndarray, neighbor_positions: np.ndarray,
+                      distances: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    return [
+        ("int4", np.full(len(positions), run_id, dtype=np.int32)),
+        ("int4", positions.astype(np.int32)),
+        ("int4[]", neighbor_positions.astype(np.int32)),
+        ("float4[]", distances.astype(np.float32)),
+    ]
 
 
 def _neighbors_in_sql(conn: sa.Connection, run_id: int, model_id: int, layer: int, dataset_id: int, n: int,

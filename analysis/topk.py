@@ -7,11 +7,14 @@ by dataset position.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from warehouse.errors import InputError
 
 BLOCK_BYTES = 64 << 20  # similarities held at once
+BLOCK_ROWS = 256  # query rows per block at most
 # Distances are rounded to this many decimals before ranking, in every engine: BLAS
 # kernels give duplicate vectors distances that differ in the last bits depending on the
 # block shape, and rounding makes them tie, so that ties break by position everywhere.
@@ -54,15 +57,31 @@ def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: 
     Queries are all rows, or the row indices given. Self is excluded; distances are
     rounded to 1e-6 and ties broken by the smaller index.
     """
+    n_queries = len(x) if queries is None else len(queries)
+    out_idx = np.empty((n_queries, k), dtype=np.int64)
+    out_dist = np.empty((n_queries, k), dtype=np.float32)
+    for start, idx, dist in topk_blocks(x, k, device=device, block_rows=block_rows, queries=queries):
+        out_idx[start:start + len(idx)] = idx
+        out_dist[start:start + len(idx)] = dist
+    return out_idx, out_dist
+
+
+def topk_blocks(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None,
+                queries: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``exact_topk`` one block of query rows at a time: (first query row, indices, distances).
+
+    Blocks hold at most BLOCK_ROWS rows, so that a consumer can store one block while the
+    next is computed. The block shape is fixed by n alone: BLAS may round a row's
+    similarities differently in another block shape, and the sets must not depend on who
+    asked for them.
+    """
     n = len(x)
     if not 0 < k < n:
         raise InputError(f"k must be between 1 and n - 1 = {n - 1} (got k = {k}); lower k or add prompts")
     query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     xn = normalize(np.asarray(x, dtype=np.float32))
-    block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n)))
+    block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n), BLOCK_ROWS))
     cand = min(n - 1, k + EXTRA_CANDIDATES)
-    out_idx = np.empty((len(query_rows), k), dtype=np.int64)
-    out_dist = np.empty((len(query_rows), k), dtype=np.float32)
     for start in range(0, len(query_rows), block):
         stop = min(len(query_rows), start + block)
         rows_here = query_rows[start:stop]
@@ -78,6 +97,4 @@ def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: 
             for r in np.nonzero(dd[:, k - 1] >= dd[:, cand - 1])[0]:
                 full = np.lexsort((np.arange(n), dist[r]))[:k]
                 idx[r, :k], dd[r, :k] = full, dist[r, full]
-        out_idx[start:stop] = idx[:, :k]
-        out_dist[start:stop] = dd[:, :k]
-    return out_idx, out_dist
+        yield start, idx[:, :k], dd[:, :k]

@@ -12,7 +12,7 @@ pgvector's binary ``vector``: int16 dim, int16 unused, dim × float4 (all big-en
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import psycopg
@@ -77,17 +77,28 @@ def copy_columns(cur: psycopg.Cursor, table: str, names: Sequence[str], columns:
 
     ``table`` and ``names`` are identifiers chosen by the code, never user input.
     """
-    if len(columns[0][1]) == 0:
-        return 0
-    payload = binary_copy_payload(columns)
+    return copy_column_blocks(cur, table, names, [columns])
+
+
+def copy_column_blocks(cur: psycopg.Cursor, table: str, names: Sequence[str],
+                       blocks: Iterable[Sequence[tuple[str, np.ndarray]]]) -> int:
+    """One COPY of rows that arrive in blocks (each as for ``copy_columns``): a block is
+    sent as soon as it is produced, so the server stores it while the next is computed."""
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN WITH (FORMAT BINARY)"
+    count = 0
     with cur.copy(statement) as copy:
-        # Chunked so that psycopg streams rather than holding a second copy in its buffer.
-        view = memoryview(payload)
-        step = 1 << 22
-        for start in range(0, len(view), step):
-            copy.write(view[start : start + step])
-    return len(columns[0][1])
+        copy.write(SIGNATURE)
+        for columns in blocks:
+            if len(columns[0][1]) == 0:
+                continue
+            # Chunked so that psycopg streams rather than holding a second copy in its buffer.
+            view = memoryview(binary_copy_payload(columns))[len(SIGNATURE):-len(TRAILER)]
+            step = 1 << 22
+            for start in range(0, len(view), step):
+                copy.write(view[start : start + step])
+            count += len(columns[0][1])
+        copy.write(TRAILER)
+    return count
 
 
 def copy_rows(cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequence[str], rows) -> int:  # type: ignore[no-untyped-def]
