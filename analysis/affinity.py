@@ -143,8 +143,15 @@ def compute_affinity(
         runs_b = _knn_runs(conn, ids[1], ids[3], layers_b, k, engine)
         engines = set(conn.execute(sa.select(KnnRun.engine).where(
             KnnRun.id.in_(list(runs_a.values()) + list(runs_b.values())))).scalars())
+        # The planner cannot estimate the join of unnested arrays (it guesses thousands of
+        # rows where there are millions) and then picks sort-based plans; hashing is about
+        # 2x faster at 30 x 18 layers (measured), so sorts and merge joins are ruled out here.
+        conn.execute(sa.text("SET LOCAL enable_sort = off"))
+        conn.execute(sa.text("SET LOCAL enable_mergejoin = off"))
         counts = conn.execute(sa.text(OVERLAP_SQL), {
             "runs_a": list(runs_a.values()), "runs_b": list(runs_b.values()), "k": k}).all()
+        conn.execute(sa.text("RESET enable_sort"))
+        conn.execute(sa.text("RESET enable_mergejoin"))
         scores = np.zeros((len(layers_a), len(layers_b)))
         row = {layer: i for i, layer in enumerate(layers_a)}
         col = {layer: j for j, layer in enumerate(layers_b)}
