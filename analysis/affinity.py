@@ -16,15 +16,13 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from analysis.knn import lock_key, materialize
+from analysis.knn import EXACT_ENGINES, lock_key, materialize
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from analysis.stats import DiagonalTest, diagonal_test, log10_p_null, null_model, relative_depths
 from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
 from warehouse.models import AffinityRun, DiagonalTest as DiagonalTestRow, KnnRun
-
-EXACT_ENGINES = ("blas", "sql")
 
 OVERLAP_SQL = """
 WITH a AS (

@@ -200,8 +200,14 @@ def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str =
     ``center`` subtracts each model's mean embedding over the matched tokens first: raw
     embeddings share a large common direction that makes every cosine similarity alike.
     """
-    started = time.perf_counter()
     a, b = load_token_matrix(wh, model_a, matrix_a), load_token_matrix(wh, model_b, matrix_b)
+    return _global_pair(wh, a, b, sample=sample, seed=seed, rule=rule, center=center)
+
+
+def _global_pair(wh: Warehouse, a: TokenMatrix, b: TokenMatrix, *, sample: int | None, seed: int, rule: str,
+                 center: bool) -> GlobalResult:
+    """``compute_global`` on matrices already read (``seconds``: matching to storing)."""
+    started = time.perf_counter()
     matching = match_tokens(a, b)
     picked = sample_rows(len(matching), sample, seed, rule)
     xa, xb = a.vectors[matching.rows_a], b.vectors[matching.rows_b]
@@ -214,11 +220,11 @@ def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str =
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
         run_id = conn.execute(sa.insert(GeometryGlobal).values(
-            model_a_id=a.model_id, model_b_id=b.model_id, matrix_a=matrix_a, matrix_b=matrix_b, matching=stats,
+            model_a_id=a.model_id, model_b_id=b.model_id, matrix_a=a.matrix, matrix_b=b.matrix, matching=stats,
             n_tokens=len(picked), seed=seed, pearson=pearson, spearman=spearman,
             token_ids_a=a.token_ids[rows_a].tolist(), token_ids_b=b.token_ids[rows_b].tolist(), seconds=seconds,
         ).returning(GeometryGlobal.id)).scalar_one()
-    return GlobalResult(run_id, model_a, model_b, matrix_a, matrix_b, len(picked), seed, center, pearson, spearman,
+    return GlobalResult(run_id, a.model, b.model, a.matrix, b.matrix, len(picked), seed, center, pearson, spearman,
                         stats, seconds)
 
 
@@ -395,10 +401,12 @@ def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sa
     out = np.eye(size)
     results = []
     pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+    # Each model's matrix is read once, not once per pair (Gemma's 262k rows take seconds to
+    # read); all of them are held at once, a few hundred MB to a few GB for a handful of models.
+    matrices = [load_token_matrix(wh, name, matrix) for name in models]
     for i, j in tqdm(pairs, desc="global geometry", unit="pair", disable=not progress or len(pairs) < 2,
                      dynamic_ncols=True):
-        r = compute_global(wh, models[i], models[j], matrix_a=matrix, matrix_b=matrix, sample=sample, seed=seed,
-                           rule=rule, center=center)
+        r = _global_pair(wh, matrices[i], matrices[j], sample=sample, seed=seed, rule=rule, center=center)
         out[i, j] = out[j, i] = r.pearson
         results.append(r)
     return out, results

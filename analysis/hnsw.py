@@ -40,6 +40,15 @@ class IndexPlan:
         return self.expression is not None
 
 
+EF_SEARCH_LIMIT = 1000
+
+
+def ef_search_for(k: int, asked: int | None, floor: int) -> int:
+    """The HNSW ef_search for k results: as asked, but never below 2(k + 1) nor the floor.
+    Callers cap it at, or refuse it above, pgvector's limit ``EF_SEARCH_LIMIT``."""
+    return int(max(asked or 0, 2 * (k + 1), floor))
+
+
 def index_name(model_id: int, layer: int, dataset_id: int) -> str:
     return f"{RUNTIME_INDEX_PREFIX}m{model_id}_l{layer}_d{dataset_id}"
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.hnsw import ensure_index, plan_index
+from analysis.hnsw import EF_SEARCH_LIMIT, ef_search_for, ensure_index, plan_index
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
 from analysis.vectors import layer_vectors
@@ -30,6 +30,7 @@ from warehouse.errors import InputError
 from warehouse.models import KnnRun
 
 ENGINES = ("blas", "sql", "hnsw")
+EXACT_ENGINES = ("blas", "sql")
 K_MAX_DEFAULT = 100
 RECALL_K = 10
 QUERY_BLOCK = 64  # prompts per in-database statement (progress granularity)
@@ -120,9 +121,10 @@ def materialize(
         raise InputError(
             f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max"
         )
-    ef = max(ef_search or 0, 2 * (k_max + 1), 100)
-    if engine == "hnsw" and ef > 1000:
-        raise InputError(f"HNSW ef_search is at most 1000 in pgvector; k_max {k_max} needs {ef}: lower --k-max")
+    ef = ef_search_for(k_max, ef_search, 100)
+    if engine == "hnsw" and ef > EF_SEARCH_LIMIT:
+        raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs {ef}: "
+                         "lower --k-max")
     if engine == "blas" and device is None:
         device = default_device()
     if engine != "blas":

@@ -1,8 +1,10 @@
 """Ad-hoc neighbour lookups: the k nearest prompts of a stored prompt or of a new text at
 (model, layer, dataset), and the overlap of two such sets (the paper's Venn figures).
 
-A lookup uses the partial HNSW index of that (model, layer, dataset) when one exists,
-and an exact scan otherwise; the answer says which path it took.
+A stored prompt is answered from a stored exact k-NN set of that (model, layer, dataset)
+when one holds at least k neighbours: a primary-key read, exact and sub-millisecond. Other
+lookups (a new text, or no such set) use the partial HNSW index when one exists, and an
+exact scan otherwise. The answer says which path it took.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.hnsw import index_exists, plan_index
+from analysis.hnsw import EF_SEARCH_LIMIT, ef_search_for, index_exists, plan_index
+from analysis.knn import EXACT_ENGINES
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
@@ -31,6 +34,23 @@ JOIN prompt p ON p.id = c.prompt_id
 WHERE {exclude}
 ORDER BY distance, p.position
 LIMIT {k}
+"""
+# The stored exact set with the most neighbours (k_max >= k) of the layer, read by the
+# query prompt's primary key and unnested in rank order: no distance is computed.
+STORED_SET_SQL = """
+SELECT r.id, r.engine, s.neighbor_position, p.text, s.distance
+FROM (
+    SELECT id, engine FROM knn_run
+    WHERE model_id = {model} AND dataset_id = {dataset} AND layer = {layer} AND k_max >= {k}
+      AND engine IN ({exact_engines})
+    ORDER BY k_max DESC, id DESC
+    LIMIT 1
+) r
+JOIN knn_neighbor n ON n.run_id = r.id AND n.position = {position}
+CROSS JOIN LATERAL unnest(n.neighbors[1:{k}], n.distances[1:{k}]) WITH ORDINALITY
+    AS s(neighbor_position, distance, rank)
+JOIN prompt p ON p.dataset_id = {dataset} AND p.position = s.neighbor_position
+ORDER BY s.rank
 """
 # ef_search for lookups: on clustered data, 100 gave recall@10 0.96 and 200 gave 0.99+.
 LOOKUP_EF_SEARCH = 200
@@ -110,9 +130,12 @@ def nearest(
     """The k nearest prompts (self excluded for a stored prompt) of a prompt or a new text."""
     if (position is None) == (text is None):
         raise InputError("give exactly one of --prompt POSITION or --text TEXT")
-    # One connection and one transaction: a lookup takes milliseconds, so round trips show.
+    # A stored prompt is answered in one connection and one transaction: a lookup takes
+    # milliseconds, so round trips show. A new text is embedded between two transactions,
+    # so that no transaction stays open while a model loads.
     with wh.engine.begin() as conn:
-        model_id, width, dataset_id, n_prompts, version = _checked_ids(conn, model_name, dataset_name, layer, k)
+        ids = _checked_ids(conn, model_name, dataset_name, layer, k)
+        model_id, _, dataset_id, n_prompts, _ = ids
         if position is not None:
             if not 0 <= position < n_prompts:
                 raise InputError(f"--prompt {position} is outside {dataset_name!r} (positions 0..{n_prompts - 1})")
@@ -120,32 +143,57 @@ def nearest(
                                                  dataset=sql.Literal(dataset_id), position=sql.Literal(position))
             prompt_text = conn.execute(sa.text("SELECT text FROM prompt WHERE dataset_id = :d AND position = :p"),
                                        {"d": dataset_id, "p": position}).scalar()
-            query_label = f"prompt {position}: {prompt_text}"
-        else:
-            with Session(bind=conn) as session:
-                model = get_model(session, model_name)
-                query = sql.SQL("{}::vector").format(sql.Literal(_embed_text(model, layer, text)))  # type: ignore[arg-type]
-            query_label = f"text: {text}"
-        plan = plan_index(model_id, layer, dataset_id, width, version)
-        cur = raw_connection(conn).cursor()
-        use_index = plan.indexable and not exact and index_exists(conn, plan.name)
-        if use_index:
-            ef = min(max(ef_search or 0, 2 * (k + 1), LOOKUP_EF_SEARCH), 1000)
-            cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef))))
-            cast = plan.expression.split("::", 1)[1]  # type: ignore[union-attr]
-            order = sql.SQL("a.{} <=> {}::{}").format(sql.SQL(plan.expression), query, sql.SQL(cast))  # type: ignore[arg-type]
-            path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef})"
-        else:
-            order = sql.SQL("a.vec <=> {}, a.prompt_id").format(query)
-            path = "exact scan" + ("" if plan.indexable else f" ({plan.strategy})") + (
-                "" if exact or not plan.indexable else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
-        exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
-        statement = sql.SQL(LOOKUP_SQL).format(query=query, model=sql.Literal(model_id), layer=sql.Literal(layer),
-                                               dataset=sql.Literal(dataset_id), order=order,
-                                               limit=sql.Literal(k + 1), exclude=exclude, k=sql.Literal(k))
-        cur.execute(statement)
-        rows = [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
-    return Neighbors(model_name, layer, dataset_name, query_label, path, rows)
+            stored = _stored_set(conn, model_id, layer, dataset_id, position, k)
+            path, rows = stored or _lookup(conn, ids, layer, query, position, k, ef_search, exact)
+            return Neighbors(model_name, layer, dataset_name, f"prompt {position}: {prompt_text}", path, rows)
+        with Session(bind=conn) as session:
+            model = get_model(session, model_name)
+            session.expunge(model)
+    query = sql.SQL("{}::vector").format(sql.Literal(_embed_text(model, layer, text)))  # type: ignore[arg-type]
+    with wh.engine.begin() as conn:
+        path, rows = _lookup(conn, ids, layer, query, None, k, ef_search, exact)
+    return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows)
+
+
+def _stored_set(conn: sa.Connection, model_id: int, layer: int, dataset_id: int, position: int,
+                k: int) -> tuple[str, list[dict]] | None:
+    """(path, rows) from a stored exact k-NN set of the layer with at least k neighbours, or None."""
+    statement = sql.SQL(STORED_SET_SQL).format(
+        model=sql.Literal(model_id), layer=sql.Literal(layer), dataset=sql.Literal(dataset_id),
+        position=sql.Literal(position), k=sql.Literal(k),
+        exact_engines=sql.SQL(", ").join(sql.Literal(e) for e in EXACT_ENGINES))
+    cur = raw_connection(conn).cursor()
+    cur.execute(statement)
+    found = cur.fetchall()
+    if len(found) < k:
+        return None
+    run_id, engine = found[0][0], found[0][1]
+    return (f"stored k-NN set (run {run_id}, {engine} engine, exact)",
+            [{"position": r[2], "text": r[3], "distance": float(r[4])} for r in found])
+
+
+def _lookup(conn: sa.Connection, ids: tuple[int, int, int, int, str | None], layer: int, query: sql.Composable,
+            position: int | None, k: int, ef_search: int | None, exact: bool) -> tuple[str, list[dict]]:
+    """(the path that answered, neighbour rows) for a query vector expression."""
+    model_id, width, dataset_id, _, version = ids
+    plan = plan_index(model_id, layer, dataset_id, width, version)
+    cur = raw_connection(conn).cursor()
+    if plan.indexable and not exact and index_exists(conn, plan.name):
+        ef = min(ef_search_for(k, ef_search, LOOKUP_EF_SEARCH), EF_SEARCH_LIMIT)
+        cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
+        cast = plan.expression.split("::", 1)[1]  # type: ignore[union-attr]
+        order = sql.SQL("a.{} <=> {}::{}").format(sql.SQL(plan.expression), query, sql.SQL(cast))  # type: ignore[arg-type]
+        path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef})"
+    else:
+        order = sql.SQL("a.vec <=> {}, a.prompt_id").format(query)
+        path = "exact scan" + ("" if plan.indexable else f" ({plan.strategy})") + (
+            "" if exact or not plan.indexable else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
+    exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
+    statement = sql.SQL(LOOKUP_SQL).format(query=query, model=sql.Literal(model_id), layer=sql.Literal(layer),
+                                           dataset=sql.Literal(dataset_id), order=order,
+                                           limit=sql.Literal(k + 1), exclude=exclude, k=sql.Literal(k))
+    cur.execute(statement)
+    return path, [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
 
 
 def _embed_text(model, layer: int, text: str) -> str:  # type: ignore[no-untyped-def]

@@ -209,7 +209,7 @@ def import_vector(wh: Warehouse, model_name: str, layer: int, path: Path, *, nam
         check_width(vector, model, name, fix=f"import it for the model it was made in, then `layerbase steer transfer` "
                                             f"it to {model_name}")
         row = SteeringVector(name=name, model_id=model.id, layer=layer, hook_site=model.hook_site, token_rule=token_rule,
-                             method="mean-difference", positive={"source": f"imported from {Path(path).name}"},
+                             method="imported", positive={"source": f"imported from {Path(path).name}"},
                              negative=None, norm=float(np.linalg.norm(vector)), activation_norm=0.0, vec=vector)
         session.add(row)
         session.commit()

@@ -99,7 +99,8 @@ def describe_affinity(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-d
 @click.option("--vs-model", help="Compare with this model's neighbours of the same prompt (overlap).")
 @click.option("--vs-layer", type=int, help="Layer of --vs-model.")
 @click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")
-@click.option("--exact", is_flag=True, help="Skip the HNSW index and scan exactly.")
+@click.option("--exact", is_flag=True,
+              help="Never use the approximate HNSW index: a stored exact k-NN set or an exact scan answers.")
 @json_option
 @click.pass_obj
 def neighbors(obj: Context, model: str, layer: int, dataset: str, position: int | None, text: str | None, k: int,

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+import sqlalchemy as sa
 
 from analysis.emb2emb import fit_linear_map, r_squared
 from analysis.geometry import global_correlation, intrinsic_dimension, lle_weights, reconstruction_error
 from tests.conftest import random_texts, write_lines
 from tests.helpers import cli
+from warehouse.config import parse_url
+from warehouse.schema import downgrade, upgrade
 
 RNG = np.random.default_rng(7)
 
@@ -252,6 +255,16 @@ def test_transfer_recovers_the_planted_map(world: dict) -> None:
     out = json.loads(result.output)
     assert out["map"]["r2_test"] > 0.99999 and out["map"]["cosine_test"] > 0.99999
     assert out["vector"]["layer"] == 3 and "relative depth" in out["calibration"]["layer_rule"]  # 2/4 of 6
+    assert _vector(world["db"], "planted")[1]["method"] == "imported"
+    # Vectors imported before migration 0004 were labelled 'mean-difference': 0004 relabels them.
+    engine = sa.create_engine(parse_url(world["db"]))
+    with engine.begin() as conn:
+        downgrade(conn, "0003")
+    assert _vector(world["db"], "planted")[1]["method"] == "mean-difference"
+    with engine.begin() as conn:
+        upgrade(conn)
+    engine.dispose()
+    assert _vector(world["db"], "planted")[1]["method"] == "imported"
     mapped, info = _vector(world["db"], "planted->B")
     np.testing.assert_allclose(mapped, vector @ world["planted"], rtol=1e-3, atol=1e-3)
     assert info["method"] == "emb2emb" and info["map_id"] == out["map"]["id"]

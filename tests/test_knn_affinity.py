@@ -189,6 +189,18 @@ def test_neighbors_cli_uses_index_and_embeds_new_text(db_url: str, tiny_models: 
     assert indexed["path"].startswith("HNSW index hnsw_activation_")
     assert [r["position"] for r in indexed["neighbors"]] == [r["position"] for r in json.loads(exact.stdout)["neighbors"]]
     assert 3 not in [r["position"] for r in indexed["neighbors"]]
+    # With an exact stored set of at least k neighbours, a stored prompt is read from its row.
+    assert cli("knn", "--model", "tl", "--dataset", "toy", "--k-max", "5", "--no-progress").exit_code == 0
+    stored = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
+                            "-k", "4", "--json").stdout)
+    assert stored["path"].startswith("stored k-NN set") and "blas engine" in stored["path"]
+    scanned = json.loads(exact.stdout)["neighbors"][:4]
+    assert [(r["position"], r["text"]) for r in stored["neighbors"]] == [(r["position"], r["text"]) for r in scanned]
+    np.testing.assert_allclose([r["distance"] for r in stored["neighbors"]], [r["distance"] for r in scanned],
+                               atol=2e-6)
+    wider = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
+                           "-k", "6", "--json").stdout)
+    assert wider["path"].startswith("HNSW index")  # more neighbours than the set holds
     # a new text equal to stored prompt 3 finds prompt 3 itself at distance ~0
     by_text = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--text", texts[3],
                              "-k", "3", "--json").stdout)

@@ -446,7 +446,7 @@ class SteeringVector(Base):
     layer: Mapped[int] = mapped_column(SmallInteger, comment="added to the output of this decoder block")
     hook_site: Mapped[str] = mapped_column(Text)
     token_rule: Mapped[str] = mapped_column(Text, comment="last or mean: which token states were averaged")
-    method: Mapped[str] = mapped_column(Text, comment="mean-difference or emb2emb")
+    method: Mapped[str] = mapped_column(Text, comment="mean-difference, emb2emb or imported")
     positive: Mapped[dict[str, Any] | None] = mapped_column(comment="the positive prompt set: source, count, texts")
     negative: Mapped[dict[str, Any] | None] = mapped_column()
     norm: Mapped[float] = mapped_column()
@@ -458,7 +458,7 @@ class SteeringVector(Base):
     created_at: Mapped[datetime] = _now()
 
     __table_args__ = (
-        CheckConstraint("method IN ('mean-difference', 'emb2emb')", name="method"),
+        CheckConstraint("method IN ('mean-difference', 'emb2emb', 'imported')", name="method"),
         CheckConstraint("token_rule IN ('last', 'mean')", name="token_rule"),
     )
 
