@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -133,3 +134,26 @@ def test_server_without_pgvector_is_refused(server_without_pgvector: str) -> Non
     with psycopg.connect(server_without_pgvector) as conn:
         tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0]
     assert tables == 0  # nothing was written
+
+
+def test_embedded_server_sizes_its_memory_once_and_keeps_the_users_setting(tmp_path: Path) -> None:
+    from warehouse import embedded
+
+    pgdata = tmp_path / "pgdata"
+
+    def shared_buffers_mb() -> int:
+        url = embedded.embedded_url(pgdata)
+        with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+            return int(conn.execute("SELECT setting::bigint * 8 / 1024 FROM pg_settings "
+                                    "WHERE name = 'shared_buffers'").fetchone()[0])
+
+    try:
+        expected = min(embedded.MAX_SHARED_BUFFERS_MB, embedded._memory_mb() // 4)
+        assert shared_buffers_mb() == expected
+        url = embedded.embedded_url(pgdata).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_buffers = '256MB'")
+        embedded._pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=embedded._system_user())
+        assert shared_buffers_mb() == 256
+    finally:
+        embedded.stop_embedded(pgdata)

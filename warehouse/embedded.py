@@ -50,10 +50,41 @@ def _server(pgdata: Path):  # type: ignore[no-untyped-def]
         ) from None
 
 
+# initdb's 128 MB of shared buffers hold a fraction of one 100k-prompt layer with its HNSW
+# index (about 300 MB each at width 576); lookups then read pages through the OS cache
+# (measured: p50 9.1 ms at 128 MB, 6.0 ms at 2 GB). A new data directory gets a quarter of
+# the memory, at most 2 GB, once; a value the user set with ALTER SYSTEM is kept.
+MAX_SHARED_BUFFERS_MB = 2048
+TUNED = """
+SELECT count(*) FROM pg_file_settings
+WHERE name = 'shared_buffers' AND sourcefile LIKE '%postgresql.auto.conf'
+"""
+
+
+def _memory_mb() -> int:
+    import psutil  # a dependency of pgserver
+
+    return int(psutil.virtual_memory().total // (1 << 20))
+
+
+def _tune(pgdata: Path, admin_uri: str) -> None:
+    """Size the memory settings of a new data directory, restarting the server once."""
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        if conn.execute(TUNED).fetchone()[0]:  # type: ignore[index]
+            return
+        memory = _memory_mb()
+        shared = min(MAX_SHARED_BUFFERS_MB, memory // 4)
+        conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(f"{shared}MB")))
+        conn.execute(sql.SQL("ALTER SYSTEM SET effective_cache_size = {}").format(sql.Literal(f"{memory // 2}MB")))
+    # pg_ctl restart keeps the options pgserver started it with (socket only, no TCP).
+    _pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=_system_user())
+
+
 def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> URL:
     """Start the embedded server if needed, create the database, and return its URL."""
     pgdata = pgdata or pgdata_dir()
     server = _server(pgdata)
+    _tune(pgdata, server.get_uri())
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
@@ -63,6 +94,11 @@ def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> U
     return url.set(drivername="postgresql+psycopg")
 
 
+def _system_user() -> str | None:
+    """pgserver runs the server as this system user when we are root."""
+    return "pgserver" if os.geteuid() == 0 else None
+
+
 def stop_embedded(pgdata: Path | None = None) -> bool:
     """Stop the embedded server if it runs; return whether one was running."""
     pgserver = _pgserver()
@@ -70,6 +106,5 @@ def stop_embedded(pgdata: Path | None = None) -> bool:
     info = pgserver.utils.PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
     if info is None or not info.is_running():
         return False
-    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs the server as this user under root
-    pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+    pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=_system_user())
     return True
