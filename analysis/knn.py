@@ -5,22 +5,33 @@ ties broken by position) for a (model, layer, dataset), by one of three engines:
   torch on a GPU), and the sets stream back with binary COPY. The default: about 100x
   faster than an exact scan in SQL (DESIGN.md §5).
 * ``sql``: exact, inside Postgres with pgvector's ``<=>``. The reference for correctness.
-* ``hnsw``: approximate, inside Postgres through a partial HNSW index per (model, layer,
-  dataset); its recall against exact is measured on a sample of prompts and stored.
+* ``hnsw`` and ``ivfflat``: approximate, inside Postgres through a partial index per
+  (model, layer, dataset). Before the full pass the search is widened (ef_search or probes,
+  and for reduced indexes the candidates re-ranked exactly) until the recall on a seeded
+  sample of prompts reaches ``min_recall``; every setting tried and its recall are stored.
+
+The in-database engines spread their queries over several connections (``workers``), each
+a backend of its own, so that the server uses more than one core; the sets come back to
+this process and are written with one binary COPY.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.hnsw import EF_SEARCH_LIMIT, ef_search_for, ensure_index, plan_index
+from analysis.vector_index import (
+    EF_SEARCH_LIMIT, METHODS, IndexPlan, ef_search_for, ensure_index, ivfflat_lists, plan_index,
+)
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
 from analysis.vectors import layer_vectors
@@ -29,43 +40,99 @@ from warehouse.engine import Warehouse, pgvector_version, raw_connection
 from warehouse.errors import InputError
 from warehouse.models import KnnRun
 
-ENGINES = ("blas", "sql", "hnsw")
+ENGINES = ("blas", "sql", *METHODS)
 EXACT_ENGINES = ("blas", "sql")
 K_MAX_DEFAULT = 100
 RECALL_K = 10
-QUERY_BLOCK = 64  # prompts per in-database statement (progress granularity)
+MIN_RECALL_DEFAULT = 0.99
+QUERY_BLOCK = 128  # prompts per in-database statement
 
 # One statement ranks the neighbours of a block of query prompts. The inner scan takes
-# k + 1 candidates (self is among them) ordered by {order}: the exact ``vec <=> q`` for
-# the sql engine, or the indexed expression for hnsw (so that the planner can use the
-# partial index). Candidates are then ranked by exact distance, ties by position, and the
-# first k stored as arrays.
+# {candidates} candidates (self is among them) ordered by {order}: the exact ``vec <=> q``
+# for the sql engine, or the indexed expression (so that the planner uses the partial
+# index). Candidates are then ranked by exact distance, ties by prompt id, and the first k
+# returned as arrays. Prompt ids grow with position within a dataset, so ties break by
+# position as in the blas engine; ids are mapped to positions by the caller, which keeps
+# the prompt table out of the statement (joining it cost a tenth of the time). A wide
+# vector is stored out of line (TOAST); the cast to the layer's width in a subquery that
+# is not flattened (OFFSET 0) reads each query vector once, not once per candidate.
 NEIGHBOURS_SQL = """
-INSERT INTO knn_neighbor (run_id, position, neighbors, distances)
-SELECT {run}, position,
-       (array_agg(neighbor_position ORDER BY distance, neighbor_position))[1:{k}],
-       (array_agg(distance ORDER BY distance, neighbor_position))[1:{k}]
+SELECT prompt_id,
+       (array_agg(neighbor_id ORDER BY distance, neighbor_id))[1:{k}],
+       (array_agg(distance ORDER BY distance, neighbor_id))[1:{k}]
 FROM (
-    SELECT q.position, nb.position AS neighbor_position, nb.distance
+    SELECT q.prompt_id, c.prompt_id AS neighbor_id, round((c.vec <=> q.vec)::numeric, {decimals})::real AS distance
     FROM (
-        SELECT p.position, a.vec FROM activation a JOIN prompt p ON p.id = a.prompt_id
-        WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
-          AND p.position BETWEEN {first} AND {last}
+        SELECT prompt_id, vec::vector({width}) AS vec FROM activation
+        WHERE model_id = {model} AND layer = {layer} AND dataset_id = {dataset} AND prompt_id = ANY({ids})
+        OFFSET 0
     ) q
     CROSS JOIN LATERAL (
-        SELECT p2.position, round((c.vec <=> q.vec)::numeric, {decimals})::real AS distance
-        FROM (
-            SELECT a2.prompt_id, a2.vec FROM activation a2
-            WHERE a2.model_id = {model} AND a2.layer = {layer} AND a2.dataset_id = {dataset}
-            ORDER BY {order}
-            LIMIT {k} + 1
-        ) c
-        JOIN prompt p2 ON p2.id = c.prompt_id
-        WHERE p2.position <> q.position
-    ) nb
+        SELECT a2.prompt_id, a2.vec FROM activation a2
+        WHERE a2.model_id = {model} AND a2.layer = {layer} AND a2.dataset_id = {dataset}
+        ORDER BY {order}
+        LIMIT {candidates}
+    ) c
+    WHERE c.prompt_id <> q.prompt_id
 ) candidates
-GROUP BY position
+GROUP BY prompt_id
 """
+PROMPT_IDS = "SELECT id FROM prompt WHERE dataset_id = :dataset ORDER BY position"
+
+
+# Whether activation or prompt has not been analyzed since the newest ingest job changed.
+STATISTICS_STALE = """
+SELECT count(*) < 2 OR bool_or(coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity') < j.latest)
+FROM pg_stat_user_tables s, (SELECT coalesce(max(updated_at), '-infinity') AS latest FROM ingest_job) j
+WHERE s.relname IN ('activation', 'prompt') AND s.schemaname = current_schema()
+"""
+
+
+@dataclass(frozen=True)
+class Search:
+    """How widely an indexed engine searches: ``breadth`` is hnsw.ef_search or ivfflat.probes
+    (at most ``limit``), and each query takes ``candidates`` rows from the index (self
+    included) before the exact re-rank."""
+
+    method: str
+    breadth: int
+    limit: int
+    candidates: int
+
+    def settings(self) -> sql.Composable:
+        name = "hnsw.ef_search" if self.method == "hnsw" else "ivfflat.probes"
+        return sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(self.breadth))
+
+    def wider(self, reduced: bool, n: int) -> Search | None:
+        """The next setting to try: twice the breadth, and for a reduced index (whose order
+        is not the exact one) twice the candidates; None when nothing can grow."""
+        # an HNSW scan returns at most ef_search rows, so more candidates than that are moot
+        cap = min(n, self.limit) if self.method == "hnsw" else n
+        candidates = min(cap, self.candidates * 2) if reduced else self.candidates
+        breadth = min(self.limit, max(self.breadth * 2, candidates if self.method == "hnsw" else 0))
+        if (breadth, candidates) == (self.breadth, self.candidates):
+            return None
+        return replace(self, breadth=breadth, candidates=candidates)
+
+    def as_dict(self) -> dict:
+        key = "ef_search" if self.method == "hnsw" else "probes"
+        return {key: self.breadth, "candidates": self.candidates}
+
+
+def initial_search(method: str, plan: IndexPlan, k: int, n: int, asked: int | None) -> Search:
+    """The narrowest search worth trying: k + 1 candidates (twice that for a reduced index),
+    ef_search as ``ef_search_for`` gives it, or probes = lists / 20."""
+    candidates = min(n, (k + 1) * (2 if plan.reduced else 1))
+    if method == "hnsw":
+        breadth = min(EF_SEARCH_LIMIT, max(candidates, ef_search_for(k, asked, 100)))
+        return Search(method, breadth, EF_SEARCH_LIMIT, candidates)
+    lists = ivfflat_lists(n)
+    return Search(method, min(lists, asked or max(1, lists // 20)), lists, candidates)
+
+
+def default_workers() -> int:
+    """Connections an in-database engine uses at once: the cores here, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -82,6 +149,7 @@ class KnnResult:
     seconds: float
     recall: float | None
     reused: bool
+    search: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +169,9 @@ def materialize(
     k_max: int = K_MAX_DEFAULT,
     engine: str = "blas",
     ef_search: int | None = None,
+    probes: int | None = None,
+    min_recall: float = MIN_RECALL_DEFAULT,
+    workers: int | None = None,
     force: bool = False,
     recall_queries: int = 200,
     device: str | None = None,
@@ -111,6 +182,10 @@ def materialize(
 
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if not 0 <= min_recall <= 1:
+        raise InputError(f"--min-recall {min_recall} must be between 0 and 1")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers {workers} must be at least 1")
     with Session(wh.engine) as session:
         model = get_model(session, model_name)
         dataset = get_dataset(session, dataset_name)
@@ -121,82 +196,203 @@ def materialize(
         raise InputError(
             f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max"
         )
-    ef = ef_search_for(k_max, ef_search, 100)
-    if engine == "hnsw" and ef > EF_SEARCH_LIMIT:
-        raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs {ef}: "
-                         "lower --k-max")
+    if engine == "hnsw" and ef_search_for(k_max, ef_search, 100) > EF_SEARCH_LIMIT:
+        raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs "
+                         f"{ef_search_for(k_max, ef_search, 100)}: lower --k-max")
     if engine == "blas" and device is None:
         device = default_device()
     if engine != "blas":
-        # Fresh rows have no planner statistics; without them the planner may pass the HNSW
-        # index by, or nest its joins badly (measured: 4x slower at n = 2000).
+        # Fresh rows have no planner statistics; without them the planner may pass the
+        # index by, or nest its joins badly (measured: 4x slower at n = 2000). ANALYZE reads
+        # a sample of the whole table (0.37 s at 20000 rows), so it runs only when an ingest
+        # finished after the last one.
         with wh.engine.begin() as conn:
-            conn.execute(sa.text("ANALYZE activation, prompt"))
-    results = []
+            if conn.execute(sa.text(STATISTICS_STALE)).scalar():
+                conn.execute(sa.text("ANALYZE activation, prompt"))
+    job = _Job(wh, model_name, dataset_name, model_id, dataset_id, width, n, k_max, engine, ef_search if engine == "hnsw"
+               else probes, min_recall, workers or default_workers(), recall_queries, device, progress)
     bar = tqdm(chosen, desc=f"k-NN {model_name} × {dataset_name} ({engine})", unit="layer", disable=not progress,
                dynamic_ncols=True)
-    for layer in bar:
-        results.append(
-            _materialize_layer(wh, model_name, dataset_name, model_id, dataset_id, width, n, layer, k_max, engine,
-                               ef, force, recall_queries, device, progress)
-        )
-    return results
+    return [_materialize_layer(job, layer, force) for layer in bar]
 
 
-def _materialize_layer(wh: Warehouse, model_name: str, dataset_name: str, model_id: int, dataset_id: int, width: int,
-                       n: int, layer: int, k_max: int, engine: str, ef: int, force: bool, recall_queries: int,
-                       device: str | None, progress: bool) -> KnnResult:
-    plan = plan_index(model_id, layer, dataset_id, width, None)
-    if engine == "hnsw":
+@dataclass(frozen=True)
+class _Job:
+    """What every layer of one ``materialize`` call shares."""
+
+    wh: Warehouse
+    model_name: str
+    dataset_name: str
+    model_id: int
+    dataset_id: int
+    width: int
+    n: int
+    k_max: int
+    engine: str
+    breadth: int | None  # ef_search or probes as asked
+    min_recall: float
+    workers: int
+    recall_queries: int
+    device: str | None
+    progress: bool
+
+
+def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
+    wh, engine, n, k_max = job.wh, job.engine, job.n, job.k_max
+    plan = None
+    if engine in METHODS:
         with wh.engine.begin() as conn:
-            plan = plan_index(model_id, layer, dataset_id, width, pgvector_version(conn))
-            ensure_index(conn, plan, model_id, layer, dataset_id)
+            plan = plan_index(engine, job.model_id, layer, job.dataset_id, job.width, pgvector_version(conn))
+            ensure_index(conn, plan, job.model_id, layer, job.dataset_id, n)
     with wh.engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
-                     {"key": lock_key("knn", model_id, dataset_id, layer, engine)})
+                     {"key": lock_key("knn", job.model_id, job.dataset_id, layer, engine)})
         existing = conn.execute(
-            sa.select(KnnRun).where(KnnRun.model_id == model_id, KnnRun.dataset_id == dataset_id,
+            sa.select(KnnRun).where(KnnRun.model_id == job.model_id, KnnRun.dataset_id == job.dataset_id,
                                     KnnRun.layer == layer, KnnRun.engine == engine)
         ).first()
         if existing is not None and existing.k_max >= k_max and not force:
-            return KnnResult(model_name, dataset_name, layer, engine, existing.strategy, existing.k_max,
-                             existing.n_prompts, existing.seconds, existing.recall, reused=True)
+            return KnnResult(job.model_name, job.dataset_name, layer, engine, existing.strategy, existing.k_max,
+                             existing.n_prompts, existing.seconds, existing.recall, reused=True,
+                             search=existing.search)
         if existing is not None:
             conn.execute(sa.delete(KnnRun).where(KnnRun.id == existing.id))
         started = time.perf_counter()
-        strategy = {"blas": f"exact, blocked top-k on {device or 'cpu'}", "sql": "exact scan in SQL"}.get(engine, "")
-        if engine == "hnsw":
-            strategy = plan.strategy
-        run_id = conn.execute(
-            sa.insert(KnnRun).values(model_id=model_id, dataset_id=dataset_id, layer=layer, k_max=k_max,
-                                     engine=engine, strategy=strategy, n_prompts=n, seconds=0.0,
-                                     ef_search=ef if engine == "hnsw" and plan.indexable else None,
-                                     device=device if engine == "blas" else "database")
-            .returning(KnnRun.id)
-        ).scalar_one()
-        recall = None
+        strategy = plan.strategy if plan else {"blas": f"exact, blocked top-k on {job.device or 'cpu'}",
+                                               "sql": "exact scan in SQL"}[engine]
+        recall, search = None, None
+        positions, vectors = layer_vectors(conn, job.model_id, layer, job.dataset_id)
+        _check_complete(positions, n, job.model_name, job.dataset_name, layer)
         if engine == "blas":
-            positions, vectors = layer_vectors(conn, model_id, layer, dataset_id)
-            _check_complete(positions, n, model_name, dataset_name, layer)
             # Blocks of query rows go to the server as they are computed, so that storing
             # one overlaps computing the next (the write was a third of the time at n = 2048).
-            blocks = topk_blocks(vectors, k_max, device=device)
-            copy_column_blocks(raw_connection(conn).cursor(), "knn_neighbor", NEIGHBOR_COLUMNS,
-                               (_neighbor_columns(run_id, positions[start:start + len(idx)], positions[idx], dist)
-                                for start, idx, dist in blocks))
+            blocks = ((positions[start:start + len(idx)], positions[idx], dist)
+                      for start, idx, dist in topk_blocks(vectors, k_max, device=job.device))
         else:
-            exact = engine == "sql" or not plan.indexable
-            if not exact:
-                conn.execute(sa.text(f"SET LOCAL hnsw.ef_search = {int(ef)}"))
-            _neighbors_in_sql(conn, run_id, model_id, layer, dataset_id, n, k_max,
-                              None if exact else plan.expression, progress)
-            if not exact:
-                recall = _measure_recall(conn, run_id, model_id, layer, dataset_id, min(RECALL_K, k_max),
-                                         recall_queries)
+            found, recall, search = _search_in_db(job, layer, plan, positions, vectors)
+            blocks = iter([(positions, found[0], found[1])])
+        run_id = conn.execute(
+            sa.insert(KnnRun).values(model_id=job.model_id, dataset_id=job.dataset_id, layer=layer, k_max=k_max,
+                                     engine=engine, strategy=strategy, n_prompts=n, seconds=0.0,
+                                     ef_search=search.get("ef_search") if search else None, search=search,
+                                     device=job.device if engine == "blas" else "database")
+            .returning(KnnRun.id)
+        ).scalar_one()
+        copy_column_blocks(raw_connection(conn).cursor(), "knn_neighbor", NEIGHBOR_COLUMNS,
+                           (_neighbor_columns(run_id, *block) for block in blocks))
         seconds = time.perf_counter() - started
         conn.execute(sa.update(KnnRun).where(KnnRun.id == run_id).values(
-            seconds=seconds, recall=recall, recall_queries=min(recall_queries, n) if recall is not None else None))
-    return KnnResult(model_name, dataset_name, layer, engine, strategy, k_max, n, seconds, recall, reused=False)
+            seconds=seconds, recall=recall,
+            recall_queries=min(job.recall_queries, n) if recall is not None else None))
+    return KnnResult(job.model_name, job.dataset_name, layer, engine, strategy, k_max, n, seconds, recall,
+                     reused=False, search=search)
+
+
+def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.ndarray,
+                  vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None, dict | None]:
+    """((neighbour positions, distances) for every prompt, recall, search record) of the sql or
+    an indexed engine. An indexed engine first widens its search on a seeded sample until the
+    sample's recall@10 against exact (computed here in memory) reaches ``min_recall``."""
+    n, k = job.n, job.k_max
+
+    def query(rows: np.ndarray, search: Search | None = None, **options: bool) -> tuple[np.ndarray, np.ndarray]:
+        return neighbors_in_db(job.wh, job.model_id, layer, job.dataset_id, job.width, positions[rows], k,
+                               plan=plan if search else None, search=search, workers=job.workers, **options)
+
+    if plan is None:
+        return query(np.arange(n), progress=job.progress), None, None
+    rk = min(RECALL_K, k)
+    sample = np.sort(np.random.default_rng(0).choice(n, size=min(job.recall_queries, n), replace=False))
+    exact = positions[exact_topk(vectors, rk, queries=sample)[0]]
+    search: Search | None = initial_search(plan.method, plan, k, n, job.breadth)
+    tried = []
+    while search is not None:
+        sample_found = query(sample, search, fill_exactly=False)
+        recall = sum(len(np.intersect1d(f[:rk], e)) for f, e in zip(sample_found[0], exact)) / (rk * len(sample))
+        tried.append({**search.as_dict(), "recall": round(recall, 4)})
+        if recall >= job.min_recall or (wider := search.wider(plan.reduced, n)) is None:
+            break
+        search = wider
+    assert search is not None
+    rest = np.setdiff1d(np.arange(n), sample)
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    idx[rest], dist[rest] = query(rest, search, progress=job.progress)
+    # The sample's rows were computed with the final setting: keep them, filling short ones exactly.
+    short = np.nonzero((sample_found[0] < 0).any(axis=1))[0]
+    if len(short):
+        sample_found[0][short], sample_found[1][short] = query(sample[short])
+    idx[sample], dist[sample] = sample_found
+    record = {"method": plan.method, **search.as_dict(), "min_recall": job.min_recall, "workers": job.workers,
+              "recall_k": rk, "tried": tried}
+    if plan.method == "ivfflat":
+        record["lists"] = ivfflat_lists(n)
+    return (idx, dist), tried[-1]["recall"], record
+
+
+def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, width: int,
+                    query_positions: np.ndarray, k: int, *, plan: IndexPlan | None = None, search: Search | None = None, workers: int = 1,
+                    progress: bool = False, fill_exactly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbour positions [q, k], distances [q, k]) of the query prompts, ranked in SQL.
+
+    Without a plan each query scans exactly; with one, it takes ``search.candidates`` rows in
+    index order and re-ranks them exactly. Blocks of queries run on ``workers`` connections at
+    once. An index can return fewer than k other rows (a narrow IVFFlat probe of a small
+    dataset); those rows are -1 and, with ``fill_exactly``, answered again by an exact scan.
+    """
+    from tqdm import tqdm
+
+    query_positions = np.asarray(query_positions)
+    with wh.engine.connect() as conn:
+        prompt_ids = np.array(conn.execute(sa.text(PROMPT_IDS), {"dataset": dataset_id}).scalars().all(),
+                              dtype=np.int64)
+    if plan is None:
+        order = sql.SQL("a2.vec <=> q.vec, a2.prompt_id")  # ties by prompt id, that is by position
+        candidates = k + 1
+    else:
+        assert search is not None
+        order = plan.distance(sql.SQL("a2.vec"), sql.SQL("q.vec"))
+        candidates = search.candidates
+    blocks = [query_positions[i:i + QUERY_BLOCK] for i in range(0, len(query_positions), QUERY_BLOCK)]
+    results: dict[int, tuple[list[int], list[float]]] = {}
+    bar = tqdm(total=len(query_positions), desc=f"layer {layer}", unit="prompt", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    lock = threading.Lock()
+
+    def run(share: list[np.ndarray]) -> None:
+        with wh.engine.connect() as conn, conn.begin():
+            cur = raw_connection(conn).cursor()
+            if search is not None:
+                cur.execute(search.settings())
+            for block in share:
+                cur.execute(sql.SQL(NEIGHBOURS_SQL).format(
+                    model=sql.Literal(model_id), layer=sql.Literal(layer), dataset=sql.Literal(dataset_id),
+                    width=sql.Literal(width), ids=sql.SQL("{}::bigint[]").format(sql.Literal([int(i) for i in prompt_ids[block]])),
+                    order=order, candidates=sql.Literal(candidates), k=sql.Literal(k),
+                    decimals=sql.Literal(DISTANCE_DECIMALS),
+                ))
+                rows = cur.fetchall()
+                with lock:
+                    for prompt_id, neighbors, distances in rows:
+                        results[prompt_id] = (neighbors, distances)
+                    bar.update(len(block))
+
+    shares = [blocks[i::workers] for i in range(min(workers, len(blocks)))]
+    with ThreadPoolExecutor(max_workers=max(1, len(shares))) as pool:
+        for future in [pool.submit(run, share) for share in shares]:
+            future.result()
+    bar.close()
+    idx = np.full((len(query_positions), k), -1, dtype=np.int64)
+    dist = np.full((len(query_positions), k), np.inf, dtype=np.float32)
+    for row, position in enumerate(query_positions):
+        neighbors, distances = results.get(int(prompt_ids[position]), ([], []))
+        idx[row, :len(neighbors)] = np.searchsorted(prompt_ids, neighbors)
+        dist[row, :len(distances)] = distances
+    short = np.nonzero((idx < 0).any(axis=1))[0]
+    if fill_exactly and plan is not None and len(short):
+        idx[short], dist[short] = neighbors_in_db(wh, model_id, layer, dataset_id, width, query_positions[short], k,
+                                                  workers=workers)
+    return idx, dist
 
 
 def _check_complete(positions: np.ndarray, n: int, model: str, dataset: str, layer: int) -> None:
@@ -218,38 +414,6 @@ def _neighbor_columns(run_id: int, positions: np.ndarray, neighbor_positions: np
         ("int4[]", neighbor_positions.astype(np.int32)),
         ("float4[]", distances.astype(np.float32)),
     ]
-
-
-def _neighbors_in_sql(conn: sa.Connection, run_id: int, model_id: int, layer: int, dataset_id: int, n: int,
-                      k: int, index_expression: str | None, progress: bool) -> None:
-    from tqdm import tqdm
-
-    if index_expression is None:
-        # prompt ids grow with position within a dataset, so this breaks ties by position
-        order = sql.SQL("a2.vec <=> q.vec, a2.prompt_id")
-    else:
-        cast = index_expression.split("::", 1)[1]  # e.g. vector(576): from plan_index, not input
-        order = sql.SQL("a2.{expr} <=> q.vec::{cast}").format(expr=sql.SQL(index_expression), cast=sql.SQL(cast))
-    cur = raw_connection(conn).cursor()
-    for first in tqdm(range(0, n, QUERY_BLOCK), desc=f"layer {layer}", unit="block", leave=False,
-                      disable=not progress):
-        cur.execute(sql.SQL(NEIGHBOURS_SQL).format(
-            run=sql.Literal(run_id), model=sql.Literal(model_id), layer=sql.Literal(layer),
-            dataset=sql.Literal(dataset_id), first=sql.Literal(first), last=sql.Literal(first + QUERY_BLOCK - 1),
-            order=order, k=sql.Literal(k), decimals=sql.Literal(DISTANCE_DECIMALS),
-        ))
-
-
-def _measure_recall(conn: sa.Connection, run_id: int, model_id: int, layer: int, dataset_id: int, k: int,
-                    n_queries: int) -> float:
-    """Recall@k of the stored (approximate) sets against exact sets, on a seeded sample of prompts."""
-    positions, vectors = layer_vectors(conn, model_id, layer, dataset_id)
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(len(positions), size=min(n_queries, len(positions)), replace=False))
-    idx, _ = exact_topk(vectors, k, queries=sample)  # only the sampled rows: an exact pass costs as much as blas
-    stored = neighbor_array(conn, run_id, k)
-    hits = sum(len(np.intersect1d(stored[positions[i]], positions[idx[j]])) for j, i in enumerate(sample))
-    return hits / (k * len(sample))
 
 
 def neighbor_array(conn: sa.Connection, run_id: int, k: int) -> np.ndarray:

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import sqlalchemy as sa
 
-    from analysis.hnsw import ensure_index, plan_index
+    from analysis.vector_index import ensure_index, plan_index
     from analysis.knn import materialize
     from analysis.neighbors import nearest
     from analysis.topk import exact_topk, normalize
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         with wh.engine.begin() as conn:
             model_id, dataset_id = conn.execute(sa.text(
                 "SELECT m.id, d.id FROM model m, dataset d WHERE m.name = 'syn' AND d.name = 'lookup'")).one()
-            plan = plan_index(model_id, 1, dataset_id, d, pgvector_version(conn))
+            plan = plan_index("hnsw", model_id, 1, dataset_id, d, pgvector_version(conn))
             t0 = time.perf_counter()
             ensure_index(conn, plan, model_id, 1, dataset_id)
             build_s = time.perf_counter() - t0

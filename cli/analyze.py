@@ -8,6 +8,9 @@ import click
 
 from cli.main import Context, emit, table
 
+# The engine names, kept here so that `--help` does not import the analysis stack.
+ENGINES = ["blas", "sql", "ivfflat", "hnsw"]
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 
@@ -17,25 +20,39 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
 @click.option("--dataset", "dataset", required=True, help="Dataset the model was ingested on.")
 @click.option("--layers", help="Layers, e.g. '1-5,7' (default: all stored layers but 0).")
 @click.option("--k-max", type=int, default=100, show_default=True, help="Neighbours stored per prompt.")
-@click.option("--engine", type=click.Choice(["blas", "sql", "hnsw"]), default="blas", show_default=True,
-              help="blas: exact, in memory (fastest); sql: exact pgvector scan; hnsw: approximate, indexed.")
-@click.option("--ef-search", type=int, help="HNSW ef_search (default: max(100, 2(k_max + 1))).")
+@click.option("--engine", type=click.Choice(ENGINES), default="blas", show_default=True,
+              help="blas: exact, in memory (fastest everywhere measured); sql: exact pgvector scan; "
+                   "ivfflat, hnsw: approximate, through a partial index, recall-tuned (ivfflat builds in a "
+                   "fraction of hnsw's time).")
+@click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: max(100, 2(k_max + 1))).")
+@click.option("--probes", type=click.IntRange(1), help="ivfflat: the probes to start from (default: lists / 20).")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this.")
+@click.option("--workers", type=click.IntRange(1), help="sql, ivfflat, hnsw: connections querying at once "
+              "(default: the cores here, at most 4).")
 @click.option("--force", is_flag=True, help="Recompute sets that are already stored.")
 @progress_option
 @json_option
 @click.pass_obj
 def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, engine: str, ef_search: int | None,
-        force: bool, progress: bool, as_json: bool) -> None:
+        probes: int | None, min_recall: float, workers: int | None, force: bool, progress: bool,
+        as_json: bool) -> None:
     """Materialize every prompt's k nearest prompts (cosine, self excluded) per layer."""
     from analysis.knn import materialize
 
     results = materialize(obj.warehouse(), model, dataset, layers=layers, k_max=k_max, engine=engine,
-                          ef_search=ef_search, force=force, progress=progress)
+                          ef_search=ef_search, probes=probes, min_recall=min_recall, workers=workers, force=force,
+                          progress=progress)
     rows = [r.as_dict() for r in results]
+    shown = []
     for r in rows:
-        r["seconds"] = round(r["seconds"], 2)
-        r["recall@10"] = "" if r["recall"] is None else f"{r['recall']:.3f}"
-    emit(rows, as_json, table(rows, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10", "reused"]))
+        search = r["search"] or {}
+        shown.append({**r, "seconds": round(r["seconds"], 2),
+                      "recall@10": "" if r["recall"] is None else f"{r['recall']:.3f}",
+                      "search": ", ".join(f"{key} {search[key]}" for key in ("lists", "probes", "ef_search",
+                                                                               "candidates") if key in search)})
+    emit(rows, as_json, table(shown, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10",
+                                      "search", "reused"]))
 
 
 @click.command()
@@ -44,7 +61,7 @@ def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, 
 @click.option("--dataset-b", help="Parallel dataset read by the second model (prompt i <-> prompt i).")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbourhood size.")
 @click.option("--layer0", is_flag=True, help="Include layer 0 (the embedding output) in the matrix.")
-@click.option("--engine", type=click.Choice(["blas", "sql", "hnsw"]), default="blas", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="blas", show_default=True,
               help="Engine for k-NN sets not yet stored.")
 @click.option("--study", help="Name of the study (default: from the models and datasets).")
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")

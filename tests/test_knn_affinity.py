@@ -67,30 +67,68 @@ def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[n
     assert all(r.reused for r in again)
 
 
-def test_hnsw_engine_measures_and_stores_recall(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("engine", ["hnsw", "ivfflat"])
+def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, engine: str) -> None:  # type: ignore[no-untyped-def]
     store_synthetic(wh, "syn", "d", n=400, d=32, n_layers=1, seed=2)
-    [result] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", progress=False)
-    assert result.strategy == "hnsw on vector(32)"
-    assert result.recall is not None and result.recall >= 0.9
+    [narrow] = materialize(wh, "syn", "d", k_max=10, engine=engine, min_recall=0.0, progress=False)
+    assert narrow.strategy == f"{engine} on vector(32)" and len(narrow.search["tried"]) == 1
+    [tuned] = materialize(wh, "syn", "d", k_max=10, engine=engine, min_recall=1.0, force=True, progress=False)
+    tried = tuned.search["tried"]
+    breadth = "ef_search" if engine == "hnsw" else "probes"
+    # the search widened from the narrow setting until the sample's recall was perfect
+    assert tried[0][breadth] == narrow.search[breadth] and tried[-1]["recall"] == tuned.recall == 1.0
+    assert [t[breadth] for t in tried] == sorted(t[breadth] for t in tried)
     with psycopg.connect(db_url) as conn:
-        stored = conn.execute("SELECT recall, recall_queries, ef_search FROM knn_run").fetchone()
-        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE 'hnsw_activation_%'").fetchone()[0]
-    assert stored[0] == pytest.approx(result.recall) and stored[1] == 200 and stored[2] >= 11
-    assert "hnsw" in index and "vector(32)" in index and "model_id = 1" in index
-    exact = stored_sets(wh, "syn", "hnsw", 10)[1]
+        stored = conn.execute("SELECT recall, recall_queries, search FROM knn_run").fetchone()
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE %s",
+                             (f"{engine}_activation_%",)).fetchone()[0]
+    assert stored[0] == 1.0 and stored[1] == 200 and stored[2]["tried"] == tried
+    assert engine in index and "vector(32)" in index and "model_id = 1" in index
+    if engine == "ivfflat":
+        assert stored[2]["lists"] == 20 and "lists='20'" in index
+    found = stored_sets(wh, "syn", engine, 10)[1]
     with wh.engine.connect() as conn:
         _, vectors = layer_vectors(conn, 1, 1, 1)
     idx, _ = exact_topk(vectors, 10)
-    overall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, idx)])
-    assert overall >= 0.9
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, idx)]) >= 0.99
 
 
-def test_wide_layers_fall_back_to_exact_scan_on_old_pgvector(wh) -> None:  # type: ignore[no-untyped-def]
+def test_one_vector_index_per_layer_so_that_each_search_uses_its_own(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "syn", "d", n=300, d=16, n_layers=1, seed=5)
+    materialize(wh, "syn", "d", k_max=10, engine="ivfflat", progress=False)
+    [hnsw] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", min_recall=0.0, progress=False)
+    with psycopg.connect(db_url) as conn:
+        names = [r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE indexname LIKE '%_activation_m%'")]
+    assert names == ["hnsw_activation_m1_l1_d1"]
+    assert hnsw.recall is not None and hnsw.recall >= 0.95
+
+
+def test_ivfflat_rows_its_probes_cannot_fill_are_answered_exactly(wh) -> None:  # type: ignore[no-untyped-def]
+    # 40 prompts in 6 lists of about 7: one probe returns fewer than k + 1 rows
+    store_synthetic(wh, "syn", "d", n=40, d=16, n_layers=1, seed=4)
+    [result] = materialize(wh, "syn", "d", k_max=10, engine="ivfflat", min_recall=0.0, progress=False)
+    assert result.search["probes"] == 1 and result.search["lists"] == 6
+    found = stored_sets(wh, "syn", "ivfflat", 10)[1]
+    assert found.shape == (40, 10) and (found >= 0).all()
+    assert all(len(set(row)) == 10 and i not in row for i, row in enumerate(found))
+
+
+def test_wide_layers_are_indexed_on_a_prefix_and_re_ranked_exactly(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
     store_synthetic(wh, "wide", "d", n=40, d=2100, n_layers=1, seed=3)
-    [result] = materialize(wh, "wide", "d", k_max=5, engine="hnsw", progress=False)
-    assert result.strategy.startswith("exact scan: width 2100") and result.recall is None
-    [exact] = materialize(wh, "wide", "d", k_max=5, engine="blas", progress=False)
-    assert (stored_sets(wh, "wide", "hnsw", 5)[1] == stored_sets(wh, "wide", "blas", 5)[1]).all()
+    [result] = materialize(wh, "wide", "d", k_max=5, engine="hnsw", min_recall=1.0, progress=False)
+    assert result.strategy.startswith("hnsw on the first 2000 of 2100 dimensions") and result.recall == 1.0
+    assert result.search["candidates"] >= 12  # twice k + 1 at least: the prefix orders them only roughly
+    with psycopg.connect(db_url) as conn:
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE 'hnsw_activation_%'").fetchone()[0]
+    assert "[1:2000]" in index and "vector(2000)" in index
+    materialize(wh, "wide", "d", k_max=5, engine="blas", progress=False)
+    hnsw, blas = stored_sets(wh, "wide", "hnsw", 5)[1], stored_sets(wh, "wide", "blas", 5)[1]
+    assert (hnsw == blas).all()
+    with wh.engine.connect() as conn:
+        distances = dict(conn.execute(sa.text(
+            "SELECT r.engine, n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id "
+            "WHERE n.position = 0")).all())
+    np.testing.assert_allclose(distances["hnsw"], distances["blas"], atol=2e-6)  # exact, not prefix distances
 
 
 def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -233,13 +271,13 @@ def test_reader_role_reads_views_only(wh, db_url: str) -> None:  # type: ignore[
 def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -> None:  # type: ignore[no-untyped-def]
     import logging
 
-    import analysis.hnsw as hnsw
+    import analysis.vector_index as hnsw
 
     assert hnsw.parallel_build_unsafe("0.6.2") and hnsw.parallel_build_unsafe("0.8.1")
     assert not hnsw.parallel_build_unsafe("0.8.2") and not hnsw.parallel_build_unsafe("0.5.1")
     store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1)
     hnsw._warned_parallel = False
-    plan = hnsw.plan_index(1, 1, 1, 8, "0.6.2")
+    plan = hnsw.plan_index("hnsw", 1, 1, 1, 8, "0.6.2")
     with caplog.at_level(logging.WARNING, logger="analysis.hnsw"), wh.engine.begin() as conn:
         assert hnsw.ensure_index(conn, plan, 1, 1, 1)
         assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "0"

@@ -35,8 +35,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Indexes created at run time (per-(model, layer) partial HNSW indexes) carry this prefix.
-RUNTIME_INDEX_PREFIX = "hnsw_activation_"
+# Indexes created at run time (per-(model, layer, dataset) partial HNSW or IVFFlat indexes)
+# carry one of these prefixes.
+RUNTIME_INDEX_PREFIXES = ("hnsw_activation_", "ivfflat_activation_")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -229,9 +230,12 @@ class KnnRun(Base):
     layer: Mapped[int] = mapped_column(SmallInteger)
     k_max: Mapped[int] = mapped_column(SmallInteger, comment="neighbours stored per prompt; any k <= k_max can be read")
     metric: Mapped[str] = mapped_column(Text, server_default="cosine")
-    engine: Mapped[str] = mapped_column(Text, comment="sql, hnsw or blas")
+    engine: Mapped[str] = mapped_column(Text, comment="blas, sql, hnsw or ivfflat")
     strategy: Mapped[str] = mapped_column(Text, comment="how the engine answered: exact scan, hnsw on vector(d), …")
     ef_search: Mapped[int | None] = mapped_column(Integer)
+    search: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="an indexed engine's search settings (ef_search or lists and probes, candidates re-ranked, workers) "
+                "and the recall of each setting tried")
     recall: Mapped[float | None] = mapped_column(comment="recall@min(10, k_max) against exact, on recall_queries prompts")
     recall_queries: Mapped[int | None] = mapped_column(Integer)
     n_prompts: Mapped[int] = mapped_column(Integer)
@@ -241,7 +245,7 @@ class KnnRun(Base):
 
     __table_args__ = (
         UniqueConstraint("model_id", "dataset_id", "layer", "engine"),
-        CheckConstraint("engine IN ('sql', 'hnsw', 'blas')", name="engine"),
+        CheckConstraint("engine IN ('sql', 'hnsw', 'blas', 'ivfflat')", name="engine"),
         CheckConstraint("metric = 'cosine'", name="metric"),
     )
 
