@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
     args = parser.parse_args(argv)
 
-    from analysis.knn import default_workers, materialize, neighbor_array, neighbors_in_db
+    from analysis.knn import materialize, neighbor_array, neighbors_in_db
     from analysis.topk import exact_topk
     from analysis.vector_index import METHODS, index_name
     from ingest.synthetic import clustered_vectors, store_synthetic
+    from warehouse.parallel import default_workers
 
     workers = args.workers or default_workers()
     rows = []
