@@ -196,13 +196,14 @@ def _overlap_counts(wh: Warehouse, runs_a: list[int], runs_b: list[int], k: int,
     ranges = [(first, min(n, first + step) - 1) for first in range(0, n, step)]
 
     def count(cur: psycopg.Cursor, positions: tuple[int, int]) -> list[tuple[int, int, int]]:
-        cur.execute(OVERLAP_SQL, {"runs_a": runs_a, "runs_b": runs_b, "k": k, "first": positions[0],
-                                          "last": positions[1]})
+        cur.execute(OVERLAP_SQL, {"runs_a": runs_a, "runs_b": runs_b, "k": k,
+                                  "first": positions[0], "last": positions[1]})
         return cur.fetchall()
 
     counts: Counter[tuple[int, int]] = Counter()
     settings = OVERLAP_SETTINGS + ((NO_PARALLEL_WORKERS,) if len(ranges) > 1 else ())
-    for rows in run_in_parallel(wh, ranges, count, workers=workers, settings=[sql.SQL(s) for s in settings]):
+    for rows in run_in_parallel(wh, ranges, count, workers=workers,
+                                settings=[sql.SQL(statement) for statement in settings]):
         for layer_a, layer_b, shared in rows:
             counts[(layer_a, layer_b)] += shared
     return counts

@@ -1,5 +1,5 @@
 """Materialized k-NN sets: every prompt's K_max nearest prompts (cosine, self excluded,
-ties broken by position) for a (model, layer, dataset), by one of three engines:
+ties broken by position) for a (model, layer, dataset), by one of four engines:
 
 * ``blas``: exact. Vectors stream out with binary COPY, blocked top-k runs in numpy (or
   torch on a GPU), and the sets stream back with binary COPY. The default: about 100x
@@ -118,15 +118,15 @@ class Search:
         return {key: self.breadth, "candidates": self.candidates}
 
 
-def initial_search(method: str, plan: IndexPlan, k: int, n: int, asked: int | None) -> Search:
+def initial_search(plan: IndexPlan, k: int, n: int, asked: int | None) -> Search:
     """The narrowest search worth trying: k + 1 candidates (twice that for a reduced index),
     ef_search as ``ef_search_for`` gives it, or probes = lists / 20."""
     candidates = min(n, (k + 1) * (2 if plan.reduced else 1))
-    if method == "hnsw":
+    if plan.method == "hnsw":
         breadth = min(EF_SEARCH_LIMIT, max(candidates, ef_search_for(k, asked, 100)))
-        return Search(method, breadth, EF_SEARCH_LIMIT, candidates)
+        return Search(plan.method, breadth, EF_SEARCH_LIMIT, candidates)
     lists = ivfflat_lists(n)
-    return Search(method, min(lists, asked or max(1, lists // 20)), lists, candidates)
+    return Search(plan.method, min(lists, asked or max(1, lists // 20)), lists, candidates)
 
 
 @dataclass
@@ -305,7 +305,7 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
     rk = min(RECALL_K, k)
     sample = np.sort(np.random.default_rng(0).choice(n, size=min(job.recall_queries, n), replace=False))
     exact = positions[exact_topk(vectors, rk, queries=sample)[0]]
-    search: Search | None = initial_search(plan.method, plan, k, n, job.breadth)
+    search: Search | None = initial_search(plan, k, n, job.breadth)
     tried = []
     while search is not None:
         sample_found = query(sample, search, fill_exactly=False)

@@ -284,3 +284,10 @@ def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -
     assert "CVE-2026-3172" in caplog.text and "without parallel workers" in caplog.text
     with wh.engine.begin() as conn:  # said once per process, and an existing index is not rebuilt
         assert not hnsw.ensure_index(conn, plan, 1, 1, 1)
+
+
+def test_cli_offers_every_engine() -> None:
+    from analysis.knn import ENGINES
+    from cli.analyze import ENGINES as CLI_ENGINES
+
+    assert sorted(CLI_ENGINES) == sorted(ENGINES)
