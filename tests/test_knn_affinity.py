@@ -291,3 +291,16 @@ def test_cli_offers_every_engine() -> None:
     from cli.analyze import ENGINES as CLI_ENGINES
 
     assert sorted(CLI_ENGINES) == sorted(ENGINES)
+
+
+def test_layer_vectors_come_in_position_order_whatever_the_storage_order(wh) -> None:  # type: ignore[no-untyped-def]
+    vectors = clustered_vectors(50, 8, seed=6)
+    store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1, layer_vectors={1: vectors})
+    with wh.engine.begin() as conn:  # updated rows get new tuples at the end of the heap
+        conn.execute(sa.text("UPDATE activation SET vec = vec WHERE prompt_id IN "
+                             "(SELECT id FROM prompt WHERE position < 10)"))
+        stored = conn.execute(sa.text("SELECT p.position FROM activation a JOIN prompt p ON p.id = a.prompt_id")).scalars().all()
+        positions, read = layer_vectors(conn, 1, 1, 1)
+    assert stored != sorted(stored)  # the storage order really changed
+    assert positions.tolist() == list(range(50))
+    np.testing.assert_array_equal(read, vectors)
