@@ -196,9 +196,10 @@ def materialize(
         raise InputError(
             f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max"
         )
-    if engine == "hnsw" and ef_search_for(k_max, ef_search, 100) > EF_SEARCH_LIMIT:
-        raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs "
-                         f"{ef_search_for(k_max, ef_search, 100)}: lower --k-max")
+    needed = ef_search_for(k_max, ef_search, 100)
+    if engine == "hnsw" and needed > EF_SEARCH_LIMIT:
+        raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs {needed}: "
+                         "lower --k-max")
     if engine == "blas" and device is None:
         device = default_device()
     if engine != "blas":
@@ -210,7 +211,8 @@ def materialize(
             if conn.execute(sa.text(STATISTICS_STALE)).scalar():
                 conn.execute(sa.text("ANALYZE activation, prompt"))
     job = _Job(wh, model_name, dataset_name, model_id, dataset_id, width, n, k_max, engine, ef_search if engine == "hnsw"
-               else probes, min_recall, workers or default_workers(), recall_queries, device, progress)
+               else probes, min_recall, workers or default_workers(), recall_queries, device, progress,
+               None if engine == "blas" else dataset_prompt_ids(wh, dataset_id))
     bar = tqdm(chosen, desc=f"k-NN {model_name} × {dataset_name} ({engine})", unit="layer", disable=not progress,
                dynamic_ncols=True)
     return [_materialize_layer(job, layer, force) for layer in bar]
@@ -235,6 +237,7 @@ class _Job:
     recall_queries: int
     device: str | None
     progress: bool
+    prompt_ids: np.ndarray | None  # in-database engines: ``dataset_prompt_ids``, read once for all layers
 
 
 def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
@@ -297,8 +300,9 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
     n, k = job.n, job.k_max
 
     def query(rows: np.ndarray, search: Search | None = None, **options: bool) -> tuple[np.ndarray, np.ndarray]:
-        return neighbors_in_db(job.wh, job.model_id, layer, job.dataset_id, job.width, positions[rows], k,
-                               plan=plan if search else None, search=search, workers=job.workers, **options)
+        return neighbors_in_db(job.wh, job.model_id, layer, job.dataset_id, job.width, job.prompt_ids,
+                               positions[rows], k, plan=plan if search else None, search=search, workers=job.workers,
+                               **options)
 
     if plan is None:
         return query(np.arange(n), progress=job.progress), None, None
@@ -331,9 +335,17 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
     return (idx, dist), tried[-1]["recall"], record
 
 
+def dataset_prompt_ids(wh: Warehouse, dataset_id: int) -> np.ndarray:
+    """The dataset's prompt ids in position order (index i holds position i's id; ids grow
+    with position, so the array is sorted)."""
+    with wh.engine.connect() as conn:
+        return np.array(conn.execute(sa.text(PROMPT_IDS), {"dataset": dataset_id}).scalars().all(), dtype=np.int64)
+
+
 def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, width: int,
-                    query_positions: np.ndarray, k: int, *, plan: IndexPlan | None = None, search: Search | None = None, workers: int = 1,
-                    progress: bool = False, fill_exactly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    prompt_ids: np.ndarray, query_positions: np.ndarray, k: int, *, plan: IndexPlan | None = None,
+                    search: Search | None = None, workers: int = 1, progress: bool = False,
+                    fill_exactly: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour positions [q, k], distances [q, k]) of the query prompts, ranked in SQL.
 
     Without a plan each query scans exactly; with one, it takes ``search.candidates`` rows in
@@ -344,9 +356,6 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
     from tqdm import tqdm
 
     query_positions = np.asarray(query_positions)
-    with wh.engine.connect() as conn:
-        prompt_ids = np.array(conn.execute(sa.text(PROMPT_IDS), {"dataset": dataset_id}).scalars().all(),
-                              dtype=np.int64)
     if plan is None:
         order = sql.SQL("a2.vec <=> q.vec, a2.prompt_id")  # ties by prompt id, that is by position
         candidates = k + 1
@@ -361,7 +370,8 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
     def run(cur: psycopg.Cursor, block: np.ndarray) -> list[tuple]:
         cur.execute(sql.SQL(NEIGHBOURS_SQL).format(
             model=sql.Literal(model_id), layer=sql.Literal(layer), dataset=sql.Literal(dataset_id),
-            width=sql.Literal(width), ids=sql.SQL("{}::bigint[]").format(sql.Literal([int(i) for i in prompt_ids[block]])),
+            width=sql.Literal(width),
+            ids=sql.SQL("{}::bigint[]").format(sql.Literal([int(i) for i in prompt_ids[block]])),
             order=order, candidates=sql.Literal(candidates), k=sql.Literal(k), decimals=sql.Literal(DISTANCE_DECIMALS),
         ))
         rows = cur.fetchall()
@@ -381,8 +391,8 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
         dist[row, :len(distances)] = distances
     short = np.nonzero((idx < 0).any(axis=1))[0]
     if fill_exactly and plan is not None and len(short):
-        idx[short], dist[short] = neighbors_in_db(wh, model_id, layer, dataset_id, width, query_positions[short], k,
-                                                  workers=workers)
+        idx[short], dist[short] = neighbors_in_db(wh, model_id, layer, dataset_id, width, prompt_ids,
+                                                  query_positions[short], k, workers=workers)
     return idx, dist
 
 

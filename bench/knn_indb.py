@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
     args = parser.parse_args(argv)
 
-    from analysis.knn import materialize, neighbor_array, neighbors_in_db
+    from analysis.knn import dataset_prompt_ids, materialize, neighbor_array, neighbors_in_db
     from analysis.topk import exact_topk
     from analysis.vector_index import METHODS, index_name
     from ingest.synthetic import clustered_vectors, store_synthetic
@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> None:
                     recall = recall_at(stored, idx, args.k)
                 else:
                     timed = min(args.sample, n)
+                    prompt_ids = dataset_prompt_ids(wh, dataset_id)
 
                     def run() -> object:  # the engine's own statement and workers, on the first prompts
                         t0 = time.perf_counter()
-                        found, _ = neighbors_in_db(wh, model_id, 1, dataset_id, d, np.arange(timed), args.k,
-                                                   workers=workers)
+                        found, _ = neighbors_in_db(wh, model_id, 1, dataset_id, d, prompt_ids, np.arange(timed),
+                                                   args.k, workers=workers)
                         return time.perf_counter() - t0, found
 
                     _, (sample_s, stored) = median_time(run, args.db_repeats)

@@ -67,29 +67,29 @@ def _memory_mb() -> int:
     return int(psutil.virtual_memory().total // (1 << 20))
 
 
-def _tune(pgdata: Path, admin_uri: str) -> None:
-    """Size the memory settings of a new data directory, restarting the server once."""
-    with psycopg.connect(admin_uri, autocommit=True) as conn:
-        if conn.execute(TUNED).fetchone()[0]:  # type: ignore[index]
-            return
-        memory = _memory_mb()
-        shared = min(MAX_SHARED_BUFFERS_MB, memory // 4)
-        conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(f"{shared}MB")))
-        conn.execute(sql.SQL("ALTER SYSTEM SET effective_cache_size = {}").format(sql.Literal(f"{memory // 2}MB")))
-    # pg_ctl restart keeps the options pgserver started it with (socket only, no TCP).
-    _pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=_system_user())
+def _size_memory(conn: psycopg.Connection) -> bool:
+    """Size the memory settings of a new data directory; return whether that needs a restart."""
+    if conn.execute(TUNED).fetchone()[0]:  # type: ignore[index]
+        return False
+    memory = _memory_mb()
+    shared = min(MAX_SHARED_BUFFERS_MB, memory // 4)
+    conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(f"{shared}MB")))
+    conn.execute(sql.SQL("ALTER SYSTEM SET effective_cache_size = {}").format(sql.Literal(f"{memory // 2}MB")))
+    return True
 
 
 def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> URL:
     """Start the embedded server if needed, create the database, and return its URL."""
     pgdata = pgdata or pgdata_dir()
     server = _server(pgdata)
-    _tune(pgdata, server.get_uri())
-    admin_uri = server.get_uri()
-    with psycopg.connect(admin_uri, autocommit=True) as conn:
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        restart = _size_memory(conn)
+    if restart:
+        # pg_ctl restart keeps the options pgserver started it with (socket only, no TCP).
+        _pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=_system_user())
     url = make_url(server.get_uri(database))
     return url.set(drivername="postgresql+psycopg")
 
