@@ -7,7 +7,7 @@ ties broken by position) for a (model, layer, dataset), by one of four engines:
 * ``sql``: exact, inside Postgres with pgvector's ``<=>``. The reference for correctness.
 * ``hnsw`` and ``ivfflat``: approximate, inside Postgres through a partial index per
   (model, layer, dataset). Before the full pass the search is widened (ef_search or probes,
-  and for reduced indexes the candidates re-ranked exactly) until the recall on a seeded
+  and for a prefix index the candidates re-ranked exactly) until the recall on a seeded
   sample of prompts reaches ``min_recall``; every setting tried and its recall are stored.
 
 The in-database engines spread their queries over several connections (``workers``), each
@@ -28,7 +28,7 @@ from psycopg import sql
 from sqlalchemy.orm import Session
 
 from analysis.vector_index import (
-    EF_SEARCH_LIMIT, METHODS, IndexPlan, ef_search_for, ensure_index, ivfflat_lists, plan_index,
+    EF_SEARCH_LIMIT, METHODS, USE_INDEX, IndexPlan, ef_search_for, ensure_index, ivfflat_lists, plan_index,
 )
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
@@ -98,16 +98,19 @@ class Search:
     limit: int
     candidates: int
 
-    def settings(self) -> sql.Composable:
+    def settings(self) -> list[sql.Composable]:
+        """The statements that make a transaction search this way, through the index."""
         name = "hnsw.ef_search" if self.method == "hnsw" else "ivfflat.probes"
-        return sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(self.breadth))
+        return [sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(self.breadth)), *USE_INDEX]
 
-    def wider(self, reduced: bool, n: int) -> Search | None:
-        """The next setting to try: twice the breadth, and for a reduced index (whose order
-        is not the exact one) twice the candidates; None when nothing can grow."""
-        # an HNSW scan returns at most ef_search rows, so more candidates than that are moot
+    def wider(self, rough_order: bool, n: int) -> Search | None:
+        """The next setting to try: twice the breadth, and for an index that orders only
+        roughly (a prefix) twice the candidates; None when nothing can grow."""
+        # An HNSW scan returns at most ef_search rows, so more candidates than that are moot.
+        # Each candidate costs a row fetch and its distances (9 us at width 2048, pgvector
+        # 0.8.5), so they grow only where the index order is the cause of missed neighbours.
         cap = min(n, self.limit) if self.method == "hnsw" else n
-        candidates = min(cap, self.candidates * 2) if reduced else self.candidates
+        candidates = min(cap, self.candidates * 2) if rough_order else self.candidates
         breadth = min(self.limit, max(self.breadth * 2, candidates if self.method == "hnsw" else 0))
         if (breadth, candidates) == (self.breadth, self.candidates):
             return None
@@ -315,7 +318,7 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
         sample_found = query(sample, search, fill_exactly=False)
         recall = sum(len(np.intersect1d(f[:rk], e)) for f, e in zip(sample_found[0], exact)) / (rk * len(sample))
         tried.append({**search.as_dict(), "recall": round(recall, 4)})
-        if recall >= job.min_recall or (wider := search.wider(plan.reduced, n)) is None:
+        if recall >= job.min_recall or (wider := search.wider(plan.rough_order, n)) is None:
             break
         search = wider
     assert search is not None
@@ -378,7 +381,7 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
         bar.update(len(block))
         return rows
 
-    settings = [search.settings()] if search is not None else []
+    settings = search.settings() if search is not None else []
     results = {prompt_id: (neighbors, distances)
                for rows in run_in_parallel(wh, blocks, run, workers=workers, settings=settings)
                for prompt_id, neighbors, distances in rows}

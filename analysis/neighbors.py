@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.vector_index import EF_SEARCH_LIMIT, ef_search_for, index_exists, plan_index
+from analysis.vector_index import EF_SEARCH_LIMIT, USE_INDEX, ef_search_for, index_exists, plan_index
 from analysis.knn import EXACT_ENGINES
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
@@ -55,9 +55,11 @@ ORDER BY s.rank
 # ef_search for lookups: on 100000 clustered synthetic vectors of width 576, 100 gave
 # recall@10 0.958 and 200 gave 0.967-0.983 (bench/lookup.py).
 LOOKUP_EF_SEARCH = 200
-# Candidates per wanted neighbour from a reduced index (measured with IVFFlat at width 2048
-# indexed on its first 2000 dimensions: 40 candidates gave recall@10 0.999, 11 gave 0.85).
-LOOKUP_REDUCED_CANDIDATES = 4
+# Candidates per wanted neighbour from a prefix index (measured with IVFFlat at width 2048
+# indexed on its first 2000 dimensions: 40 candidates gave recall@10 0.999, 11 gave 0.85),
+# and from a half-precision index of every dimension, whose order differs at near ties only.
+LOOKUP_PREFIX_CANDIDATES = 4
+LOOKUP_HALFVEC_CANDIDATES = 2
 
 
 @dataclass
@@ -184,11 +186,14 @@ def _lookup(conn: sa.Connection, ids: tuple[int, int, int, int, str | None], lay
     cur = raw_connection(conn).cursor()
     limit = k + 1
     if not exact and index_exists(conn, plan.name):
-        # A reduced index (a wide layer's prefix) orders candidates only roughly: take more,
-        # and let the outer query re-rank them by exact distance.
-        limit = (k + 1) * (LOOKUP_REDUCED_CANDIDATES if plan.reduced else 1)
+        # A reduced index (a wide layer's prefix, or half precision) orders candidates only
+        # roughly: take more, and let the outer query re-rank them by exact distance.
+        per_neighbor = LOOKUP_PREFIX_CANDIDATES if plan.rough_order else LOOKUP_HALFVEC_CANDIDATES
+        limit = (k + 1) * (per_neighbor if plan.reduced else 1)
         ef = min(max(ef_search_for(k, ef_search, LOOKUP_EF_SEARCH), limit), EF_SEARCH_LIMIT)
         cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
+        for statement in USE_INDEX:
+            cur.execute(statement)
         order = plan.distance(sql.SQL("a.vec"), query)
         path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef})"
     else:

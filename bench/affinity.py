@@ -18,7 +18,7 @@ import random
 import numpy as np
 import scipy.sparse as sp
 
-from bench.common import bench_warehouse, median_time, print_table
+from bench.common import add_server_option, bench_warehouse, median_time, print_table
 
 
 def sparse_all_pairs(sets_a: list[np.ndarray], sets_b: list[np.ndarray], n: int, k: int) -> np.ndarray:
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=20, help="layer pairs timed for the per-pair approach")
     parser.add_argument("--repeats", type=int, default=3)
+    add_server_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.affinity import compute_affinity
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     n, d, k = args.n, args.d, args.k
     rows = []
-    with bench_warehouse() as wh:
+    with bench_warehouse(args.server) as wh:
         for shape in args.shapes.split(","):
             la, lb = (int(x) for x in shape.lower().split("x"))
             base = clustered_vectors(n, d, seed=la * 100 + lb)

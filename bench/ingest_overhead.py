@@ -19,7 +19,7 @@ import functools
 import statistics
 import time
 
-from bench.common import bench_warehouse, print_table
+from bench.common import add_server_option, bench_warehouse, print_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", help="cuda or cpu (default: the best available)")
+    add_server_option(parser)
     args = parser.parse_args(argv)
 
     import sqlalchemy as sa
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from ingest.sources import generate_random, read_txt_dir
     from warehouse.lookup import get_dataset
 
-    with bench_warehouse() as wh:
+    with bench_warehouse(args.server) as wh:
         if args.corpus == "news":
             prompts = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(args.prompts, 0)
         else:

@@ -12,7 +12,7 @@ import argparse
 
 import sqlalchemy as sa
 
-from bench.common import bench_warehouse, median_time, print_table
+from bench.common import add_server_option, bench_warehouse, median_time, print_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated NxD shapes")
     parser.add_argument("--k-max", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    add_server_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import materialize, neighbor_array
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     from ingest.synthetic import clustered_vectors, store_synthetic
 
     rows = []
-    with bench_warehouse() as wh:
+    with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
             n, d = (int(x) for x in shape.lower().split("x"))
             vectors = clustered_vectors(n, d, seed=n + d)

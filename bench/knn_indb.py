@@ -23,7 +23,7 @@ import time
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import bench_warehouse, median_time, print_table
+from bench.common import add_server_option, bench_warehouse, median_time, print_table
 
 
 def recall_at(stored: np.ndarray, reference: np.ndarray, k: int) -> float:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of the reference")
     parser.add_argument("--db-repeats", type=int, default=1, help="runs of each in-database engine")
     parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
+    add_server_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import dataset_prompt_ids, materialize, neighbor_array, neighbors_in_db
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     workers = args.workers or default_workers()
     rows = []
-    with bench_warehouse() as wh:
+    with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
             n, d = (int(x) for x in shape.lower().split("x"))
             vectors = clustered_vectors(n, d, seed=n + d)

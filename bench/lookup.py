@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.common import bench_warehouse, print_table
+from bench.common import add_server_option, bench_warehouse, print_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: the CLI's)")
+    add_server_option(parser)
     args = parser.parse_args(argv)
 
     import sqlalchemy as sa
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from warehouse.engine import pgvector_version
 
     n, d, k = args.n, args.d, args.k
-    with bench_warehouse() as wh:
+    with bench_warehouse(args.server) as wh:
         vectors = clustered_vectors(n, d, seed=5)
         t0 = time.perf_counter()
         store_synthetic(wh, "syn", "lookup", n=n, d=d, n_layers=1, layer_vectors={1: vectors})

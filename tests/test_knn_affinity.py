@@ -278,7 +278,7 @@ def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -
     store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1)
     hnsw._warned_parallel = False
     plan = hnsw.plan_index("hnsw", 1, 1, 1, 8, "0.6.2")
-    with caplog.at_level(logging.WARNING, logger="analysis.hnsw"), wh.engine.begin() as conn:
+    with caplog.at_level(logging.WARNING, logger="analysis.vector_index"), wh.engine.begin() as conn:
         assert hnsw.ensure_index(conn, plan, 1, 1, 1)
         assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "0"
     assert "CVE-2026-3172" in caplog.text and "without parallel workers" in caplog.text
@@ -304,3 +304,20 @@ def test_layer_vectors_come_in_position_order_whatever_the_storage_order(wh) -> 
     assert stored != sorted(stored)  # the storage order really changed
     assert positions.tolist() == list(range(50))
     np.testing.assert_array_equal(read, vectors)
+
+
+def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
+    from analysis.knn import initial_search
+    from analysis.vector_index import plan_index
+
+    prefix = plan_index("ivfflat", 1, 1, 1, 2100, "0.6.2")  # the first 2000 dimensions
+    half = plan_index("ivfflat", 1, 1, 1, 2100, "0.8.5")  # all 2100, in half precision
+    plain = plan_index("ivfflat", 1, 1, 1, 576, "0.6.2")
+    assert prefix.rough_order and prefix.reduced and not half.rough_order and half.reduced
+    assert not plain.reduced
+    for plan, grows in ((prefix, True), (half, False), (plain, False)):
+        first = initial_search(plan, 10, 10000, None)
+        assert first.candidates == (22 if plan.reduced else 11) and first.breadth == 5  # 100 lists / 20
+        wider = first.wider(plan.rough_order, 10000)
+        assert wider is not None and wider.breadth == 10
+        assert wider.candidates == (44 if grows else first.candidates)

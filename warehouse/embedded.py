@@ -67,7 +67,7 @@ def _memory_mb() -> int:
     return int(psutil.virtual_memory().total // (1 << 20))
 
 
-def _size_memory(conn: psycopg.Connection) -> bool:
+def size_memory(conn: psycopg.Connection) -> bool:
     """Size the memory settings of a new data directory; return whether that needs a restart."""
     if conn.execute(TUNED).fetchone()[0]:  # type: ignore[index]
         return False
@@ -86,7 +86,7 @@ def embedded_url(pgdata: Path | None = None, database: str = DATABASE_NAME) -> U
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-        restart = _size_memory(conn)
+        restart = size_memory(conn)
     if restart:
         # pg_ctl restart keeps the options pgserver started it with (socket only, no TCP).
         _pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=_system_user())
