@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.vector_index import EF_SEARCH_LIMIT, USE_INDEX, ef_search_for, index_exists, plan_index
-from analysis.knn import EXACT_ENGINES
+from analysis.vector_index import EF_SEARCH_LIMIT, USE_INDEX, ef_search_for, index_name, plan_index
+from analysis.knn import EXACT_ENGINES, RECALL_K
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
@@ -35,31 +35,21 @@ WHERE {exclude}
 ORDER BY distance, p.position
 LIMIT {k}
 """
-# The stored exact set with the most neighbours (k_max >= k) of the layer, read by the
-# query prompt's primary key and unnested in rank order: no distance is computed.
+# A stored exact set's neighbours of the query prompt, read by primary key and unnested in
+# rank order: no distance is computed.
 STORED_SET_SQL = """
-SELECT r.id, r.engine, s.neighbor_position, p.text, s.distance
-FROM (
-    SELECT id, engine FROM knn_run
-    WHERE model_id = {model} AND dataset_id = {dataset} AND layer = {layer} AND k_max >= {k}
-      AND engine IN ({exact_engines})
-    ORDER BY k_max DESC, id DESC
-    LIMIT 1
-) r
-JOIN knn_neighbor n ON n.run_id = r.id AND n.position = {position}
+SELECT s.neighbor_position, p.text, s.distance
+FROM knn_neighbor n
 CROSS JOIN LATERAL unnest(n.neighbors[1:{k}], n.distances[1:{k}]) WITH ORDINALITY
     AS s(neighbor_position, distance, rank)
 JOIN prompt p ON p.dataset_id = {dataset} AND p.position = s.neighbor_position
+WHERE n.run_id = {run} AND n.position = {position}
 ORDER BY s.rank
 """
-# ef_search for lookups: on 100000 clustered synthetic vectors of width 576, 100 gave
+# ef_search for lookups on a layer whose HNSW run stored no tuned value: on 100000
+# clustered synthetic vectors of width 576 (isotropic noise, the hard case), 100 gave
 # recall@10 0.958 and 200 gave 0.967-0.983 (bench/lookup.py).
 LOOKUP_EF_SEARCH = 200
-# Candidates per wanted neighbour from a prefix index (measured with IVFFlat at width 2048
-# indexed on its first 2000 dimensions: 40 candidates gave recall@10 0.999, 11 gave 0.85),
-# and from a half-precision index of every dimension, whose order differs at near ties only.
-LOOKUP_PREFIX_CANDIDATES = 4
-LOOKUP_HALFVEC_CANDIDATES = 2
 
 
 @dataclass
@@ -82,15 +72,36 @@ class Neighbors:
                 "path": self.path, "neighbors": self.rows}
 
 
-# Everything a lookup needs to know, in one round trip (a lookup is a few milliseconds, so
-# each extra statement shows); None when any piece is missing, and the slow path below
-# then finds which one and says what to run.
+# Everything a lookup needs to know, in one round trip (a lookup takes milliseconds, and
+# each extra statement cost about 0.2 ms): the ids and sizes, the query prompt's text, the
+# stored exact k-NN set with the most neighbours (k_max >= k), whether the layer's HNSW
+# index exists, and the ef_search that `layerbase knn --engine hnsw` tuned for lookups of
+# 10 (``knn._calibrate_lookups``) with its recall. No row when a piece is missing: the
+# slow path below then finds which one and says what to run.
 LOOKUP_META = """
-SELECT m.id, m.width, d.id, d.n_prompts, j.include_layer0, m.n_layers, e.extversion
+SELECT m.id, m.width, d.id, d.n_prompts, j.include_layer0, m.n_layers, e.extversion,
+       (SELECT p.text FROM prompt p WHERE p.dataset_id = d.id AND p.position = :position),
+       s.id, s.engine, to_regclass(format(:index_name, m.id, d.id)) IS NOT NULL, t.ef_search, t.recall, t.queries
 FROM model m
 JOIN dataset d ON d.name = :dataset
 JOIN ingest_job j ON j.model_id = m.id AND j.dataset_id = d.id AND j.state = 'done'
 CROSS JOIN pg_extension e
+LEFT JOIN LATERAL (
+    SELECT r.id, r.engine FROM knn_run r
+    WHERE r.model_id = m.id AND r.dataset_id = d.id AND r.layer = :layer AND r.k_max >= :k
+      AND r.engine = ANY(:exact_engines)
+    ORDER BY r.k_max DESC, r.id DESC
+    LIMIT 1
+) s ON true
+LEFT JOIN LATERAL (
+    SELECT (r.search->'lookup'->>'ef_search')::int AS ef_search, (r.search->'lookup'->>'recall')::real AS recall,
+           (r.search->'lookup'->>'queries')::int AS queries
+    FROM knn_run r
+    WHERE r.model_id = m.id AND r.dataset_id = d.id AND r.layer = :layer AND r.engine = 'hnsw'
+      AND r.search ? 'lookup'
+    ORDER BY r.id DESC
+    LIMIT 1
+) t ON true
 WHERE m.name = :model AND e.extname = 'vector'
 """
 # The query prompt's own vector is read inside the lookup statement, so that a stored
@@ -102,23 +113,45 @@ STORED_QUERY = """(
 )"""
 
 
-def _checked_ids(conn: sa.Connection, model_name: str, dataset_name: str, layer: int,
-                 k: int) -> tuple[int, int, int, int, str | None]:
-    """(model id, width, dataset id, prompts, pgvector version), or the error that explains what is missing."""
-    row = conn.execute(sa.text(LOOKUP_META), {"model": model_name, "dataset": dataset_name}).first()
+@dataclass(frozen=True)
+class _Target:
+    """What LOOKUP_META found for one lookup."""
+
+    model_id: int
+    width: int
+    dataset_id: int
+    n_prompts: int
+    pgvector: str | None
+    prompt_text: str | None
+    exact_run: tuple[int, str] | None  # (run id, engine) of a stored exact set with >= k neighbours
+    indexed: bool  # the layer has its HNSW index
+    tuned: tuple[int, float, int] | None  # (ef_search, recall@10, sample size) tuned for lookups
+
+
+def _target(conn: sa.Connection, model_name: str, dataset_name: str, layer: int, k: int,
+            position: int | None) -> _Target:
+    """The lookup's target, or the error that explains what is missing."""
+    row = conn.execute(sa.text(LOOKUP_META), {
+        "model": model_name, "dataset": dataset_name, "layer": layer, "k": k, "position": position,
+        "exact_engines": list(EXACT_ENGINES), "index_name": index_name("hnsw", "%s", layer, "%s"),  # type: ignore[arg-type]
+    }).first()
     if row is None:
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             dataset = get_dataset(session, dataset_name)
             ingested_layers(session, model, dataset)  # raises: not (fully) ingested
         raise InputError(f"model {model_name!r} cannot be looked up on {dataset_name!r}")  # pragma: no cover
-    model_id, width, dataset_id, n_prompts, layer0, n_layers, version = row
+    model_id, width, dataset_id, n_prompts, layer0, n_layers, version, text, run_id, engine, indexed, *tuned = row
     layers = ([0] if layer0 else []) + list(range(1, n_layers + 1))
     if layer not in layers:
         raise InputError(f"layer {layer} is not stored for {model_name}; stored layers are {layers[0]}..{layers[-1]}")
     if not 0 < k < n_prompts:
         raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n_prompts})")
-    return model_id, width, dataset_id, n_prompts, version
+    if position is not None and not 0 <= position < n_prompts:
+        raise InputError(f"--prompt {position} is outside {dataset_name!r} (positions 0..{n_prompts - 1})")
+    return _Target(model_id, width, dataset_id, n_prompts, version, text,
+                   (run_id, engine) if run_id is not None else None, bool(indexed),
+                   tuple(tuned) if tuned[0] is not None else None)  # type: ignore[arg-type]
 
 
 def nearest(
@@ -140,68 +173,60 @@ def nearest(
     # milliseconds, so round trips show. A new text is embedded between two transactions,
     # so that no transaction stays open while a model loads.
     with wh.engine.begin() as conn:
-        ids = _checked_ids(conn, model_name, dataset_name, layer, k)
-        model_id, _, dataset_id, n_prompts, _ = ids
+        target = _target(conn, model_name, dataset_name, layer, k, position)
         if position is not None:
-            if not 0 <= position < n_prompts:
-                raise InputError(f"--prompt {position} is outside {dataset_name!r} (positions 0..{n_prompts - 1})")
-            query = sql.SQL(STORED_QUERY).format(model=sql.Literal(model_id), layer=sql.Literal(layer),
-                                                 dataset=sql.Literal(dataset_id), position=sql.Literal(position))
-            prompt_text = conn.execute(sa.text("SELECT text FROM prompt WHERE dataset_id = :d AND position = :p"),
-                                       {"d": dataset_id, "p": position}).scalar()
-            stored = _stored_set(conn, model_id, layer, dataset_id, position, k)
-            path, rows = stored or _lookup(conn, ids, layer, query, position, k, ef_search, exact)
-            return Neighbors(model_name, layer, dataset_name, f"prompt {position}: {prompt_text}", path, rows)
+            query = sql.SQL(STORED_QUERY).format(model=sql.Literal(target.model_id), layer=sql.Literal(layer),
+                                                 dataset=sql.Literal(target.dataset_id), position=sql.Literal(position))
+            path, rows = (_stored_set(conn, target, position, k) if target.exact_run
+                          else _lookup(conn, target, layer, query, position, k, ef_search, exact))
+            return Neighbors(model_name, layer, dataset_name, f"prompt {position}: {target.prompt_text}", path, rows)
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             session.expunge(model)
     query = sql.SQL("{}::vector").format(sql.Literal(_embed_text(model, layer, text)))  # type: ignore[arg-type]
     with wh.engine.begin() as conn:
-        path, rows = _lookup(conn, ids, layer, query, None, k, ef_search, exact)
+        path, rows = _lookup(conn, target, layer, query, None, k, ef_search, exact)
     return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows)
 
 
-def _stored_set(conn: sa.Connection, model_id: int, layer: int, dataset_id: int, position: int,
-                k: int) -> tuple[str, list[dict]] | None:
-    """(path, rows) from a stored exact k-NN set of the layer with at least k neighbours, or None."""
-    statement = sql.SQL(STORED_SET_SQL).format(
-        model=sql.Literal(model_id), layer=sql.Literal(layer), dataset=sql.Literal(dataset_id),
-        position=sql.Literal(position), k=sql.Literal(k),
-        exact_engines=sql.SQL(", ").join(sql.Literal(e) for e in EXACT_ENGINES))
+def _stored_set(conn: sa.Connection, target: _Target, position: int, k: int) -> tuple[str, list[dict]]:
+    """(path, rows) from the stored exact k-NN set that LOOKUP_META found."""
+    assert target.exact_run is not None
+    run_id, engine = target.exact_run
     cur = raw_connection(conn).cursor()
-    cur.execute(statement)
-    found = cur.fetchall()
-    if len(found) < k:
-        return None
-    run_id, engine = found[0][0], found[0][1]
+    cur.execute(sql.SQL(STORED_SET_SQL).format(dataset=sql.Literal(target.dataset_id), run=sql.Literal(run_id),
+                                               position=sql.Literal(position), k=sql.Literal(k)))
     return (f"stored k-NN set (run {run_id}, {engine} engine, exact)",
-            [{"position": r[2], "text": r[3], "distance": float(r[4])} for r in found])
+            [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()])
 
 
-def _lookup(conn: sa.Connection, ids: tuple[int, int, int, int, str | None], layer: int, query: sql.Composable,
-            position: int | None, k: int, ef_search: int | None, exact: bool) -> tuple[str, list[dict]]:
+def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composable, position: int | None, k: int,
+            ef_search: int | None, exact: bool) -> tuple[str, list[dict]]:
     """(the path that answered, neighbour rows) for a query vector expression."""
-    model_id, width, dataset_id, _, version = ids
-    plan = plan_index("hnsw", model_id, layer, dataset_id, width, version)
+    plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector)
     cur = raw_connection(conn).cursor()
     limit = k + 1
-    if not exact and index_exists(conn, plan.name):
+    if target.indexed and not exact:
         # A reduced index (a wide layer's prefix, or half precision) orders candidates only
         # roughly: take more, and let the outer query re-rank them by exact distance.
-        per_neighbor = LOOKUP_PREFIX_CANDIDATES if plan.rough_order else LOOKUP_HALFVEC_CANDIDATES
-        limit = (k + 1) * (per_neighbor if plan.reduced else 1)
-        ef = min(max(ef_search_for(k, ef_search, LOOKUP_EF_SEARCH), limit), EF_SEARCH_LIMIT)
-        cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)))
-        for statement in USE_INDEX:
-            cur.execute(statement)
+        limit = plan.lookup_candidates(k)
+        if target.tuned is not None and ef_search is None and k <= RECALL_K:
+            ef, recall, queries = target.tuned
+            how = f"tuned by `layerbase knn` to recall@{RECALL_K} {recall:.3f} on {queries} prompts"
+        else:
+            ef = ef_search_for(k, ef_search, LOOKUP_EF_SEARCH if ef_search is None else 0)
+            how = "as asked" if ef_search else "the default; `layerbase knn --engine hnsw` tunes it"
+        ef = min(max(ef, limit), EF_SEARCH_LIMIT)
+        # The settings go in one round trip too.
+        cur.execute(sql.SQL("; ").join([sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)), *USE_INDEX]))
         order = plan.distance(sql.SQL("a.vec"), query)
-        path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef})"
+        path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef}, {how})"
     else:
         order = sql.SQL("a.vec <=> {}, a.prompt_id").format(query)
         path = "exact scan" + ("" if exact else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
     exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
-    statement = sql.SQL(LOOKUP_SQL).format(query=query, model=sql.Literal(model_id), layer=sql.Literal(layer),
-                                           dataset=sql.Literal(dataset_id), order=order,
+    statement = sql.SQL(LOOKUP_SQL).format(query=query, model=sql.Literal(target.model_id), layer=sql.Literal(layer),
+                                           dataset=sql.Literal(target.dataset_id), order=order,
                                            limit=sql.Literal(limit), exclude=exclude, k=sql.Literal(k))
     cur.execute(statement)
     return path, [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]

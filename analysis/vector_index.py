@@ -57,6 +57,14 @@ class IndexPlan:
         """Whether index distances differ from exact ones (a prefix, or half precision)."""
         return self.prefix is not None or self.cast.startswith("halfvec")
 
+    def lookup_candidates(self, k: int) -> int:
+        """Rows a lookup of k neighbours takes from the index before the exact re-rank: k + 1
+        (self may be among them), 4x that from a prefix index (measured with IVFFlat at width
+        2048 indexed on its first 2000 dimensions: 40 candidates gave recall@10 0.999, 11 gave
+        0.85), and 2x from a half-precision index of every dimension, which differs at near
+        ties only."""
+        return (k + 1) * (4 if self.rough_order else 2 if self.reduced else 1)
+
     @property
     def rough_order(self) -> bool:
         """Whether the index orders neighbours only roughly: a prefix of the dimensions. Half

@@ -17,6 +17,24 @@ import psycopg
 
 
 SERVERS = ("embedded", "newer")
+DATA = ("activation-like", "isotropic")
+
+
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", choices=DATA, default="activation-like",
+        help="activation-like: clusters with the variance spectrum and neighbour contrast of SmolLM2's hidden "
+             "states; isotropic: clusters of isotropic noise, whose near-tied neighbours are the hardest case "
+             "for an approximate index")
+
+
+def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
+    """Synthetic activations of one of the ``DATA`` kinds."""
+    from ingest.synthetic import activation_like_vectors, clustered_vectors
+
+    if data == "isotropic":
+        return clustered_vectors(n, d, seed=seed)
+    return activation_like_vectors(n, d, seed=seed)
 
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:

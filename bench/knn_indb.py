@@ -23,7 +23,7 @@ import time
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import add_server_option, bench_warehouse, median_time, print_table
+from bench.common import add_data_option, add_server_option, bench_vectors, bench_warehouse, median_time, print_table
 
 
 def recall_at(stored: np.ndarray, reference: np.ndarray, k: int) -> float:
@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db-repeats", type=int, default=1, help="runs of each in-database engine")
     parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
     add_server_option(parser)
+    add_data_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import dataset_prompt_ids, materialize, neighbor_array, neighbors_in_db
     from analysis.topk import exact_topk
     from analysis.vector_index import METHODS, index_name
-    from ingest.synthetic import clustered_vectors, store_synthetic
+    from ingest.synthetic import store_synthetic
     from warehouse.parallel import default_workers
 
     workers = args.workers or default_workers()
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
             n, d = (int(x) for x in shape.lower().split("x"))
-            vectors = clustered_vectors(n, d, seed=n + d)
+            vectors = bench_vectors(args.data, n, d, seed=n + d)
             name, dataset = f"syn-{n}x{d}", f"d{n}x{d}"
             store_synthetic(wh, name, dataset, n=n, d=d, n_layers=1, layer_vectors={1: vectors})
             reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k), args.repeats)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                              "ratio": seconds / reference, f"recall@{args.k}": recall})
                 print_table(rows[-1:], list(rows[-1]))
     print(f"\nin-database k-NN vs in-memory numpy (reference: median of {args.repeats}; engines: median of "
-          f"{args.db_repeats}):")
+          f"{args.db_repeats}; {args.data} data, {args.server} server):")
     print_table(rows, list(rows[0]))
 
 

@@ -118,10 +118,13 @@ def describe_affinity(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-d
 @click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")
 @click.option("--exact", is_flag=True,
               help="Never use the approximate HNSW index: a stored exact k-NN set or an exact scan answers.")
+@click.option("--ef-search", type=click.IntRange(1, 1000),  # 1000: pgvector's largest ef_search
+              help="HNSW lookups: the ef_search (default: the one `knn --engine hnsw` tuned for the layer, else 200).")
 @json_option
 @click.pass_obj
 def neighbors(obj: Context, model: str, layer: int, dataset: str, position: int | None, text: str | None, k: int,
-              vs_model: str | None, vs_layer: int | None, vs_dataset: str | None, exact: bool, as_json: bool) -> None:
+              vs_model: str | None, vs_layer: int | None, vs_dataset: str | None, exact: bool, ef_search: int | None,
+              as_json: bool) -> None:
     """The k nearest prompts of a stored prompt or a new text at (model, layer)."""
     from analysis.neighbors import nearest, overlap
 
@@ -138,7 +141,7 @@ def neighbors(obj: Context, model: str, layer: int, dataset: str, position: int 
             click.echo(_neighbors_text(side, shared))
         click.echo(f"Shared: {len(shared)} of {k} ({', '.join(map(str, sorted(shared))) or 'none'})")
         return
-    answer = nearest(wh, model, layer, dataset, position=position, text=text, k=k, exact=exact)
+    answer = nearest(wh, model, layer, dataset, position=position, text=text, k=k, exact=exact, ef_search=ef_search)
     emit(answer.as_dict(), as_json, _neighbors_text(answer, set()))
 
 

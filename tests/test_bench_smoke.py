@@ -32,7 +32,10 @@ def test_bench_help(module: str) -> None:
         ("bench.ingest_overhead", ["--model", "all-MiniLM-L6-v2", "--prompts", "8", "--batch-size", "4",
                                    "--repeats", "1"], ["outside the forward pass"]),
         ("bench.lookup", ["--n", "1500", "--d", "16", "--queries", "10"],
-         ["HNSW index", "stored k-NN set", "p50/numpy"]),
+         ["HNSW index", "stored k-NN set", "p50/numpy", "activation-like data, embedded server"]),
+        ("bench.knn_indb", ["--sizes", "300x2100", "--engines", "ivfflat", "--repeats", "1", "--server", "newer",
+                            "--data", "isotropic"],
+         ["ivfflat on halfvec(2100), re-ranked exactly", "isotropic data, newer server"]),
     ],
 )
 def test_bench_runs_on_tiny_shapes(module: str, args: list[str], expected: list[str]) -> None:

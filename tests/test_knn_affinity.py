@@ -86,6 +86,12 @@ def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, 
     assert engine in index and "vector(32)" in index and "model_id = 1" in index
     if engine == "ivfflat":
         assert stored[2]["lists"] == 20 and "lists='20'" in index
+    else:  # lookups of 10 get the smallest ef_search from 40 up that reaches the recall asked
+        lookup = stored[2]["lookup"]
+        efs = [t["ef_search"] for t in lookup["tried"]]
+        assert efs[0] == 40 and efs == sorted(efs) and lookup["ef_search"] == efs[-1] <= stored[2]["ef_search"]
+        assert lookup["recall"] == lookup["tried"][-1]["recall"] == 1.0 and lookup["queries"] == 200
+        assert all(t["recall"] < 1.0 for t in lookup["tried"][:-1])
     found = stored_sets(wh, "syn", engine, 10)[1]
     with wh.engine.connect() as conn:
         _, vectors = layer_vectors(conn, 1, 1, 1)
@@ -224,7 +230,10 @@ def test_neighbors_cli_uses_index_and_embeds_new_text(db_url: str, tiny_models: 
                "--no-progress").exit_code == 0
     indexed = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
                              "-k", "5", "--json").stdout)
-    assert indexed["path"].startswith("HNSW index hnsw_activation_")
+    assert indexed["path"].startswith("HNSW index hnsw_activation_") and "tuned by `layerbase knn`" in indexed["path"]
+    asked = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
+                           "-k", "5", "--ef-search", "30", "--json").stdout)
+    assert "ef_search 30, as asked" in asked["path"] and asked["neighbors"] == indexed["neighbors"]
     assert [r["position"] for r in indexed["neighbors"]] == [r["position"] for r in json.loads(exact.stdout)["neighbors"]]
     assert 3 not in [r["position"] for r in indexed["neighbors"]]
     # With an exact stored set of at least k neighbours, a stored prompt is read from its row.
@@ -321,3 +330,21 @@ def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
         wider = first.wider(plan.rough_order, 10000)
         assert wider is not None and wider.breadth == 10
         assert wider.candidates == (44 if grows else first.candidates)
+
+
+def test_activation_like_vectors_have_a_real_models_neighbour_contrast() -> None:
+    from ingest.synthetic import activation_like_vectors
+
+    def contrast(x: np.ndarray) -> float:  # how far the 1st neighbour is, against the 10th
+        _, dist = exact_topk(x, 10)
+        return float(np.median(dist[:, 0]) / np.median(dist[:, 9]))
+
+    like = activation_like_vectors(1024, 576, seed=0)
+    assert like.shape == (1024, 576) and like.dtype == np.float32
+    assert (like == activation_like_vectors(1024, 576, seed=0)).all()
+    unit = like / np.linalg.norm(like, axis=1, keepdims=True)
+    variance = np.linalg.svd(unit - unit.mean(0), compute_uv=False) ** 2
+    half = int(np.searchsorted(np.cumsum(variance) / variance.sum(), 0.5)) + 1
+    assert 6 <= half <= 20  # SmolLM2 layer 15: 13 components hold half the variance
+    assert 0.72 <= contrast(like) <= 0.85  # SmolLM2 layer 15: 0.76
+    assert contrast(clustered_vectors(1024, 576, seed=0)) > 0.88  # isotropic noise: near ties
