@@ -86,12 +86,12 @@ def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, 
     assert engine in index and "vector(32)" in index and "model_id = 1" in index
     if engine == "ivfflat":
         assert stored[2]["lists"] == 20 and "lists='20'" in index
-    else:  # lookups of 10 get the smallest ef_search from 40 up that reaches the recall asked
-        lookup = stored[2]["lookup"]
-        efs = [t["ef_search"] for t in lookup["tried"]]
-        assert efs[0] == 40 and efs == sorted(efs) and lookup["ef_search"] == efs[-1] <= stored[2]["ef_search"]
-        assert lookup["recall"] == lookup["tried"][-1]["recall"] == 1.0 and lookup["queries"] == 200
-        assert all(t["recall"] < 1.0 for t in lookup["tried"][:-1])
+    else:  # k_max 10: the run's own tuning, from ef_search 40, is the lookups' too
+        assert tried[0]["ef_search"] == 40
+        assert stored[2]["lookup"] == {**tried[-1], "queries": 200, "k": 10, "tried": tried}
+    # a setting passes on the lower confidence bound of the sample's recall, not its mean
+    assert all(t["recall_low"] < 1.0 for t in tried[:-1]) and tried[-1]["recall_low"] == 1.0
+    assert all(t["recall_low"] <= t["recall"] for t in tried)
     found = stored_sets(wh, "syn", engine, 10)[1]
     with wh.engine.connect() as conn:
         _, vectors = layer_vectors(conn, 1, 1, 1)
@@ -313,6 +313,27 @@ def test_layer_vectors_come_in_position_order_whatever_the_storage_order(wh) -> 
     assert stored != sorted(stored)  # the storage order really changed
     assert positions.tolist() == list(range(50))
     np.testing.assert_array_equal(read, vectors)
+
+
+def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "syn", "d", n=400, d=32, n_layers=1, seed=2)
+    [run] = materialize(wh, "syn", "d", k_max=30, engine="hnsw", min_recall=0.99, progress=False)
+    assert run.search["tried"][0]["ef_search"] == 62  # 2(k_max + 1)
+    lookup = run.search["lookup"]
+    efs = [t["ef_search"] for t in lookup["tried"]]
+    assert lookup["k"] == 10 and efs[0] == 40 and efs == sorted(efs) and lookup["ef_search"] == efs[-1]
+    assert lookup["ef_search"] <= run.search["ef_search"]
+    assert lookup["recall_low"] >= 0.99 or lookup["ef_search"] == run.search["ef_search"]
+
+
+def test_sample_recall_passes_on_its_lower_confidence_bound() -> None:
+    from analysis.knn import SampleRecall
+
+    perfect = SampleRecall.of([1.0] * 200)
+    assert perfect.mean == perfect.low == 1.0 and perfect.reaches(0.99)
+    mostly = SampleRecall.of([1.0] * 180 + [0.9] * 20)  # mean 0.99, but 20 prompts missed one
+    assert mostly.mean == pytest.approx(0.99) and mostly.low < 0.99 and not mostly.reaches(0.99)
+    assert mostly.reaches(0.98)
 
 
 def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+import pytest
 import sqlalchemy as sa
 
 from analysis.affinity import compute_affinity
@@ -45,32 +46,26 @@ def test_migrations_and_models_agree_on_the_newer_server(newer_db_url: str) -> N
     assert status.exit_code == 0 and "0.8.5" in status.output and "18." in status.output
 
 
-def test_layers_up_to_4000_wide_get_a_halfvec_index_and_are_re_ranked_exactly(newer_db_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("width, method, strategy, in_index", [
+    (2100, "hnsw", "hnsw on halfvec(2100), re-ranked exactly", ("halfvec(2100)", "halfvec_cosine_ops")),
+    (4100, "ivfflat", "ivfflat on the first 4000 of 4100 dimensions (halfvec), re-ranked exactly",
+     ("subvector(", "halfvec(4000)")),
+])
+def test_wide_layers_get_a_halfvec_index_and_are_re_ranked_exactly(newer_db_url: str, caplog, width: int,  # type: ignore[no-untyped-def]
+                                                                    method: str, strategy: str,
+                                                                    in_index: tuple[str, str]) -> None:
     wh = connect(newer_db_url)
-    store_synthetic(wh, "wide", "d", n=60, d=2100, n_layers=1, seed=3)
+    store_synthetic(wh, "wide", "d", n=60, d=width, n_layers=1, seed=3)
     with caplog.at_level(logging.WARNING):
-        [result] = materialize(wh, "wide", "d", k_max=5, engine="hnsw", min_recall=1.0, progress=False)
-    assert result.strategy == "hnsw on halfvec(2100), re-ranked exactly" and result.recall == 1.0
-    assert "CVE-2026-3172" not in caplog.text  # pgvector 0.8.5 builds in parallel safely
-    index = index_definition(newer_db_url, "hnsw")
-    assert "halfvec(2100)" in index and "halfvec_cosine_ops" in index and "subvector" not in index
+        [result] = materialize(wh, "wide", "d", k_max=5, engine=method, min_recall=1.0, progress=False)
+    assert result.strategy == strategy and result.recall == 1.0
+    assert "CVE-2026-3172" not in caplog.text  # pgvector 0.8.5 builds HNSW in parallel safely
+    index = index_definition(newer_db_url, method)
+    assert all(text in index for text in in_index)
     materialize(wh, "wide", "d", k_max=5, engine="blas", progress=False)
-    assert (stored_sets(wh, "wide", "hnsw", 5)[1] == stored_sets(wh, "wide", "blas", 5)[1]).all()
+    assert (stored_sets(wh, "wide", method, 5)[1] == stored_sets(wh, "wide", "blas", 5)[1]).all()
     # the stored distances are the exact float32 ones, not the index's half-precision ones
-    np.testing.assert_allclose(exact_distances(wh, "hnsw"), exact_distances(wh, "blas"), atol=2e-6)
-
-
-def test_layers_wider_than_4000_are_indexed_on_a_halfvec_subvector(newer_db_url: str) -> None:
-    wh = connect(newer_db_url)
-    store_synthetic(wh, "wider", "d", n=60, d=4100, n_layers=1, seed=4)
-    [result] = materialize(wh, "wider", "d", k_max=5, engine="ivfflat", min_recall=1.0, progress=False)
-    assert result.strategy.startswith("ivfflat on the first 4000 of 4100 dimensions (halfvec)")
-    assert result.recall == 1.0 and result.search["candidates"] >= 12
-    index = index_definition(newer_db_url, "ivfflat")
-    assert "subvector(" in index and "halfvec(4000)" in index
-    materialize(wh, "wider", "d", k_max=5, engine="sql", progress=False)
-    assert (stored_sets(wh, "wider", "ivfflat", 5)[1] == stored_sets(wh, "wider", "sql", 5)[1]).all()
-    np.testing.assert_allclose(exact_distances(wh, "ivfflat"), exact_distances(wh, "sql"), atol=2e-6)
+    np.testing.assert_allclose(exact_distances(wh, method), exact_distances(wh, "blas"), atol=2e-6)
 
 
 def test_lookups_through_a_halfvec_index_equal_the_exact_scan(newer_db_url: str) -> None:
