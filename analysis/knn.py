@@ -8,7 +8,8 @@ ties broken by position) for a (model, layer, dataset), by one of four engines:
 * ``hnsw`` and ``ivfflat``: approximate, inside Postgres through a partial index per
   (model, layer, dataset). Before the full pass the search is widened (ef_search or probes,
   and for a prefix index the candidates re-ranked exactly) until the recall on a seeded
-  sample of prompts reaches ``min_recall``; every setting tried and its recall are stored.
+  sample of prompts reaches ``min_recall`` with 95 % confidence; every setting tried and
+  its recall are stored.
 
 The in-database engines spread their queries over several connections (``workers``), each
 a backend of its own, so that the server uses more than one core; the sets come back to
@@ -303,7 +304,8 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
                   vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None, dict | None]:
     """((neighbour positions, distances) for every prompt, recall, search record) of the sql or
     an indexed engine. An indexed engine first widens its search on a seeded sample until the
-    sample's recall@10 against exact (computed here in memory) reaches ``min_recall``."""
+    sample's recall@10 against exact (computed here in memory) reaches ``min_recall``
+    (``SampleRecall.reaches``)."""
     n, k = job.n, job.k_max
 
     def query(rows: np.ndarray, search: Search | None = None, k: int = k,

@@ -27,7 +27,8 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
 @click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: max(40, 2(k_max + 1))).")
 @click.option("--probes", type=click.IntRange(1), help="ivfflat: the probes to start from (default: lists / 20).")
 @click.option("--min-recall", type=click.FloatRange(0, 1), default=0.99, show_default=True,
-              help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this.")
+              help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this "
+                   "(its 95 % lower confidence bound).")
 @click.option("--workers", type=click.IntRange(1), help="sql, ivfflat, hnsw: connections querying at once "
               "(default: the cores here, at most 4).")
 @click.option("--force", is_flag=True, help="Recompute sets that are already stored.")
