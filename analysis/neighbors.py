@@ -2,9 +2,9 @@
 (model, layer, dataset), and the overlap of two such sets (the paper's Venn figures).
 
 A stored prompt is answered from a stored exact k-NN set of that (model, layer, dataset)
-when one holds at least k neighbours: a primary-key read, exact and sub-millisecond. Other
-lookups (a new text, or no such set) use the partial HNSW index when one exists, and an
-exact scan otherwise. The answer says which path it took.
+when one holds at least k neighbours: a primary-key read, exact (1.3 ms at n = 100000).
+Other lookups (a new text, or no such set) use the partial HNSW index when one exists, and
+an exact scan otherwise. The answer says which path it took.
 """
 
 from __future__ import annotations
