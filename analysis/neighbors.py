@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.vector_index import EF_SEARCH_LIMIT, USE_INDEX, ef_search_for, index_name, plan_index
-from analysis.knn import EXACT_ENGINES, RECALL_K
+from analysis.vector_index import EF_SEARCH_LIMIT, ef_search_for, index_name, plan_index
+from analysis.knn import EXACT_ENGINES, RECALL_K, Search
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
@@ -217,8 +217,8 @@ def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composa
             ef = ef_search_for(k, ef_search, LOOKUP_EF_SEARCH if ef_search is None else 0)
             how = "as asked" if ef_search else "the default; `layerbase knn --engine hnsw` tunes it"
         ef = min(max(ef, limit), EF_SEARCH_LIMIT)
-        # The settings go in one round trip too.
-        cur.execute(sql.SQL("; ").join([sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef)), *USE_INDEX]))
+        # The k-NN engine's settings for such a search, in one round trip.
+        cur.execute(sql.SQL("; ").join(Search("hnsw", ef, EF_SEARCH_LIMIT, limit).settings()))
         order = plan.distance(sql.SQL("a.vec"), query)
         path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef}, {how})"
     else:
