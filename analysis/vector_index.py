@@ -84,7 +84,7 @@ class IndexPlan:
         return sql.SQL("{} <=> {}").format(self.expression(column), self.expression(query))
 
 
-def ef_search_for(k: int, asked: int | None, floor: int) -> int:
+def ef_search_for(k: int, asked: int | None = None, floor: int = 0) -> int:
     """The HNSW ef_search for k results: as asked, but never below 2(k + 1) nor the floor.
     Callers cap it at, or refuse it above, pgvector's limit ``EF_SEARCH_LIMIT``."""
     return int(max(asked or 0, 2 * (k + 1), floor))

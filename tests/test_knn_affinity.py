@@ -86,8 +86,8 @@ def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, 
     assert engine in index and "vector(32)" in index and "model_id = 1" in index
     if engine == "ivfflat":
         assert stored[2]["lists"] == 20 and "lists='20'" in index
-    else:  # k_max 10: the run's own tuning, from ef_search 40, is the lookups' too
-        assert tried[0]["ef_search"] == 40
+    else:  # k_max 10: the run's own tuning, from ef_search 2(k + 1), is the lookups' too
+        assert tried[0]["ef_search"] == 22
         assert stored[2]["lookup"] == {**tried[-1], "queries": 200, "k": 10, "tried": tried}
     # a setting passes on the lower confidence bound of the sample's recall, not its mean
     assert all(t["recall_low"] < 1.0 for t in tried[:-1]) and tried[-1]["recall_low"] == 1.0
@@ -321,7 +321,7 @@ def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) 
     assert run.search["tried"][0]["ef_search"] == 62  # 2(k_max + 1)
     lookup = run.search["lookup"]
     efs = [t["ef_search"] for t in lookup["tried"]]
-    assert lookup["k"] == 10 and efs[0] == 40 and efs == sorted(efs) and lookup["ef_search"] == efs[-1]
+    assert lookup["k"] == 10 and efs[0] == 22 and efs == sorted(efs) and lookup["ef_search"] == efs[-1]  # 2(k + 1)
     assert lookup["ef_search"] <= run.search["ef_search"]
     assert lookup["recall_low"] >= 0.99 or lookup["ef_search"] == run.search["ef_search"]
 
