@@ -351,6 +351,10 @@ def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
         wider = first.wider(plan.rough_order, 10000)
         assert wider is not None and wider.breadth == 10
         assert wider.candidates == (44 if grows else first.candidates)
+    # ef_search starts at 2(k + 1) and grows by half; it covers the candidates of a prefix index
+    hnsw = initial_search(plan_index("hnsw", 1, 1, 1, 576, "0.6.2"), 10, 10000, None)
+    assert (hnsw.breadth, hnsw.candidates) == (22, 11)
+    assert [(s.breadth, s.candidates) for s in (hnsw.wider(False, 10000), hnsw.wider(True, 10000))] == [(33, 11), (33, 22)]
 
 
 def test_activation_like_vectors_have_a_real_models_neighbour_contrast() -> None:
