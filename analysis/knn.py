@@ -406,9 +406,10 @@ def _calibrate_lookups(plan: IndexPlan, tuned: Search, k: int, queries: int, min
                        recall_of: Callable[[Search], SampleRecall]) -> dict:
     """The smallest ef_search (from ``ef_search_for(k)``, growing as ``Search.next_breadth``)
     whose lookups of k neighbours reach ``min_recall`` on the sample; ``layerbase neighbors``
-    uses it for this layer. The k-NN run's own setting is tuned for its K_max, which needs a wider search
-    than a lookup of 10 (measured at n = 100000: 5.5 ms a lookup at ef_search 200, 3.4 ms at
-    40 with recall@10 0.995). At most the k-NN run's ef_search, whose recall is known."""
+    uses it for this layer. The k-NN run's own setting is tuned for its K_max, which needs a
+    wider search than a lookup of 10 (measured at n = 100000: 5.5 ms a lookup at ef_search
+    200, 4.7 ms at 75 with recall@10 0.998). At most the k-NN run's ef_search, whose recall
+    is known."""
     tried = []
     ef = min(ef_search_for(k), tuned.breadth)
     while True:

@@ -24,7 +24,7 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
               help="blas: exact, in memory (fastest everywhere measured); sql: exact pgvector scan; "
                    "ivfflat, hnsw: approximate, through a partial index, recall-tuned (ivfflat builds in a "
                    "fraction of hnsw's time).")
-@click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: max(40, 2(k_max + 1))).")
+@click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: 2(k_max + 1)).")
 @click.option("--probes", type=click.IntRange(1), help="ivfflat: the probes to start from (default: lists / 20).")
 @click.option("--min-recall", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this "
