@@ -116,7 +116,7 @@ def export(obj: Context, source: str, name: str | None, revision: str | None, dt
     from ingest.runner import default_model_name, open_model
 
     wh = obj.warehouse()
-    lm = open_model(source, revision=revision, dtype=dtype, device=device)
+    lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
     name = name or default_model_name(source)
     written = export_token_embeddings(wh, lm, name, progress=progress)
     note = "" if "output" in written else " (unembedding tied to the input embedding, or none: not stored separately)"

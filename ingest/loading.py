@@ -8,10 +8,13 @@ file's path, size and modification time, so that later loads take a second or tw
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +85,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".gguf") or os.sep + os.sep in source
 
 
-def _gguf_cache_dir(path: Path, dtype: str) -> Path:
+def gguf_cache_dir(path: Path, dtype: str) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:24]
     return data_dir() / "models" / f"{path.stem}-{key}"
@@ -141,8 +144,12 @@ def load_model(
     dtype: str = "float32",
     device: str | None = None,
     gguf_file: str | None = None,
+    progress: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM or encoder with its tokenizer, in eval mode on the chosen device."""
+    """Load a causal LM or encoder with its tokenizer, in eval mode on the chosen device.
+
+    ``progress`` shows the one bar loading can need: a GGUF file's conversion (about 30 s the
+    first time, before the converted model is cached)."""
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -173,7 +180,7 @@ def load_model(
     from_cache = False
     load_from, load_gguf = where, gguf_file
     if gguf_file:
-        cache = _gguf_cache_dir(Path(where) / gguf_file, dtype)
+        cache = gguf_cache_dir(Path(where) / gguf_file, dtype)
         if (cache / "complete").exists():
             load_from, load_gguf, from_cache = str(cache), None, True
 
@@ -187,7 +194,8 @@ def load_model(
         kwargs["revision"] = revision
     try:
         tokenizer = _from_pretrained(AutoTokenizer, load_from, **{k: v for k, v in kwargs.items() if k != "dtype"})
-        model = _from_pretrained(cls, load_from, **kwargs)
+        with _gguf_conversion_bar(shown=progress):
+            model = _from_pretrained(cls, load_from, **kwargs)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise InputError(f"cannot load model {source!r}: {reason[:300]}") from None
@@ -226,6 +234,26 @@ def load_model(
     )
 
 
+@contextmanager
+def _gguf_conversion_bar(*, shown: bool) -> Iterator[None]:
+    """transformers draws the GGUF conversion bar with tqdm directly, past its own
+    ``disable_progress_bar()`` (and tqdm 4.70 reads no TQDM_DISABLE at run time), so the
+    bar is hidden by handing that module a disabled tqdm while the model loads."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf
+    except ImportError:  # pragma: no cover - transformers without GGUF support
+        gguf = None
+    original = getattr(gguf, "tqdm", None)
+    if shown or original is None:
+        yield
+        return
+    gguf.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = original
+
+
 def _cache_gguf(model: Any, tokenizer: Any, gguf_path: Path, dtype: str) -> Any:
     """Save a de-quantized GGUF model as safetensors; return a plain (unquantized) model.
 
@@ -238,7 +266,7 @@ def _cache_gguf(model: Any, tokenizer: Any, gguf_path: Path, dtype: str) -> Any:
     plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
     plain.to(model.dtype)
-    cache = _gguf_cache_dir(gguf_path, dtype)
+    cache = gguf_cache_dir(gguf_path, dtype)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     try:
         plain.save_pretrained(tmp)

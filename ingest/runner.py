@@ -325,7 +325,8 @@ def default_model_name(source: str) -> str:
 
 
 def open_model(
-    source: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None
+    source: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a model by packaged name, hub id, directory or GGUF path."""
     from ingest.loading import load_model
@@ -334,10 +335,10 @@ def open_model(
     packaged = resolve_packaged(source)
     if packaged:
         _, path = packaged
-        lm = load_model(str(path), revision=revision, dtype=dtype, device=device)
+        lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress)
         lm.source = source_identity(source)
         return lm
-    return load_model(source, revision=revision, dtype=dtype, device=device)
+    return load_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
 
 
 def open_stored_model(model: Model, *, device: str | None = None) -> LoadedModel:
@@ -422,7 +423,7 @@ def ingest_datasets(
             reports.append(_finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0))
     if all(r is not None for r in reports):
         return reports  # type: ignore[return-value]
-    lm = open_model(source, revision=revision, dtype=dtype, device=device)
+    lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
     extractor = Extractor(lm, settings, include_layer0=include_layer0)
     done: list[JobReport] = []
     for dataset_name, finished in zip(dataset_names, reports):
