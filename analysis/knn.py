@@ -31,7 +31,8 @@ from psycopg import sql
 from sqlalchemy.orm import Session
 
 from analysis.vector_index import (
-    EF_SEARCH_LIMIT, METHODS, USE_INDEX, IndexPlan, ef_search_for, ensure_index, ivfflat_lists, plan_index,
+    BUILD_DEFAULTS, BUILD_FLAGS, EF_SEARCH_LIMIT, METHODS, USE_INDEX, IndexPlan, build_options, ef_search_for,
+    ensure_index, ivfflat_lists, plan_index,
 )
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
@@ -141,9 +142,10 @@ class Search:
         return {key: self.breadth, "candidates": self.candidates}
 
 
-def initial_search(plan: IndexPlan, k: int, n: int, asked: int | None) -> Search:
+def initial_search(plan: IndexPlan, k: int, n: int, asked: int | None, lists: int | None = None) -> Search:
     """The narrowest search worth trying: k + 1 candidates (twice that for a reduced index),
-    ef_search as ``ef_search_for`` gives it (2(k + 1) unless asked), or probes = lists / 20.
+    ef_search as ``ef_search_for`` gives it (2(k + 1) unless asked), or probes = lists / 20
+    (``lists``: the IVFFlat index's, by default ``ivfflat_lists(n)``).
 
     HNSW starts below pgvector's default ef_search of 40: the recall tuning widens it where
     needed, and where 22 reaches the recall asked for k = 10 it saves a third of the
@@ -154,8 +156,15 @@ def initial_search(plan: IndexPlan, k: int, n: int, asked: int | None) -> Search
     if plan.method == "hnsw":
         breadth = min(EF_SEARCH_LIMIT, max(candidates, ef_search_for(k, asked)))
         return Search(plan.method, breadth, EF_SEARCH_LIMIT, candidates)
-    lists = ivfflat_lists(n)
+    lists = lists or ivfflat_lists(n)
     return Search(plan.method, min(lists, asked or max(1, lists // 20)), lists, candidates)
+
+
+def describe_search(search: dict | None) -> str:
+    """A stored search record in a few words: the index's build parameters and the search,
+    e.g. 'm 16, ef_construction 64, ef_search 22, candidates 11'."""
+    keys = ("m", "ef_construction", "lists", "probes", "ef_search", "candidates")
+    return ", ".join(f"{key} {search[key]}" for key in keys if key in (search or {}))
 
 
 @dataclass
@@ -199,6 +208,9 @@ def materialize(
     engine: str = "blas",
     ef_search: int | None = None,
     probes: int | None = None,
+    m: int | None = None,
+    ef_construction: int | None = None,
+    lists: int | None = None,
     min_recall: float = MIN_RECALL_DEFAULT,
     workers: int | None = None,
     force: bool = False,
@@ -206,7 +218,11 @@ def materialize(
     device: str | None = None,
     progress: bool = True,
 ) -> list[KnnResult]:
-    """Compute and store k-NN sets for each layer (reusing stored ones with k_max >= asked)."""
+    """Compute and store k-NN sets for each layer (reusing stored ones with k_max >= asked).
+
+    ``m`` and ``ef_construction`` (hnsw) or ``lists`` (ivfflat) build the layer's index; an
+    existing index with other parameters is rebuilt, and a stored run reused only if its
+    index was built with them. Without them an existing index is used as it is."""
     from tqdm import tqdm
 
     if engine not in ENGINES:
@@ -229,6 +245,13 @@ def materialize(
     if engine == "hnsw" and needed > EF_SEARCH_LIMIT:
         raise InputError(f"HNSW ef_search is at most {EF_SEARCH_LIMIT} in pgvector; k_max {k_max} needs {needed}: "
                          "lower --k-max")
+    build = {key: value for key, value in (("m", m), ("ef_construction", ef_construction), ("lists", lists))
+             if value is not None}
+    if engine in METHODS:
+        build_options(engine, n, build)  # refuse bad parameters before any layer is built
+    elif build:
+        raise InputError(f"{', '.join(BUILD_FLAGS[key] for key in build)}: index build parameters, and the {engine} "
+                         "engine builds no index; use --engine hnsw (--hnsw-m, --ef-construction) or ivfflat (--lists)")
     if engine == "blas" and device is None:
         device = default_device()
     if engine != "blas":
@@ -240,7 +263,7 @@ def materialize(
             if conn.execute(sa.text(STATISTICS_STALE)).scalar():
                 conn.execute(sa.text("ANALYZE activation, prompt"))
     job = _Job(wh, model_name, dataset_name, model_id, dataset_id, width, n, k_max, engine, ef_search if engine == "hnsw"
-               else probes, min_recall, workers or default_workers(), recall_queries, device, progress,
+               else probes, build, min_recall, workers or default_workers(), recall_queries, device, progress,
                None if engine == "blas" else dataset_prompt_ids(wh, dataset_id))
     bar = tqdm(chosen, desc=f"k-NN {model_name} × {dataset_name} ({engine})", unit="layer", disable=not progress,
                dynamic_ncols=True)
@@ -261,6 +284,7 @@ class _Job:
     k_max: int
     engine: str
     breadth: int | None  # ef_search or probes as asked
+    build: dict[str, int]  # index build parameters as asked
     min_recall: float
     workers: int
     recall_queries: int
@@ -271,11 +295,11 @@ class _Job:
 
 def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
     wh, engine, n, k_max = job.wh, job.engine, job.n, job.k_max
-    plan = None
+    plan, index = None, None
     if engine in METHODS:
-        with wh.engine.begin() as conn:
+        with wh.engine.connect() as conn:
             plan = plan_index(engine, job.model_id, layer, job.dataset_id, job.width, pgvector_version(conn))
-            ensure_index(conn, plan, job.model_id, layer, job.dataset_id, n)
+        index = ensure_index(wh, plan, job.model_id, layer, job.dataset_id, n, job.build)
     with wh.engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
                      {"key": lock_key("knn", job.model_id, job.dataset_id, layer, engine)})
@@ -284,7 +308,7 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
             sa.select(KnnRun).where(KnnRun.model_id == job.model_id, KnnRun.dataset_id == job.dataset_id,
                                     KnnRun.layer == layer, KnnRun.engine == engine)
         ).first()
-        if existing is not None and existing.k_max >= k_max and not force:
+        if existing is not None and existing.k_max >= k_max and not force and _built_as_asked(existing, job.build):
             return KnnResult(job.model_name, job.dataset_name, layer, engine, existing.strategy, existing.k_max,
                              existing.n_prompts, existing.seconds, existing.recall, reused=True,
                              search=existing.search)
@@ -302,7 +326,8 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
             blocks = ((positions[start:start + len(idx)], positions[idx], dist)
                       for start, idx, dist in topk_blocks(vectors, k_max, device=job.device))
         else:
-            found, recall, search = _search_in_db(job, layer, plan, positions, vectors)
+            found, recall, search = _search_in_db(job, layer, plan, index.options if index else {}, positions,
+                                                  vectors)
             blocks = iter([(positions, found[0], found[1])])
         run_id = conn.execute(
             sa.insert(KnnRun).values(model_id=job.model_id, dataset_id=job.dataset_id, layer=layer, k_max=k_max,
@@ -321,7 +346,14 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
                      reused=False, search=search)
 
 
-def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.ndarray,
+def _built_as_asked(run: sa.Row, asked: dict[str, int]) -> bool:
+    """Whether a stored run's index had the build parameters asked (runs stored before they
+    were recorded used pgvector's defaults)."""
+    defaults = BUILD_DEFAULTS.get(run.engine, {})
+    return all((run.search or {}).get(key, defaults.get(key)) == value for key, value in asked.items())
+
+
+def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, index: dict[str, int], positions: np.ndarray,
                   vectors: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float | None, dict | None]:
     """((neighbour positions, distances) for every prompt, recall, search record) of the sql or
     an indexed engine. An indexed engine first widens its search on a seeded sample until the
@@ -343,7 +375,7 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
     rk = min(RECALL_K, k)
     sample = np.sort(np.random.default_rng(0).choice(n, size=min(job.recall_queries, n), replace=False))
     exact = positions[exact_topk(vectors, rk, queries=sample)[0]]
-    search: Search | None = initial_search(plan, k, n, job.breadth)
+    search: Search | None = initial_search(plan, k, n, job.breadth, index.get("lists"))
     tried = []
     while search is not None:
         sample_found = query(sample, search, fill_exactly=False)
@@ -362,14 +394,12 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, positions: np.n
     if len(short):
         sample_found[0][short], sample_found[1][short] = query(sample[short])
     idx[sample], dist[sample] = sample_found
-    record = {"method": plan.method, **search.as_dict(), "min_recall": job.min_recall, "workers": job.workers,
-              "recall_k": rk, "tried": tried}
-    if plan.method == "ivfflat":
-        record["lists"] = ivfflat_lists(n)
-    elif k == rk and plan.lookup_candidates(rk) == tried[0]["candidates"]:
+    record = {"method": plan.method, **index, **search.as_dict(), "min_recall": job.min_recall,
+              "workers": job.workers, "recall_k": rk, "tried": tried}
+    if plan.method == "hnsw" and k == rk and plan.lookup_candidates(rk) == tried[0]["candidates"]:
         # The run's own tuning searched as a lookup of k would, from the same ef_search.
         record["lookup"] = {**tried[-1], "queries": len(sample), "k": rk, "tried": tried}
-    else:
+    elif plan.method == "hnsw":
         record["lookup"] = _calibrate_lookups(plan, search, rk, len(sample), job.min_recall,
                                               lambda s: sample_recall(query(sample, s, k=rk, fill_exactly=False)[0]))
     return (idx, dist), tried[-1]["recall"], record

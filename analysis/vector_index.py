@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from psycopg import sql
 
-from warehouse.engine import pgvector_version, raw_connection, version_tuple
+from warehouse.engine import Warehouse, pgvector_version, raw_connection, version_tuple
+from warehouse.errors import InputError
 from warehouse.models import RUNTIME_INDEX_PREFIXES
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,13 @@ METHODS = ("hnsw", "ivfflat")
 VECTOR_LIMIT = 2000
 HALFVEC_LIMIT = 4000
 EF_SEARCH_LIMIT = 1000  # pgvector's largest hnsw.ef_search
+# Build parameters: pgvector's defaults (an index made without options has these) and the
+# ranges it accepts. HNSW's m and ef_construction trade build time for graph quality: at
+# n = 10000, width 576, m 12 / ef_construction 40 built in 0.9 s instead of 1.5 s, and its
+# searches needed a wider ef_search for the same recall (README, figure 2).
+BUILD_DEFAULTS = {"hnsw": {"m": 16, "ef_construction": 64}, "ivfflat": {"lists": 100}}
+BUILD_LIMITS = {"m": (2, 100), "ef_construction": (4, 1000), "lists": (1, 32768)}
+BUILD_FLAGS = {"m": "--hnsw-m", "ef_construction": "--ef-construction", "lists": "--lists"}
 # pgvector 0.6.0-0.8.1: parallel HNSW builds have a security bug (CVE-2026-3172, fixed in 0.8.2).
 PARALLEL_BUILD_BUG = ((0, 6, 0), (0, 8, 1))
 _warned_parallel = False
@@ -90,6 +99,28 @@ def ef_search_for(k: int, asked: int | None = None, floor: int = 0) -> int:
     return int(max(asked or 0, 2 * (k + 1), floor))
 
 
+def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | None = None) -> dict[str, int]:
+    """An index's build parameters: pgvector's m 16 and ef_construction 64 for HNSW,
+    ``ivfflat_lists(n_rows)`` lists for IVFFlat, and what was asked on top, checked
+    against what pgvector accepts."""
+    given = {key: value for key, value in (asked or {}).items() if value is not None}
+    for key in given:
+        if key not in BUILD_DEFAULTS[method]:
+            owner = next(m for m, keys in BUILD_DEFAULTS.items() if key in keys)
+            raise InputError(f"{BUILD_FLAGS[key]} builds {owner} indexes; use it with --engine {owner}")
+        low, high = BUILD_LIMITS[key]
+        if not low <= given[key] <= high:
+            raise InputError(f"{BUILD_FLAGS[key]} {given[key]} is outside pgvector's range {low}-{high}")
+    options = dict(BUILD_DEFAULTS["hnsw"]) if method == "hnsw" else {"lists": ivfflat_lists(n_rows)}
+    options.update(given)
+    if method == "hnsw" and options["ef_construction"] < 2 * options["m"]:
+        raise InputError(f"pgvector needs ef_construction ({options['ef_construction']}) >= 2 x m ({options['m']}); "
+                         "raise --ef-construction or lower --hnsw-m")
+    if method == "ivfflat" and options["lists"] > n_rows:
+        raise InputError(f"--lists {options['lists']} is more than the {n_rows} rows to index; lower it")
+    return options
+
+
 def ivfflat_lists(n: int) -> int:
     """IVFFlat lists for n vectors: sqrt(n), the usual choice for up to millions of rows."""
     return max(1, round(math.sqrt(n)))
@@ -121,27 +152,22 @@ def parallel_build_unsafe(pgvector: str | None) -> bool:
     return PARALLEL_BUILD_BUG[0] <= v <= PARALLEL_BUILD_BUG[1]
 
 
-def index_exists(conn: sa.Connection, name: str) -> bool:
-    return bool(conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar())
+def index_options(conn: sa.Connection, name: str) -> dict[str, int] | None:
+    """The build parameters of an existing index (pgvector's defaults where it was built
+    without them), or None when there is no such index."""
+    row = conn.execute(sa.text("SELECT c.reloptions, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+                               "WHERE c.oid = to_regclass(:n)"), {"n": name}).first()
+    if row is None:
+        return None
+    stored = dict(option.split("=", 1) for option in row[0] or [])
+    return {key: int(stored.get(key, default)) for key, default in BUILD_DEFAULTS[row[1]].items()}
 
 
-def ensure_index(conn: sa.Connection, plan: IndexPlan, model_id: int, layer: int, dataset_id: int,
-                 n_rows: int | None = None) -> bool:
-    """Build the partial index if missing (dropping the other method's); return whether one was built.
-
-    IVFFlat needs the row count for its lists (``ivfflat_lists``); HNSW ignores it.
-    """
+def build_settings(conn: sa.Connection, method: str) -> None:
+    """Settings for an index build in this transaction: memory for the graph, and no parallel
+    workers for HNSW on a pgvector with the parallel-build bug (said once per process)."""
     global _warned_parallel
-    if index_exists(conn, plan.name):
-        return False
-    # Both methods index the same expression under the same predicate, so the planner could
-    # answer a query tuned for one method with the other's index (measured: recall 0.55 when
-    # an HNSW-tuned search ran on an IVFFlat index at its default probes). One method's index
-    # per (model, layer, dataset), then: building one drops the other.
-    for other in METHODS:
-        if other != plan.method:
-            conn.execute(sa.text(f'DROP INDEX IF EXISTS "{index_name(other, model_id, layer, dataset_id)}"'))
-    if plan.method == "hnsw":
+    if method == "hnsw":
         version = pgvector_version(conn)
         if parallel_build_unsafe(version):
             conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 0"))
@@ -151,24 +177,58 @@ def ensure_index(conn: sa.Connection, plan: IndexPlan, model_id: int, layer: int
                     "building HNSW indexes without parallel workers", version,
                 )
                 _warned_parallel = True
-        options = sql.SQL("m = 16, ef_construction = 64")
-    else:
-        if n_rows is None:
-            raise ValueError("an IVFFlat index needs the row count for its lists")
-        options = sql.SQL("lists = {}").format(sql.Literal(ivfflat_lists(n_rows)))
     conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
-    statement = sql.SQL(
-        "CREATE INDEX IF NOT EXISTS {name} ON activation USING {method} (({expr}) {opclass}) WITH ({options}) "
-        "WHERE model_id = {model} AND layer = {layer} AND dataset_id = {dataset}"
-    ).format(
-        name=sql.Identifier(plan.name),
-        method=sql.SQL(plan.method),  # one of METHODS, never from input
-        expr=plan.expression(sql.Identifier("vec")),
-        opclass=sql.SQL(plan.opclass),
-        options=options,
-        model=sql.Literal(model_id),
-        layer=sql.Literal(layer),
-        dataset=sql.Literal(dataset_id),
-    )
-    raw_connection(conn).cursor().execute(statement)
-    return True
+
+
+@dataclass(frozen=True)
+class IndexState:
+    """An index as ``ensure_index`` left it."""
+
+    built: bool  # built by this call
+    options: dict[str, int]  # its build parameters
+
+
+def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, dataset_id: int, n_rows: int,
+                 asked: Mapping[str, int | None] | None = None) -> IndexState:
+    """The layer's partial index of ``plan.method``: an existing one is kept when it has the
+    build parameters asked (any, when none are asked), else it is built (``build_options``),
+    replacing one with other parameters and the other method's index.
+
+    Drops commit before the build starts: a transaction that drops an index locks the whole
+    table (reads included) until it ends, and a build can take minutes.
+    """
+    wanted = build_options(plan.method, n_rows, asked)
+    with wh.engine.connect() as conn:
+        existing = index_options(conn, plan.name)
+    if existing is not None and all(existing[key] == value for key, value in (asked or {}).items()
+                                    if value is not None):
+        return IndexState(False, existing)
+    # Both methods index the same expression under the same predicate, so the planner could
+    # answer a query tuned for one method with the other's index (measured: recall 0.55 when
+    # an HNSW-tuned search ran on an IVFFlat index at its default probes). One method's index
+    # per (model, layer, dataset), then: building one drops the other.
+    stale = [index_name(method, model_id, layer, dataset_id) for method in METHODS if method != plan.method]
+    if existing is not None:
+        stale.append(plan.name)
+    with wh.engine.begin() as conn:
+        for name in stale:
+            conn.execute(sa.text(f'DROP INDEX IF EXISTS "{name}"'))
+    with wh.engine.begin() as conn:
+        build_settings(conn, plan.method)
+        statement = sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {name} ON activation USING {method} (({expr}) {opclass}) WITH ({options}) "
+            "WHERE model_id = {model} AND layer = {layer} AND dataset_id = {dataset}"
+        ).format(
+            name=sql.Identifier(plan.name),
+            method=sql.SQL(plan.method),  # one of METHODS, never from input
+            expr=plan.expression(sql.Identifier("vec")),
+            opclass=sql.SQL(plan.opclass),
+            options=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.SQL(key), sql.Literal(value))
+                                       for key, value in wanted.items()),  # keys from BUILD_DEFAULTS
+            model=sql.Literal(model_id),
+            layer=sql.Literal(layer),
+            dataset=sql.Literal(dataset_id),
+        )
+        raw_connection(conn).cursor().execute(statement)
+        # IF NOT EXISTS: a concurrent run may have built it first, with its own parameters.
+        return IndexState(True, index_options(conn, plan.name) or wanted)

@@ -42,17 +42,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of the reference")
     parser.add_argument("--db-repeats", type=int, default=1, help="runs of each in-database engine")
     parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
+    parser.add_argument("--hnsw-m", type=int, help="hnsw: the index's m (default: pgvector's 16)")
+    parser.add_argument("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: 64)")
+    parser.add_argument("--lists", type=int, help="ivfflat: the index's lists (default: sqrt(n))")
     add_server_option(parser)
     add_data_option(parser)
     args = parser.parse_args(argv)
 
-    from analysis.knn import dataset_prompt_ids, materialize, neighbor_array, neighbors_in_db
+    from analysis.knn import dataset_prompt_ids, describe_search, materialize, neighbor_array, neighbors_in_db
     from analysis.topk import exact_topk
     from analysis.vector_index import METHODS, index_name
     from ingest.synthetic import store_synthetic
     from warehouse.parallel import default_workers
 
     workers = args.workers or default_workers()
+    asked = {"hnsw": {"m": args.hnsw_m, "ef_construction": args.ef_construction}, "ivfflat": {"lists": args.lists}}
+    build = {engine: {key: value for key, value in options.items() if value is not None}
+             for engine, options in asked.items()}
     rows = []
     with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
@@ -73,13 +79,13 @@ def main(argv: list[str] | None = None) -> None:
                         with wh.engine.begin() as conn:  # the index build is part of the engine's time
                             conn.execute(sa.text(f'DROP INDEX IF EXISTS "{index_name(engine, model_id, 1, dataset_id)}"'))
                         return materialize(wh, name, dataset, k_max=args.k, engine=engine, force=True,
-                                           min_recall=args.min_recall, workers=workers, progress=False)
+                                           min_recall=args.min_recall, workers=workers, progress=False,
+                                           **build.get(engine, {}))
 
                     seconds, results = median_time(run, args.db_repeats)
                     strategy = results[0].strategy
                     found = results[0].search or {}
-                    search = ", ".join(f"{key} {found[key]}" for key in ("lists", "probes", "ef_search", "candidates")
-                                       if key in found)
+                    search = describe_search(found)
                     with wh.engine.connect() as conn:
                         run_id = conn.execute(sa.text(
                             "SELECT id FROM knn_run WHERE model_id = :m AND dataset_id = :d AND engine = :e"),

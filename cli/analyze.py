@@ -26,6 +26,12 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
                    "fraction of hnsw's time).")
 @click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: 2(k_max + 1)).")
 @click.option("--probes", type=click.IntRange(1), help="ivfflat: the probes to start from (default: lists / 20).")
+@click.option("--hnsw-m", "m", type=int, help="hnsw: the index's m, links per node (default: the existing "
+              "index's, else pgvector's 16). Another value rebuilds the index.")
+@click.option("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: the existing "
+              "index's, else pgvector's 64). Lower builds faster and needs a wider search for the same recall.")
+@click.option("--lists", type=int, help="ivfflat: the index's lists (default: the existing index's, else "
+              "sqrt(prompts)).")
 @click.option("--min-recall", type=click.FloatRange(0, 1), default=0.99, show_default=True,
               help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this "
                    "(its 95 % lower confidence bound).")
@@ -36,22 +42,20 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
 @json_option
 @click.pass_obj
 def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, engine: str, ef_search: int | None,
-        probes: int | None, min_recall: float, workers: int | None, force: bool, progress: bool,
-        as_json: bool) -> None:
+        probes: int | None, m: int | None, ef_construction: int | None, lists: int | None, min_recall: float,
+        workers: int | None, force: bool, progress: bool, as_json: bool) -> None:
     """Materialize every prompt's k nearest prompts (cosine, self excluded) per layer."""
-    from analysis.knn import materialize
+    from analysis.knn import describe_search, materialize
 
     results = materialize(obj.warehouse(), model, dataset, layers=layers, k_max=k_max, engine=engine,
-                          ef_search=ef_search, probes=probes, min_recall=min_recall, workers=workers, force=force,
-                          progress=progress)
+                          ef_search=ef_search, probes=probes, m=m, ef_construction=ef_construction, lists=lists,
+                          min_recall=min_recall, workers=workers, force=force, progress=progress)
     rows = [r.as_dict() for r in results]
     shown = []
     for r in rows:
-        search = r["search"] or {}
         shown.append({**r, "seconds": round(r["seconds"], 2),
                       "recall@10": "" if r["recall"] is None else f"{r['recall']:.3f}",
-                      "search": ", ".join(f"{key} {search[key]}" for key in ("lists", "probes", "ef_search",
-                                                                               "candidates") if key in search)})
+                      "search": describe_search(r["search"])})
     emit(rows, as_json, table(shown, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10",
                                       "search", "reused"]))
 

@@ -109,6 +109,35 @@ def test_one_vector_index_per_layer_so_that_each_search_uses_its_own(wh, db_url:
     assert hnsw.recall is not None and hnsw.recall >= 0.95
 
 
+def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+    store_synthetic(wh, "syn", "d", n=300, d=16, n_layers=1, seed=6)
+
+    def reloptions() -> list[str]:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute("SELECT c.reloptions FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
+                                "WHERE c.relname LIKE '%_activation_m%'").fetchone()[0]
+
+    [default] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", min_recall=0.0, progress=False)
+    assert (default.search["m"], default.search["ef_construction"]) == (16, 64)
+    assert sorted(reloptions()) == ["ef_construction=64", "m=16"]
+    [light] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=8, ef_construction=24, min_recall=0.0,
+                          progress=False)
+    # other parameters: the index is rebuilt and the stored run is not reused, without --force
+    assert not light.reused and (light.search["m"], light.search["ef_construction"]) == (8, 24)
+    assert sorted(reloptions()) == ["ef_construction=24", "m=8"]
+    # asking for nothing, or for what the index has, keeps both the index and the run
+    assert materialize(wh, "syn", "d", k_max=10, engine="hnsw", progress=False)[0].reused
+    assert materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=8, progress=False)[0].reused
+    assert sorted(reloptions()) == ["ef_construction=24", "m=8"]
+
+    [ivf] = materialize(wh, "syn", "d", k_max=10, engine="ivfflat", lists=6, min_recall=1.0, progress=False)
+    assert reloptions() == ["lists=6"] and ivf.search["lists"] == 6
+    assert all(t["probes"] <= 6 for t in ivf.search["tried"])  # probes are bounded by the index's own lists
+    result = cli("knn", "--model", "syn", "--dataset", "d", "--k-max", "10", "--engine", "ivfflat", "--lists", "6")
+    assert result.exit_code == 0, result.output
+    assert "lists 6, probes" in result.output and "True" in result.output  # reused, and shown with its lists
+
+
 def test_ivfflat_rows_its_probes_cannot_fill_are_answered_exactly(wh) -> None:  # type: ignore[no-untyped-def]
     # 40 prompts in 6 lists of about 7: one probe returns fewer than k + 1 rows
     store_synthetic(wh, "syn", "d", n=40, d=16, n_layers=1, seed=4)
@@ -288,11 +317,14 @@ def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -
     hnsw._warned_parallel = False
     plan = hnsw.plan_index("hnsw", 1, 1, 1, 8, "0.6.2")
     with caplog.at_level(logging.WARNING, logger="analysis.vector_index"), wh.engine.begin() as conn:
-        assert hnsw.ensure_index(conn, plan, 1, 1, 1)
+        hnsw.build_settings(conn, "hnsw")
         assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "0"
     assert "CVE-2026-3172" in caplog.text and "without parallel workers" in caplog.text
-    with wh.engine.begin() as conn:  # said once per process, and an existing index is not rebuilt
-        assert not hnsw.ensure_index(conn, plan, 1, 1, 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="analysis.vector_index"):  # said once per process
+        assert hnsw.ensure_index(wh, plan, 1, 1, 1, 50).built
+        assert not hnsw.ensure_index(wh, plan, 1, 1, 1, 50).built  # an existing index is not rebuilt
+    assert "CVE" not in caplog.text
 
 
 def test_cli_offers_every_engine() -> None:
