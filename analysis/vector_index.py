@@ -160,7 +160,7 @@ def index_options(conn: sa.Connection, name: str) -> dict[str, int] | None:
     if row is None:
         return None
     stored = dict(option.split("=", 1) for option in row[0] or [])
-    return {key: int(stored.get(key, default)) for key, default in BUILD_DEFAULTS[row[1]].items()}
+    return {key: int(stored.get(key, default)) for key, default in BUILD_DEFAULTS.get(row[1], {}).items()}
 
 
 def build_settings(conn: sa.Connection, method: str) -> None:

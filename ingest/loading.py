@@ -86,6 +86,8 @@ def _looks_like_path(source: str) -> bool:
 
 
 def gguf_cache_dir(path: Path, dtype: str) -> Path:
+    """Where a GGUF file's converted model is cached: keyed by the file's path, size and
+    modification time, and the dtype."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:24]
     return data_dir() / "models" / f"{path.stem}-{key}"
