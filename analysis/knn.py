@@ -250,8 +250,9 @@ def materialize(
     if engine in METHODS:
         build_options(engine, n, build)  # refuse bad parameters before any layer is built
     elif build:
-        raise InputError(f"{', '.join(BUILD_FLAGS[key] for key in build)}: index build parameters, and the {engine} "
-                         "engine builds no index; use --engine hnsw (--hnsw-m, --ef-construction) or ivfflat (--lists)")
+        raise InputError(f"{', '.join(BUILD_FLAGS[key] for key in build)} {'sets' if len(build) == 1 else 'set'} "
+                         f"how an index is built, and the {engine} engine uses none; use --engine hnsw (--hnsw-m, "
+                         "--ef-construction) or ivfflat (--lists)")
     if engine == "blas" and device is None:
         device = default_device()
     if engine != "blas":

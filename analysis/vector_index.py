@@ -192,17 +192,18 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
                  asked: Mapping[str, int | None] | None = None) -> IndexState:
     """The layer's partial index of ``plan.method``: an existing one is kept when it has the
     build parameters asked (any, when none are asked), else it is built (``build_options``),
-    replacing one with other parameters and the other method's index.
+    replacing the other method's index, or one with other parameters (whose parameters not
+    asked carry over).
 
     Drops commit before the build starts: a transaction that drops an index locks the whole
     table (reads included) until it ends, and a build can take minutes.
     """
-    wanted = build_options(plan.method, n_rows, asked)
+    asked = {key: value for key, value in (asked or {}).items() if value is not None}
     with wh.engine.connect() as conn:
         existing = index_options(conn, plan.name)
-    if existing is not None and all(existing[key] == value for key, value in (asked or {}).items()
-                                    if value is not None):
+    if existing is not None and all(existing.get(key) == value for key, value in asked.items()):
         return IndexState(False, existing)
+    wanted = build_options(plan.method, n_rows, {**(existing or {}), **asked})
     # Both methods index the same expression under the same predicate, so the planner could
     # answer a query tuned for one method with the other's index (measured: recall 0.55 when
     # an HNSW-tuned search ran on an IVFFlat index at its default probes). One method's index

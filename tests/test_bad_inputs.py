@@ -68,7 +68,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("k >= n", ["knn", "--model", "A", "--dataset", "d", "--k-max", "40"], ["k = 40", "lower --k-max"]),
     ("k <= 0", ["knn", "--model", "A", "--dataset", "d", "--k-max", "0"], ["k = 0"]),
     ("index parameters for the blas engine", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--hnsw-m", "8"],
-     ["--hnsw-m", "builds no index", "--engine hnsw"]),
+     ["--hnsw-m sets how an index is built", "--engine hnsw"]),
     ("lists for an hnsw index", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--lists", "4"],
      ["--lists builds ivfflat indexes", "--engine ivfflat"]),
     ("hnsw m out of range", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--hnsw-m", "1"],

@@ -129,6 +129,9 @@ def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(
     assert materialize(wh, "syn", "d", k_max=10, engine="hnsw", progress=False)[0].reused
     assert materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=8, progress=False)[0].reused
     assert sorted(reloptions()) == ["ef_construction=24", "m=8"]
+    # a rebuild keeps the parameters not asked
+    materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=10, min_recall=0.0, progress=False)
+    assert sorted(reloptions()) == ["ef_construction=24", "m=10"]
 
     [ivf] = materialize(wh, "syn", "d", k_max=10, engine="ivfflat", lists=6, min_recall=1.0, progress=False)
     assert reloptions() == ["lists=6"] and ivf.search["lists"] == 6
