@@ -25,8 +25,9 @@ def test_bench_help(module: str) -> None:
     "module, args, expected",
     [
         ("bench.knn_blas", ["--sizes", "300x16", "--k-max", "10", "--repeats", "1"], ["ratio"]),
-        ("bench.knn_indb", ["--sizes", "300x16", "--repeats", "1", "--sample", "64"],
-         ["ivfflat", "hnsw", "sql", "recall@10"]),
+        ("bench.knn_indb", ["--sizes", "300x16", "--repeats", "1", "--sample", "64", "--hnsw-m", "8",
+                            "--ef-construction", "16", "--lists", "9"],
+         ["ivfflat", "hnsw", "sql", "recall@10", "m 8, ef_construction 16", "lists 9"]),
         ("bench.affinity", ["--shapes", "3x2", "--n", "120", "--d", "16", "--pairs", "2", "--repeats", "1"],
          ["per_pair/sql"]),
         ("bench.ingest_overhead", ["--model", "all-MiniLM-L6-v2", "--prompts", "8", "--batch-size", "4",
