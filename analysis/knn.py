@@ -401,7 +401,7 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, index: dict[str
         # The run's own tuning searched as a lookup of k would, from the same ef_search.
         record["lookup"] = {**tried[-1], "queries": len(sample), "k": rk, "tried": tried}
     elif plan.method == "hnsw":
-        record["lookup"] = _calibrate_lookups(plan, search, rk, len(sample), job.min_recall,
+        record["lookup"] = _calibrate_lookups(plan, search, rk, n, len(sample), job.min_recall,
                                               lambda s: sample_recall(query(sample, s, k=rk, fill_exactly=False)[0]))
     return (idx, dist), tried[-1]["recall"], record
 
@@ -433,23 +433,25 @@ class SampleRecall:
         return {"recall": round(self.mean, 4), "recall_low": round(self.low, 4)}
 
 
-def _calibrate_lookups(plan: IndexPlan, tuned: Search, k: int, queries: int, min_recall: float,
+def _calibrate_lookups(plan: IndexPlan, tuned: Search, k: int, n: int, queries: int, min_recall: float,
                        recall_of: Callable[[Search], SampleRecall]) -> dict:
-    """The smallest ef_search (from ``ef_search_for(k)``, growing as ``Search.next_breadth``)
-    whose lookups of k neighbours reach ``min_recall`` on the sample; ``layerbase neighbors``
-    uses it for this layer. The k-NN run's own setting is tuned for its K_max, which needs a
+    """The smallest ef_search (from ``ef_search_for(k)``, widening as ``Search.wider``) whose
+    lookups of k neighbours reach ``min_recall`` on the sample; ``layerbase neighbors`` uses
+    it for this layer. The k-NN run's own setting is tuned for its K_max, which needs a
     wider search than a lookup of 10 (measured at n = 100000: 5.5 ms a lookup at ef_search
     200, 4.7 ms at 75 with recall@10 0.998). At most the k-NN run's ef_search, whose recall
-    is known."""
+    is known, or the lookup's own candidates where those are more."""
+    candidates = plan.lookup_candidates(k)
+    start = max(min(ef_search_for(k), tuned.breadth), candidates)
+    search: Search | None = Search("hnsw", start, max(tuned.breadth, candidates), candidates)
     tried = []
-    ef = min(ef_search_for(k), tuned.breadth)
-    while True:
-        search = Search("hnsw", max(ef, plan.lookup_candidates(k)), tuned.limit, plan.lookup_candidates(k))
+    while search is not None:
         recall = recall_of(search)
         tried.append({"ef_search": search.breadth, **recall.as_dict()})
-        if recall.reaches(min_recall) or search.breadth >= tuned.breadth:
-            return {**tried[-1], "queries": queries, "k": k, "tried": tried}
-        ef = min(search.next_breadth(), tuned.breadth)
+        if recall.reaches(min_recall):
+            break
+        search = search.wider(rough_order=False, n=n)  # a lookup's candidates stay as they are
+    return {**tried[-1], "queries": queries, "k": k, "tried": tried}
 
 
 def dataset_prompt_ids(wh: Warehouse, dataset_id: int) -> np.ndarray:

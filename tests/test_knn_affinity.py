@@ -361,6 +361,30 @@ def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) 
     assert lookup["recall_low"] >= 0.99 or lookup["ef_search"] == run.search["ef_search"]
 
 
+def test_lookup_calibration_widens_from_22_and_stops_at_the_runs_setting() -> None:
+    from analysis.knn import SampleRecall, Search, _calibrate_lookups
+    from analysis.vector_index import plan_index
+
+    def calibrate(plan, run_ef: int, passes_from: int) -> list[int]:  # type: ignore[no-untyped-def]
+        tried: list[Search] = []
+
+        def recall_of(search: Search) -> SampleRecall:
+            tried.append(search)
+            return SampleRecall.of([1.0 if search.breadth >= passes_from else 0.9] * 50)
+
+        found = _calibrate_lookups(plan, Search("hnsw", run_ef, 1000, 11), 10, 400, 50, 0.99, recall_of)
+        assert [t["ef_search"] for t in found["tried"]] == [s.breadth for s in tried]
+        assert {s.candidates for s in tried} == {plan.lookup_candidates(10)}  # lookups take their own candidates
+        return [s.breadth for s in tried]
+
+    plain = plan_index("hnsw", 1, 1, 1, 576, "0.6.2")
+    assert calibrate(plain, 200, 50) == [22, 33, 50]  # by half a step until the recall is reached
+    assert calibrate(plain, 40, 1000) == [22, 33, 40]  # never past the run's own, whose recall is known
+    assert calibrate(plain, 15, 1000) == [15]
+    prefix = plan_index("hnsw", 1, 1, 1, 2100, "0.6.2")  # lookups take 44 candidates, more than the run's 22
+    assert calibrate(prefix, 22, 1000) == [44]
+
+
 def test_sample_recall_passes_on_its_lower_confidence_bound() -> None:
     from analysis.knn import SampleRecall
 
