@@ -99,10 +99,11 @@ def ef_search_for(k: int, asked: int | None = None, floor: int = 0) -> int:
     return int(max(asked or 0, 2 * (k + 1), floor))
 
 
-def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | None = None) -> dict[str, int]:
+def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | None = None,
+                  kept: Mapping[str, int] | None = None) -> dict[str, int]:
     """An index's build parameters: pgvector's m 16 and ef_construction 64 for HNSW,
-    ``ivfflat_lists(n_rows)`` lists for IVFFlat, and what was asked on top, checked
-    against what pgvector accepts."""
+    ``ivfflat_lists(n_rows)`` lists for IVFFlat, then those ``kept`` from an existing
+    index, then what was asked, checked against what pgvector accepts."""
     given = {key: value for key, value in (asked or {}).items() if value is not None}
     for key in given:
         if key not in BUILD_DEFAULTS[method]:
@@ -112,9 +113,14 @@ def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | No
         if not low <= given[key] <= high:
             raise InputError(f"{BUILD_FLAGS[key]} {given[key]} is outside pgvector's range {low}-{high}")
     options = dict(BUILD_DEFAULTS["hnsw"]) if method == "hnsw" else {"lists": ivfflat_lists(n_rows)}
+    options.update(kept or {})
     options.update(given)
     if method == "hnsw" and options["ef_construction"] < 2 * options["m"]:
-        raise InputError(f"pgvector needs ef_construction ({options['ef_construction']}) >= 2 x m ({options['m']}); "
+        def shown(key: str) -> str:  # say which value the user did not give
+            carried = key in (kept or {}) and key not in given
+            return f"{options[key]}, kept from the existing index" if carried else str(options[key])
+
+        raise InputError(f"pgvector needs ef_construction ({shown('ef_construction')}) >= 2 x m ({shown('m')}); "
                          "raise --ef-construction or lower --hnsw-m")
     if method == "ivfflat" and options["lists"] > n_rows:
         raise InputError(f"--lists {options['lists']} is more than the {n_rows} rows to index; lower it")
@@ -203,7 +209,7 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
         existing = index_options(conn, plan.name)
     if existing is not None and all(existing.get(key) == value for key, value in asked.items()):
         return IndexState(False, existing)
-    wanted = build_options(plan.method, n_rows, {**(existing or {}), **asked})
+    wanted = build_options(plan.method, n_rows, asked, kept=existing)
     # Both methods index the same expression under the same predicate, so the planner could
     # answer a query tuned for one method with the other's index (measured: recall 0.55 when
     # an HNSW-tuned search ran on an IVFFlat index at its default probes). One method's index

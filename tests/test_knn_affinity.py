@@ -18,6 +18,7 @@ from analysis.vectors import layer_vectors
 from ingest.synthetic import clustered_vectors, store_synthetic
 from tests.conftest import random_texts, write_lines
 from tests.helpers import assert_clean_error, cli, fingerprint
+from warehouse.errors import InputError
 
 
 def stored_sets(wh, model: str, engine: str, k: int) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -132,6 +133,9 @@ def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(
     # a rebuild keeps the parameters not asked
     materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=10, min_recall=0.0, progress=False)
     assert sorted(reloptions()) == ["ef_construction=24", "m=10"]
+    with pytest.raises(InputError, match=r"ef_construction \(24, kept from the existing index\) >= 2 x m \(16\)"):
+        materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=16, progress=False)
+    assert sorted(reloptions()) == ["ef_construction=24", "m=10"]  # refused before anything was dropped
 
     [ivf] = materialize(wh, "syn", "d", k_max=10, engine="ivfflat", lists=6, min_recall=1.0, progress=False)
     assert reloptions() == ["lists=6"] and ivf.search["lists"] == 6
