@@ -8,7 +8,7 @@ from alembic import context
 from pgvector.sqlalchemy import Vector
 
 from warehouse.engine import resolve_url
-from warehouse.models import RUNTIME_INDEX_PREFIXES, Base
+from warehouse.models import RUNTIME_INDEX_PREFIXES, SERVER_DEPENDENT_COLUMNS, Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:
@@ -27,7 +27,10 @@ def render_item(type_: str, obj: object, autogen_context) -> str | bool:  # type
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
-    """Per-(model, layer, dataset) vector indexes are made at run time by `layerbase knn`, not by migrations."""
+    """Per-(model, layer, dataset) vector indexes are made at run time by `layerbase knn`, not by
+    migrations; a column that migrations make only on some servers is not in the models."""
+    if type_ == "column" and (obj.table.name, name) in SERVER_DEPENDENT_COLUMNS:
+        return False
     return not (type_ == "index" and reflected and name and name.startswith(RUNTIME_INDEX_PREFIXES))
 
 

@@ -42,6 +42,7 @@ from warehouse.engine import Warehouse, pgvector_version, raw_connection
 from warehouse.errors import InputError
 from warehouse.parallel import default_workers, run_in_parallel
 from warehouse.models import KnnRun
+from warehouse.storage import STORAGES, Storage
 
 ENGINES = ("blas", "sql", *METHODS)
 EXACT_ENGINES = ("blas", "sql")
@@ -68,14 +69,14 @@ SELECT q.prompt_id,
        (array_agg(c.neighbor_id ORDER BY c.distance, c.neighbor_id))[1:{k}],
        (array_agg(c.distance ORDER BY c.distance, c.neighbor_id))[1:{k}]
 FROM (
-    SELECT prompt_id, vec::vector({width}) AS vec FROM activation
+    SELECT prompt_id, {column}::{cast} AS vec FROM activation
     WHERE model_id = {model} AND layer = {layer} AND dataset_id = {dataset} AND prompt_id = ANY({ids})
     OFFSET 0
 ) q
 CROSS JOIN LATERAL (
     SELECT cand.prompt_id AS neighbor_id, round((cand.vec <=> q.vec)::numeric, {decimals})::real AS distance
     FROM (
-        SELECT a2.prompt_id, a2.vec FROM activation a2
+        SELECT a2.prompt_id, a2.{column} AS vec FROM activation a2
         WHERE a2.model_id = {model} AND a2.layer = {layer} AND a2.dataset_id = {dataset}
         ORDER BY {order}
         LIMIT {candidates}
@@ -237,6 +238,7 @@ def materialize(
         available = ingested_layers(session, model, dataset)
         chosen = layers if isinstance(layers, list) else parse_layers(layers, available)
         model_id, width, dataset_id, n = model.id, model.width, dataset.id, dataset.n_prompts
+        storage = STORAGES[model.storage]
     if not 0 < k_max < n:
         raise InputError(
             f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max"
@@ -263,9 +265,9 @@ def materialize(
         with wh.engine.begin() as conn:
             if conn.execute(sa.text(STATISTICS_STALE)).scalar():
                 conn.execute(sa.text("ANALYZE activation, prompt"))
-    job = _Job(wh, model_name, dataset_name, model_id, dataset_id, width, n, k_max, engine, ef_search if engine == "hnsw"
-               else probes, build, min_recall, workers or default_workers(), recall_queries, device, progress,
-               None if engine == "blas" else dataset_prompt_ids(wh, dataset_id))
+    job = _Job(wh, model_name, dataset_name, model_id, dataset_id, width, storage, n, k_max, engine,
+               ef_search if engine == "hnsw" else probes, build, min_recall, workers or default_workers(),
+               recall_queries, device, progress, None if engine == "blas" else dataset_prompt_ids(wh, dataset_id))
     bar = tqdm(chosen, desc=f"k-NN {model_name} × {dataset_name} ({engine})", unit="layer", disable=not progress,
                dynamic_ncols=True)
     return [_materialize_layer(job, layer, force) for layer in bar]
@@ -281,6 +283,7 @@ class _Job:
     model_id: int
     dataset_id: int
     width: int
+    storage: Storage
     n: int
     k_max: int
     engine: str
@@ -299,7 +302,8 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
     plan, index = None, None
     if engine in METHODS:
         with wh.engine.connect() as conn:
-            plan = plan_index(engine, job.model_id, layer, job.dataset_id, job.width, pgvector_version(conn))
+            plan = plan_index(engine, job.model_id, layer, job.dataset_id, job.width, pgvector_version(conn),
+                              job.storage)
         index = ensure_index(wh, plan, job.model_id, layer, job.dataset_id, n, job.build)
     with wh.engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
@@ -366,7 +370,7 @@ def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, index: dict[str
               **options: bool) -> tuple[np.ndarray, np.ndarray]:
         return neighbors_in_db(job.wh, job.model_id, layer, job.dataset_id, job.width, job.prompt_ids,
                                positions[rows], k, plan=plan if search else None, search=search, workers=job.workers,
-                               **options)
+                               storage=job.storage, **options)
 
     def sample_recall(found: np.ndarray) -> SampleRecall:
         return SampleRecall.of([len(np.intersect1d(f[:rk], e)) / rk for f, e in zip(found, exact)])
@@ -462,25 +466,28 @@ def dataset_prompt_ids(wh: Warehouse, dataset_id: int) -> np.ndarray:
 
 
 def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, width: int,
-                    prompt_ids: np.ndarray, query_positions: np.ndarray, k: int, *, plan: IndexPlan | None = None,
-                    search: Search | None = None, workers: int = 1, progress: bool = False,
-                    fill_exactly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    prompt_ids: np.ndarray, query_positions: np.ndarray, k: int, *, storage: Storage,
+                    plan: IndexPlan | None = None, search: Search | None = None, workers: int = 1,
+                    progress: bool = False, fill_exactly: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour positions [q, k], distances [q, k]) of the query prompts, ranked in SQL.
 
     Without a plan each query scans exactly; with one, it takes ``search.candidates`` rows in
     index order and re-ranks them exactly. Blocks of queries run on ``workers`` connections at
-    once. An index can return fewer than k other rows (a narrow IVFFlat probe of a small
-    dataset); those rows are -1 and, with ``fill_exactly``, answered again by an exact scan.
+    once. ``storage`` is the model's (``warehouse.storage``). An index can return fewer than k
+    other rows (a narrow IVFFlat probe of a small dataset); those rows are -1 and, with
+    ``fill_exactly``, answered again by an exact scan.
     """
     from tqdm import tqdm
 
     query_positions = np.asarray(query_positions)
+    assert plan is None or plan.storage == storage
+    column = sql.Identifier(storage.column)
     if plan is None:
-        order = sql.SQL("a2.vec <=> q.vec, a2.prompt_id")  # ties by prompt id, that is by position
+        order = sql.SQL("a2.{} <=> q.vec, a2.prompt_id").format(column)  # ties by prompt id, that is by position
         candidates = k + 1
     else:
         assert search is not None
-        order = plan.distance(sql.SQL("a2.vec"), sql.SQL("q.vec"))
+        order = plan.distance(sql.SQL("a2.{}").format(column), sql.SQL("q.vec"))
         candidates = search.candidates
     blocks = [query_positions[i:i + QUERY_BLOCK] for i in range(0, len(query_positions), QUERY_BLOCK)]
     bar = tqdm(total=len(query_positions), desc=f"layer {layer}", unit="prompt", leave=False, disable=not progress,
@@ -489,7 +496,7 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
     def run(cur: psycopg.Cursor, block: np.ndarray) -> list[tuple]:
         cur.execute(sql.SQL(NEIGHBOURS_SQL).format(
             model=sql.Literal(model_id), layer=sql.Literal(layer), dataset=sql.Literal(dataset_id),
-            width=sql.Literal(width),
+            column=column, cast=sql.SQL(storage.cast(int(width))),
             ids=sql.SQL("{}::bigint[]").format(sql.Literal([int(i) for i in prompt_ids[block]])),
             order=order, candidates=sql.Literal(candidates), k=sql.Literal(k), decimals=sql.Literal(DISTANCE_DECIMALS),
         ))
@@ -511,7 +518,7 @@ def neighbors_in_db(wh: Warehouse, model_id: int, layer: int, dataset_id: int, w
     short = np.nonzero((idx < 0).any(axis=1))[0]
     if fill_exactly and plan is not None and len(short):
         idx[short], dist[short] = neighbors_in_db(wh, model_id, layer, dataset_id, width, prompt_ids,
-                                                  query_positions[short], k, workers=workers)
+                                                  query_positions[short], k, workers=workers, storage=storage)
     return idx, dist
 
 

@@ -21,11 +21,12 @@ from analysis.knn import EXACT_ENGINES, RECALL_K, Search
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
+from warehouse.storage import FLOAT16, HALF_MAX, STORAGES, Storage, half_precision
 
 LOOKUP_SQL = """
 SELECT p.position, p.text, round((c.vec <=> {query})::numeric, 6)::real AS distance
 FROM (
-    SELECT a.prompt_id, a.vec FROM activation a
+    SELECT a.prompt_id, a.{column} AS vec FROM activation a
     WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
     ORDER BY {order}
     LIMIT {limit}
@@ -79,7 +80,7 @@ class Neighbors:
 # 10 (``knn._calibrate_lookups``) with its recall. No row when a piece is missing: the
 # slow path below then finds which one and says what to run.
 LOOKUP_META = """
-SELECT m.id, m.width, d.id, d.n_prompts, j.include_layer0, m.n_layers, e.extversion,
+SELECT m.id, m.width, m.storage, d.id, d.n_prompts, j.include_layer0, m.n_layers, e.extversion,
        (SELECT p.text FROM prompt p WHERE p.dataset_id = d.id AND p.position = :position),
        s.id, s.engine, to_regclass(format(:index_name, m.id, d.id)) IS NOT NULL, t.ef_search, t.recall, t.queries
 FROM model m
@@ -107,7 +108,7 @@ WHERE m.name = :model AND e.extname = 'vector'
 # The query prompt's own vector is read inside the lookup statement, so that a stored
 # prompt costs one statement: an InitPlan the index scan takes as its ordering key.
 STORED_QUERY = """(
-    SELECT a.vec FROM activation a JOIN prompt p ON p.id = a.prompt_id
+    SELECT a.{column} FROM activation a JOIN prompt p ON p.id = a.prompt_id
     WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
       AND p.dataset_id = {dataset} AND p.position = {position}
 )"""
@@ -119,6 +120,7 @@ class _Target:
 
     model_id: int
     width: int
+    storage: Storage
     dataset_id: int
     n_prompts: int
     pgvector: str | None
@@ -141,7 +143,7 @@ def _target(conn: sa.Connection, model_name: str, dataset_name: str, layer: int,
             dataset = get_dataset(session, dataset_name)
             ingested_layers(session, model, dataset)  # raises: not (fully) ingested
         raise InputError(f"model {model_name!r} cannot be looked up on {dataset_name!r}")  # pragma: no cover
-    model_id, width, dataset_id, n_prompts, layer0, n_layers, version, text, run_id, engine, indexed, *tuned = row
+    model_id, width, storage, dataset_id, n_prompts, layer0, n_layers, version, text, run_id, engine, indexed, *tuned = row
     layers = ([0] if layer0 else []) + list(range(1, n_layers + 1))
     if layer not in layers:
         raise InputError(f"layer {layer} is not stored for {model_name}; stored layers are {layers[0]}..{layers[-1]}")
@@ -149,7 +151,7 @@ def _target(conn: sa.Connection, model_name: str, dataset_name: str, layer: int,
         raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n_prompts})")
     if position is not None and not 0 <= position < n_prompts:
         raise InputError(f"--prompt {position} is outside {dataset_name!r} (positions 0..{n_prompts - 1})")
-    return _Target(model_id, width, dataset_id, n_prompts, version, text,
+    return _Target(model_id, width, STORAGES[storage], dataset_id, n_prompts, version, text,
                    (run_id, engine) if run_id is not None else None, bool(indexed),
                    tuple(tuned) if tuned[0] is not None else None)  # type: ignore[arg-type]
 
@@ -175,7 +177,8 @@ def nearest(
     with wh.engine.begin() as conn:
         target = _target(conn, model_name, dataset_name, layer, k, position)
         if position is not None:
-            query = sql.SQL(STORED_QUERY).format(model=sql.Literal(target.model_id), layer=sql.Literal(layer),
+            query = sql.SQL(STORED_QUERY).format(column=sql.Identifier(target.storage.column),
+                                                 model=sql.Literal(target.model_id), layer=sql.Literal(layer),
                                                  dataset=sql.Literal(target.dataset_id), position=sql.Literal(position))
             path, rows = (_stored_set(conn, target, position, k) if target.exact_run
                           else _lookup(conn, target, layer, query, position, k, ef_search, exact))
@@ -183,7 +186,12 @@ def nearest(
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             session.expunge(model)
-    query = sql.SQL("{}::vector").format(sql.Literal(_embed_text(model, layer, text)))  # type: ignore[arg-type]
+    vector = _embed_text(model, layer, text)  # type: ignore[arg-type]
+    if target.storage is FLOAT16 and half_precision(vector[None])[1] is not None:
+        raise InputError(f"the text's activation at layer {layer} exceeds float16's range ({HALF_MAX:.0f}), in which "
+                         f"{model_name} is stored; it has no neighbours there")
+    query = sql.SQL("{}::{}").format(sql.Literal("[" + ",".join(repr(float(v)) for v in vector) + "]"),
+                                     sql.SQL(target.storage.type))
     with wh.engine.begin() as conn:
         path, rows = _lookup(conn, target, layer, query, None, k, ef_search, exact)
     return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows)
@@ -203,7 +211,8 @@ def _stored_set(conn: sa.Connection, target: _Target, position: int, k: int) -> 
 def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composable, position: int | None, k: int,
             ef_search: int | None, exact: bool) -> tuple[str, list[dict]]:
     """(the path that answered, neighbour rows) for a query vector expression."""
-    plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector)
+    plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector,
+                      target.storage)
     cur = raw_connection(conn).cursor()
     limit = k + 1
     if target.indexed and not exact:
@@ -219,28 +228,28 @@ def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composa
         ef = min(max(ef, limit), EF_SEARCH_LIMIT)
         # The k-NN engine's settings for such a search, in one round trip.
         cur.execute(sql.SQL("; ").join(Search("hnsw", ef, EF_SEARCH_LIMIT, limit).settings()))
-        order = plan.distance(sql.SQL("a.vec"), query)
+        order = plan.distance(sql.SQL("a.{}").format(plan.column), query)
         path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef}, {how})"
     else:
-        order = sql.SQL("a.vec <=> {}, a.prompt_id").format(query)
+        order = sql.SQL("a.{} <=> {}, a.prompt_id").format(plan.column, query)
         path = "exact scan" + ("" if exact else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
     exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
-    statement = sql.SQL(LOOKUP_SQL).format(query=query, model=sql.Literal(target.model_id), layer=sql.Literal(layer),
+    statement = sql.SQL(LOOKUP_SQL).format(query=query, column=plan.column, model=sql.Literal(target.model_id),
+                                           layer=sql.Literal(layer),
                                            dataset=sql.Literal(target.dataset_id), order=order,
                                            limit=sql.Literal(limit), exclude=exclude, k=sql.Literal(k))
     cur.execute(statement)
     return path, [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
 
 
-def _embed_text(model, layer: int, text: str) -> str:  # type: ignore[no-untyped-def]
+def _embed_text(model, layer: int, text: str) -> np.ndarray:  # type: ignore[no-untyped-def]
     """A new text's activation at a layer, extracted with the model's stored settings."""
     from ingest.extract import Extractor
     from ingest.runner import open_stored_model, stored_settings
 
     lm = open_stored_model(model)
     batch = Extractor(lm, stored_settings(model), include_layer0=layer == 0)([text])
-    vector = batch.vectors[0, batch.layers.index(layer)]
-    return "[" + ",".join(repr(float(v)) for v in np.asarray(vector, dtype=np.float32)) + "]"
+    return np.asarray(batch.vectors[0, batch.layers.index(layer)], dtype=np.float32)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Per-(model, layer, dataset) partial vector indexes (HNSW or IVFFlat) on the shared
-``activation.vec`` column.
+``activation.vec`` column (``vec_half`` for a model stored in half precision).
 
 The column has no typmod (models of different widths share it), so each index is on an
 expression that casts to the layer's width. pgvector indexes take at most 2000 dimensions
@@ -23,6 +23,7 @@ from psycopg import sql
 from warehouse.engine import Warehouse, pgvector_version, raw_connection, version_tuple
 from warehouse.errors import InputError
 from warehouse.models import RUNTIME_INDEX_PREFIXES
+from warehouse.storage import FLOAT16, FLOAT32, Storage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class IndexPlan:
     cast: str  # the type the indexed expression has, e.g. vector(576)
     prefix: int | None  # index the first `prefix` dimensions only (a wide layer)
     strategy: str
+    storage: Storage = FLOAT32  # how the layer is stored: the column indexed
+
+    @property
+    def column(self) -> sql.Composable:
+        return sql.Identifier(self.storage.column)
 
     @property
     def opclass(self) -> str:
@@ -63,8 +69,9 @@ class IndexPlan:
 
     @property
     def reduced(self) -> bool:
-        """Whether index distances differ from exact ones (a prefix, or half precision)."""
-        return self.prefix is not None or self.cast.startswith("halfvec")
+        """Whether index distances differ from exact ones (a prefix, or half precision of
+        float32 vectors)."""
+        return self.prefix is not None or not self.cast.startswith(self.storage.type + "(")
 
     def lookup_candidates(self, k: int) -> int:
         """Rows a lookup of k neighbours takes from the index before the exact re-rank: k + 1
@@ -136,9 +143,16 @@ def index_name(method: str, model_id: int, layer: int, dataset_id: int) -> str:
     return f"{method}_activation_m{model_id}_l{layer}_d{dataset_id}"
 
 
-def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: int, pgvector: str | None) -> IndexPlan:
-    """The index a layer of this width gets on this pgvector version."""
+def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: int, pgvector: str | None,
+               storage: Storage = FLOAT32) -> IndexPlan:
+    """The index a layer of this width and storage gets on this pgvector version."""
     name = index_name(method, model_id, layer, dataset_id)
+    if storage is FLOAT16:  # the stored values themselves, up to halfvec's limit
+        if width <= HALFVEC_LIMIT:
+            return IndexPlan(name, method, f"halfvec({width})", None, f"{method} on halfvec({width})", storage)
+        return IndexPlan(name, method, f"halfvec({HALFVEC_LIMIT})", HALFVEC_LIMIT,
+                         f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec), re-ranked exactly",
+                         storage)
     if width <= VECTOR_LIMIT:
         return IndexPlan(name, method, f"vector({width})", None, f"{method} on vector({width})")
     if version_tuple(pgvector) >= (0, 7, 0):
@@ -228,7 +242,7 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
         ).format(
             name=sql.Identifier(plan.name),
             method=sql.SQL(plan.method),  # one of METHODS, never from input
-            expr=plan.expression(sql.Identifier("vec")),
+            expr=plan.expression(plan.column),
             opclass=sql.SQL(plan.opclass),
             options=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.SQL(key), sql.Literal(value))
                                        for key, value in wanted.items()),  # keys from BUILD_DEFAULTS

@@ -8,22 +8,26 @@ from psycopg import sql
 
 from warehouse.copy import read_positions_and_vectors
 from warehouse.engine import raw_connection
+from warehouse.storage import model_storage
 
 # Rows come in storage order and are put in position order here: sorting 2.3 kB rows in
 # the server spilled to disk at the default work_mem (15 ms of a 0.12 s k-NN layer at
 # n = 2048, against 9 ms without the sort); storage order is usually position order already.
 LAYER_VECTORS = """
-SELECT p.position, a.vec FROM activation a JOIN prompt p ON p.id = a.prompt_id
+SELECT p.position, a.{column} FROM activation a JOIN prompt p ON p.id = a.prompt_id
 WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
 """
 
 
 def layer_vectors(conn: sa.Connection, model_id: int, layer: int, dataset_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, vectors [n, d] float32) of one (model, layer, dataset), in position order."""
+    """(positions, vectors [n, d] float32) of one (model, layer, dataset), in position order
+    (from half precision where the model stores it so)."""
+    storage = model_storage(conn, model_id)
     query = sql.SQL(LAYER_VECTORS).format(
+        column=sql.Identifier(storage.column),
         model=sql.Literal(int(model_id)), layer=sql.Literal(int(layer)), dataset=sql.Literal(int(dataset_id))
     )
-    positions, vectors = read_positions_and_vectors(raw_connection(conn).cursor(), query)
+    positions, vectors = read_positions_and_vectors(raw_connection(conn).cursor(), query, storage.type)
     if len(positions) > 1 and not (np.diff(positions) > 0).all():
         order = np.argsort(positions, kind="stable")
         positions, vectors = positions[order], vectors[order]

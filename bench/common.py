@@ -37,6 +37,20 @@ def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
     return activation_like_vectors(n, d, seed=seed)
 
 
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", choices=("float32", "float16"), default="float32",
+        help="how the synthetic activations are stored (`ingest --storage`); float16 needs --server newer. The "
+             "reference then computes on the same half-precision values")
+
+
+def as_stored(vectors: Any, storage: str) -> Any:
+    """The values a warehouse holds of these float32 vectors under ``storage``."""
+    import numpy as np
+
+    return vectors.astype(np.float16).astype(np.float32) if storage == "float16" else vectors
+
+
 def add_server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", choices=SERVERS, default="embedded",

@@ -5,6 +5,7 @@ BBC news leads; and the stored bytes per activation against its raw float32 size
     python -m bench.ingest_overhead                  # SmolLM2, 128 news leads, 3 runs
     python -m bench.ingest_overhead --corpus random --prompts 512   # short prompts: overhead weighs more
     python -m bench.ingest_overhead --model all-MiniLM-L6-v2 --prompts 32 --repeats 1   # a quick run
+    python -m bench.ingest_overhead --server newer --storage float16   # stored in half precision
 
 The forward pass is timed by wrapping the model's own ``forward`` inside the same run, so
 the reference and the total come from the same prompts on the same machine at the same
@@ -19,7 +20,7 @@ import functools
 import statistics
 import time
 
-from bench.common import add_server_option, bench_warehouse, print_table
+from bench.common import add_server_option, add_storage_option, bench_warehouse, print_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", help="cuda or cpu (default: the best available)")
     add_server_option(parser)
+    add_storage_option(parser)
     args = parser.parse_args(argv)
 
     import sqlalchemy as sa
@@ -43,12 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     from ingest.runner import ensure_job, ensure_model, open_model, run_job
     from ingest.sources import generate_random, read_txt_dir
     from warehouse.lookup import get_dataset
+    from warehouse.storage import require_storage
 
     with bench_warehouse(args.server) as wh:
         if args.corpus == "news":
             prompts = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(args.prompts, 0)
         else:
             prompts = generate_random(args.prompts, 32, seed=0)
+        with wh.engine.connect() as conn:
+            storage = require_storage(conn, args.storage)
         add_datasets(wh, [("news", prompts)])
         started = time.perf_counter()
         lm = open_model(args.model, device=args.device)
@@ -77,13 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         for repeat in range(args.repeats):
             name = f"{args.model}-run{repeat}"  # a fresh job each run, same weights and prompts
             with Session(wh.engine) as session, session.begin():
-                model = ensure_model(session, lm, name, extractor)
+                model = ensure_model(session, lm, name, extractor, storage.name)
                 job = ensure_job(session, model, get_dataset(session, "news"), include_layer0=False,
                                  batch_size=args.batch_size)
                 session.expunge(job)
             forward_s[0] = 0.0
             t0 = time.perf_counter()
-            report = run_job(wh, job, extractor, model_name=name, dataset_name="news", progress=False)
+            report = run_job(wh, job, extractor, model_name=name, dataset_name="news", progress=False, storage=storage)
             total = time.perf_counter() - t0
             assert report.state == "done" and report.prompts_written_now == args.prompts
             rows.append({"run": repeat + 1, "prompts": args.prompts, "total_s": total, "forward_s": forward_s[0],
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, list(rows[0]))
     print(f"median share of wall time outside the forward pass: {100 * statistics.median(shares):.1f}% "
           f"(target <= 10%)")
-    print(f"stored bytes per activation: {heap / count:.0f} in the table (with TOAST), {total_bytes / count:.0f} "
+    print(f"stored bytes per activation ({storage.name}): {heap / count:.0f} in the table (with TOAST), "
+          f"{total_bytes / count:.0f} "
           f"with its primary-key index; raw float32 is {raw} (d = {lm.width}): ratios {heap / count / raw:.3f} and "
           f"{total_bytes / count / raw:.3f}")
 

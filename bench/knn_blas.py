@@ -12,7 +12,7 @@ import argparse
 
 import sqlalchemy as sa
 
-from bench.common import add_server_option, bench_warehouse, median_time, print_table
+from bench.common import add_server_option, add_storage_option, as_stored, bench_warehouse, median_time, print_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k-max", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     add_server_option(parser)
+    add_storage_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import materialize, neighbor_array
@@ -32,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
             n, d = (int(x) for x in shape.lower().split("x"))
-            vectors = clustered_vectors(n, d, seed=n + d)
+            vectors = as_stored(clustered_vectors(n, d, seed=n + d), args.storage)
             name = f"syn-{n}x{d}"
-            store_synthetic(wh, name, f"d{n}", n=n, d=d, n_layers=1, layer_vectors={1: vectors})
+            store_synthetic(wh, name, f"d{n}", n=n, d=d, n_layers=1, layer_vectors={1: vectors}, storage=args.storage)
             reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k_max), args.repeats)
             end_to_end, _ = median_time(
                 lambda: materialize(wh, name, f"d{n}", k_max=args.k_max, engine="blas", force=True, progress=False),

@@ -23,7 +23,10 @@ import time
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import add_data_option, add_server_option, bench_vectors, bench_warehouse, median_time, print_table
+from bench.common import (
+    add_data_option, add_server_option, add_storage_option, as_stored, bench_vectors, bench_warehouse, median_time,
+    print_table,
+)
 
 
 def recall_at(stored: np.ndarray, reference: np.ndarray, k: int) -> float:
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lists", type=int, help="ivfflat: the index's lists (default: sqrt(n))")
     add_server_option(parser)
     add_data_option(parser)
+    add_storage_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import dataset_prompt_ids, describe_search, materialize, neighbor_array, neighbors_in_db
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     from analysis.vector_index import METHODS, index_name
     from ingest.synthetic import store_synthetic
     from warehouse.parallel import default_workers
+    from warehouse.storage import STORAGES
 
     workers = args.workers or default_workers()
     asked = {"hnsw": {"m": args.hnsw_m, "ef_construction": args.ef_construction}, "ivfflat": {"lists": args.lists}}
@@ -63,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
             n, d = (int(x) for x in shape.lower().split("x"))
-            vectors = bench_vectors(args.data, n, d, seed=n + d)
+            vectors = as_stored(bench_vectors(args.data, n, d, seed=n + d), args.storage)
             name, dataset = f"syn-{n}x{d}", f"d{n}x{d}"
-            store_synthetic(wh, name, dataset, n=n, d=d, n_layers=1, layer_vectors={1: vectors})
+            store_synthetic(wh, name, dataset, n=n, d=d, n_layers=1, layer_vectors={1: vectors}, storage=args.storage)
             reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k), args.repeats)
             with wh.engine.begin() as conn:
                 model_id, dataset_id = conn.execute(sa.text(
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                     def run() -> object:  # the engine's own statement and workers, on the first prompts
                         t0 = time.perf_counter()
                         found, _ = neighbors_in_db(wh, model_id, 1, dataset_id, d, prompt_ids, np.arange(timed),
-                                                   args.k, workers=workers)
+                                                   args.k, workers=workers, storage=STORAGES[args.storage])
                         return time.perf_counter() - t0, found
 
                     _, (sample_s, stored) = median_time(run, args.db_repeats)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                              "ratio": seconds / reference, f"recall@{args.k}": recall})
                 print_table(rows[-1:], list(rows[-1]))
     print(f"\nin-database k-NN vs in-memory numpy (reference: median of {args.repeats}; engines: median of "
-          f"{args.db_repeats}; {args.data} data, {args.server} server):")
+          f"{args.db_repeats}; {args.data} data, {args.server} server, {args.storage} storage):")
     print_table(rows, list(rows[0]))
 
 

@@ -20,7 +20,9 @@ import time
 
 import numpy as np
 
-from bench.common import add_data_option, add_server_option, bench_vectors, bench_warehouse, print_table
+from bench.common import (
+    add_data_option, add_server_option, add_storage_option, as_stored, bench_vectors, bench_warehouse, print_table,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: the CLI's)")
     add_server_option(parser)
     add_data_option(parser)
+    add_storage_option(parser)
     args = parser.parse_args(argv)
 
     from analysis.knn import materialize
@@ -41,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
 
     n, d, k = args.n, args.d, args.k
     with bench_warehouse(args.server) as wh:
-        vectors = bench_vectors(args.data, n, d, seed=5)
+        vectors = as_stored(bench_vectors(args.data, n, d, seed=5), args.storage)
         t0 = time.perf_counter()
-        store_synthetic(wh, "syn", "lookup", n=n, d=d, n_layers=1, layer_vectors={1: vectors})
+        store_synthetic(wh, "syn", "lookup", n=n, d=d, n_layers=1, layer_vectors={1: vectors}, storage=args.storage)
         store_s = time.perf_counter() - t0
         # What a user runs first: `layerbase knn --engine hnsw` builds the layer's index,
         # stores its (approximate) sets and tunes ef_search for lookups of 10 neighbours.

@@ -15,7 +15,7 @@ name_option = click.option("--name", help="Name to store the model under (defaul
 revision_option = click.option("--revision", help="Hub revision (branch, tag or commit).")
 dtype_option = click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-    help="Weights dtype for the forward pass (activations are stored as float32).",
+    help="Weights dtype for the forward pass (stored vectors are float32, unless `ingest --storage float16`).",
 )
 device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
 progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
@@ -37,12 +37,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template as a user turn.")
 @click.option("--layer0", is_flag=True, help="Also store layer 0 (the embedding output).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass and per commit.")
+@click.option("--storage", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Precision the activations are stored in: float16 is pgvector's halfvec, half the size "
+              "(needs pgvector 0.7 or later on the server).")
 @progress_option
 @json_option
 @click.pass_obj
 def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], name: str | None, revision: str | None, dtype: str,
                    device: str | None, pooling: str, padding_side: str, max_tokens: int | None, chat_template: bool,
-                   layer0: bool, batch_size: int, progress: bool, as_json: bool) -> None:
+                   layer0: bool, batch_size: int, storage: str, progress: bool, as_json: bool) -> None:
     """Run a model over datasets; store every block's pooled activation per prompt.
 
     Re-running finishes an interrupted job; several processes on one job share its work.
@@ -54,7 +57,7 @@ def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], na
     settings = ExtractionSettings(pooling, padding_side, max_tokens, chat_template)
     reports = ingest_datasets(
         obj.warehouse(), source, list(dataset_names), name=name, revision=revision, dtype=dtype, device=device,
-        settings=settings, include_layer0=layer0, batch_size=batch_size, progress=progress,
+        settings=settings, include_layer0=layer0, batch_size=batch_size, progress=progress, storage=storage,
     )
     lines = []
     for report in reports:
@@ -92,7 +95,7 @@ def models(obj: Context, as_json: bool) -> None:
     from ingest.catalog import list_models
 
     rows = list_models(obj.warehouse())
-    emit(rows, as_json, table(rows, ["name", "architecture", "kind", "n_layers", "width", "dtype", "pooling", "source"]))
+    emit(rows, as_json, table(rows, ["name", "architecture", "kind", "n_layers", "width", "dtype", "storage", "pooling", "source"]))
 
 
 @click.group()

@@ -21,7 +21,7 @@ GROUP BY j.id, m.name, d.name
 ORDER BY j.id
 """
 MODELS = """
-SELECT name, source, architecture, kind, n_layers, width, dtype, pooling, padding_side,
+SELECT name, source, architecture, kind, n_layers, width, dtype, storage, pooling, padding_side,
        max_tokens, chat_template, gguf_file, revision, transformers_version
 FROM model ORDER BY id
 """

@@ -25,7 +25,8 @@ from ingest.loading import LoadedModel
 from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
-from warehouse.models import Dataset, IngestChunk, IngestJob, Model
+from warehouse.models import Activation, Dataset, IngestChunk, IngestJob, Model
+from warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, half_precision, require_storage
 
 CLAIM_CHUNK = """
 SELECT chunk_no, first_position, last_position FROM ingest_chunk
@@ -89,18 +90,27 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extractor) -> Model:
+def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extractor,
+                 storage: str | None = None) -> Model:
     """The model row for this (weights, extraction settings), created if new.
 
     A name already used for other weights or settings is refused: the key
-    (model, layer, prompt) must mean one extraction.
+    (model, layer, prompt) must mean one extraction. So is another ``storage`` (float32 or
+    float16) once the model has activations; None (token embeddings) takes the model's.
     """
     validate_name(name, "model")
     values = model_row_values(lm, name, extractor)
-    session.execute(insert(Model).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+    session.execute(insert(Model).values(**values, storage=storage or FLOAT32.name)
+                    .on_conflict_do_nothing(index_elements=["name"]))
     model = session.scalar(sa.select(Model).where(Model.name == name))
     assert model is not None
     diffs = [f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]]
+    if storage is not None and model.storage != storage:
+        if session.scalar(sa.select(sa.exists().where(Activation.model_id == model.id))):
+            diffs.append(f"storage={model.storage!r} (now {storage!r})")
+        else:  # made by `embeddings`, no activations yet: they are stored as now asked
+            model.storage = storage
+            session.flush()
     if diffs:
         raise InputError(
             f"model name {name!r} is already used for another extraction ({'; '.join(diffs)}); "
@@ -199,8 +209,10 @@ def run_job(
     model_name: str,
     dataset_name: str,
     progress: bool = True,
+    storage: Storage = FLOAT32,
 ) -> JobReport:
-    """Process the job's pending chunks until none is left to claim."""
+    """Process the job's pending chunks until none is left to claim, storing activations
+    as ``storage`` (the model's)."""
     from tqdm import tqdm
 
     worker = worker_id()
@@ -219,7 +231,7 @@ def run_job(
     written = truncated = 0
     try:
         while True:
-            n, n_trunc = _process_one_chunk(wh, job, extractor, worker, dataset_name)
+            n, n_trunc = _process_one_chunk(wh, job, extractor, worker, dataset_name, storage)
             if n == 0:
                 break
             written += n
@@ -246,7 +258,8 @@ def run_job(
     )
 
 
-def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str) -> tuple[int, int]:
+def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str,
+                       storage: Storage) -> tuple[int, int]:
     """Claim, extract and store one chunk in one transaction; (prompts, truncated) or (0, 0)."""
     with wh.engine.begin() as conn:
         claimed = conn.execute(sa.text(CLAIM_CHUNK), {"job": job.id}).first()
@@ -266,17 +279,29 @@ def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, work
                 "and --dtype (float16 overflows; try float32), or remove the prompt"
             ) from None
         n_prompts, n_layers, _ = batch.vectors.shape
+        vectors = batch.vectors.reshape(n_prompts * n_layers, -1)
+        if storage is not FLOAT32:
+            vectors, bad = half_precision(vectors)
+            if bad is not None:
+                pid, position, text = prompts[bad // n_layers]
+                peak = float(np.abs(batch.vectors.reshape(n_prompts * n_layers, -1)[bad]).max())
+                raise InputError(
+                    f"prompt {position} (id {pid}) of dataset {dataset_name!r} has an activation of magnitude "
+                    f"{peak:.4g} at layer {batch.layers[bad % n_layers]}, beyond float16's range ({HALF_MAX:.0f}); "
+                    "nothing of its batch was stored. Store this model as float32 (`--storage float32`, under "
+                    "another --name if it already has activations)"
+                )
         cur = raw_connection(conn).cursor()
         copy_columns(
             cur,
             "activation",
-            ("model_id", "layer", "prompt_id", "dataset_id", "vec"),
+            ("model_id", "layer", "prompt_id", "dataset_id", storage.column),
             [
                 ("int4", np.full(n_prompts * n_layers, job.model_id, dtype=np.int32)),
                 ("int2", np.tile(np.array(batch.layers, dtype=np.int16), n_prompts)),
                 ("int8", np.repeat(ids, n_layers)),
                 ("int4", np.full(n_prompts * n_layers, job.dataset_id, dtype=np.int32)),
-                ("vector", batch.vectors.reshape(n_prompts * n_layers, -1)),
+                (storage.type, vectors),
             ],
         )
         copy_columns(
@@ -362,6 +387,7 @@ def _finished_report(
     dtype: str,
     settings: ExtractionSettings,
     include_layer0: bool,
+    storage: str = FLOAT32.name,
 ) -> JobReport | None:
     """The report of an already complete job with these settings, or None.
 
@@ -376,7 +402,7 @@ def _finished_report(
         return None
     wanted = {
         "source": source_identity(source), "revision": revision, "dtype": dtype, "pooling": settings.pooling,
-        "padding_side": settings.padding_side, "chat_template": settings.chat_template,
+        "padding_side": settings.padding_side, "chat_template": settings.chat_template, "storage": storage,
     }
     if settings.max_tokens is not None:
         wanted["max_tokens"] = settings.max_tokens
@@ -407,9 +433,11 @@ def ingest_datasets(
     include_layer0: bool = False,
     batch_size: int = 16,
     progress: bool = True,
+    storage: str = FLOAT32.name,
 ) -> list[JobReport]:
     """Ingest several datasets with one model, loading it at most once (not at all when
-    every job is already complete)."""
+    every job is already complete). ``storage``: float32, or float16 (pgvector's halfvec,
+    half the size) where the server has it."""
     from warehouse.lookup import get_dataset
 
     if batch_size <= 0:
@@ -417,10 +445,12 @@ def ingest_datasets(
     name = name or default_model_name(source)
     validate_name(name, "model")
     reports: list[JobReport | None] = []
-    with Session(wh.engine) as session:
-        for dataset_name in dataset_names:  # fail fast, before loading a model
+    with Session(wh.engine) as session:  # fail fast, before loading a model
+        require_storage(session.connection(), storage)
+        for dataset_name in dataset_names:
             dataset = get_dataset(session, dataset_name)
-            reports.append(_finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0))
+            reports.append(_finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0,
+                                            storage))
     if all(r is not None for r in reports):
         return reports  # type: ignore[return-value]
     lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
@@ -431,9 +461,10 @@ def ingest_datasets(
             done.append(finished)
             continue
         with Session(wh.engine) as session, session.begin():
-            model = ensure_model(session, lm, name, extractor)
+            model = ensure_model(session, lm, name, extractor, storage)
             dataset = get_dataset(session, dataset_name)
             job = ensure_job(session, model, dataset, include_layer0=include_layer0, batch_size=batch_size)
             session.expunge(job)
-        done.append(run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress))
+        done.append(run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress,
+                            storage=STORAGES[storage]))
     return done

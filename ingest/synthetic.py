@@ -18,6 +18,7 @@ from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.lookup import get_dataset
 from warehouse.models import IngestChunk, IngestJob, Model
+from warehouse.storage import FLOAT32, half_precision, require_storage
 
 
 def clustered_vectors(n: int, d: int, *, clusters: int = 32, spread: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -64,9 +65,11 @@ def store_synthetic(
     n_layers: int,
     seed: int = 0,
     layer_vectors: dict[int, np.ndarray] | None = None,
+    storage: str = FLOAT32.name,
 ) -> int:
     """Store synthetic activations for layers 1..n_layers; return the model id.
 
+    ``storage``: float32, or float16 (half precision, pgvector >= 0.7), as ``ingest --storage``.
     Layer l's vectors are ``layer_vectors[l]`` when given, else clustered noise. The
     dataset is created when missing (placeholder texts 'synthetic prompt i').
     """
@@ -77,6 +80,7 @@ def store_synthetic(
         texts = [f"synthetic prompt {i}" for i in range(n)]
         add_datasets(wh, [(dataset_name, PromptSet("synthetic", f"synthetic:{n}", texts, list(map(str, range(n)))))])
     with Session(wh.engine) as session, session.begin():
+        store = require_storage(session.connection(), storage)
         dataset = get_dataset(session, dataset_name)
         if dataset.n_prompts != n:
             raise ValueError(f"dataset {dataset_name!r} has {dataset.n_prompts} prompts, not {n}")
@@ -84,7 +88,7 @@ def store_synthetic(
             name=model_name, source="synthetic", architecture="synthetic", kind="causal", n_layers=n_layers,
             width=d, vocab_size=0, dtype="float32", hook_site="synthetic", pooling="last", padding_side="right",
             max_tokens=0, chat_template=False, tied_embeddings=False, config={"seed": seed},
-            transformers_version="-", torch_version="-",
+            transformers_version="-", torch_version="-", storage=store.name,
         )
         session.add(model)
         session.flush()
@@ -103,11 +107,16 @@ def store_synthetic(
             vectors = (layer_vectors or {}).get(layer)
             if vectors is None:
                 vectors = clustered_vectors(n, d, seed=seed * 1000 + layer)
-            copy_columns(cur, "activation", ("model_id", "layer", "prompt_id", "dataset_id", "vec"), [
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if store is not FLOAT32:
+                vectors, bad = half_precision(vectors)
+                if bad is not None:
+                    raise ValueError(f"layer {layer} row {bad} is beyond float16's range")
+            copy_columns(cur, "activation", ("model_id", "layer", "prompt_id", "dataset_id", store.column), [
                 ("int4", np.full(n, model.id, dtype=np.int32)),
                 ("int2", np.full(n, layer, dtype=np.int16)),
                 ("int8", prompt_ids),
                 ("int4", np.full(n, dataset.id, dtype=np.int32)),
-                ("vector", np.asarray(vectors, dtype=np.float32)),
+                (store.type, vectors),
             ])
         return model.id

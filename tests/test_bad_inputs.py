@@ -63,6 +63,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("unknown dataset", ["ingest", "--model", "{gpt2}", "--dataset", "nope"], ["no dataset named 'nope'"]),
     ("batch size 0", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--batch-size", "0"], ["--batch-size"]),
     ("negative token limit", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--max-tokens", "-1"], ["--max-tokens"]),
+    ("half precision on pgvector 0.6.2", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--storage", "float16"],
+     ["float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later"]),
     ("layers out of range", ["knn", "--model", "A", "--dataset", "d", "--layers", "2-9"], ["layer 4", "stored layers are 1..3"]),
     ("layers not a list", ["knn", "--model", "A", "--dataset", "d", "--layers", "one"], ["not a layer list"]),
     ("k >= n", ["knn", "--model", "A", "--dataset", "d", "--k-max", "40"], ["k = 40", "lower --k-max"]),

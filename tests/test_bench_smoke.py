@@ -34,9 +34,9 @@ def test_bench_help(module: str) -> None:
                                    "--repeats", "1"], ["outside the forward pass"]),
         ("bench.lookup", ["--n", "1500", "--d", "16", "--queries", "10"],
          ["HNSW index", "stored k-NN set", "p50/numpy", "activation-like data, embedded server"]),
-        ("bench.knn_indb", ["--sizes", "300x2100", "--engines", "ivfflat", "--repeats", "1", "--server", "newer",
-                            "--data", "isotropic"],
-         ["ivfflat on halfvec(2100), re-ranked exactly", "isotropic data, newer server"]),
+        ("bench.knn_indb", ["--sizes", "300x2100", "--engines", "ivfflat,sql", "--repeats", "1", "--sample", "32",
+                            "--server", "newer", "--data", "isotropic", "--storage", "float16"],
+         ["ivfflat on halfvec(2100)", "exact scan, timed on 32", "isotropic data, newer server, float16 storage"]),
     ],
 )
 def test_bench_runs_on_tiny_shapes(module: str, args: list[str], expected: list[str]) -> None:

@@ -94,3 +94,96 @@ def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(newer_db_url: st
     assert matrix.shape == (4, 3) and ((matrix >= 0) & (matrix <= 1)).all()
     with wh.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM activation")).scalar() == 30 * (4 + 3)
+
+
+def test_half_precision_storage_from_ingest_to_lookups(newer_db_url: str, tiny_models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    from analysis.vectors import layer_vectors
+
+    texts = random_texts(40, seed=21)
+    assert cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", texts))).exit_code == 0
+    for name, storage in (("half", "float16"), ("full", "float32")):
+        result = cli("ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "toy", "--name", name,
+                     "--storage", storage, "--no-progress")
+        assert result.exit_code == 0, result.output
+    wh = connect(newer_db_url)
+    with wh.engine.connect() as conn:
+        ids = dict(conn.execute(sa.text("SELECT name, id FROM model")).all())
+        sizes = dict(conn.execute(sa.text(
+            "SELECT m.name, avg(coalesce(pg_column_size(a.vec), 0) + coalesce(pg_column_size(a.vec_half), 0)) "
+            "FROM activation a JOIN model m ON m.id = a.model_id GROUP BY m.name")).all())
+        halves = conn.execute(sa.text("SELECT count(*) FILTER (WHERE vec IS NULL), count(*) FROM activation "
+                                      "WHERE model_id = :m"), {"m": ids["half"]}).one()
+        positions, half = layer_vectors(conn, ids["half"], 2, 1)
+        _, full = layer_vectors(conn, ids["full"], 2, 1)
+    assert halves == (40 * 3, 40 * 3)  # every row in vec_half
+    assert sizes["half"] <= 8 + 2 * 32 and sizes["full"] >= 4 + 4 * 32  # header, dims, 2 or 4 bytes a value
+    # the same forward pass, stored in half precision: float32 values rounded to the nearest half
+    assert (positions == np.arange(40)).all() and half.dtype == np.float32
+    np.testing.assert_array_equal(half, full.astype(np.float16).astype(np.float32))
+    models = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
+    assert models["half"]["storage"] == "float16" and models["full"]["storage"] == "float32"
+
+    # another precision under the same name is another extraction: refused, nothing changed
+    again = cli("ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "toy", "--name", "half", "--no-progress")
+    assert again.exit_code != 0 and "storage='float16' (now 'float32')" in again.output
+
+    ask = ("neighbors", "--model", "half", "--layer", "2", "--dataset", "toy", "-k", "5", "--json")
+    exact = json.loads(cli(*ask, "--prompt", "3").stdout)  # nothing stored or indexed yet: a scan
+    assert exact["path"].startswith("exact scan")
+
+    # every engine reads the half-precision column; the exact ones agree set for set
+    for engine in ("blas", "sql", "hnsw"):
+        [result] = materialize(wh, "half", "toy", layers=[2], k_max=5, engine=engine, min_recall=1.0, progress=False)
+    assert result.strategy == "hnsw on halfvec(32)" and result.recall == 1.0
+    index = index_definition(newer_db_url, "hnsw")
+    assert "vec_half" in index and "halfvec(32)" in index
+    sets = {engine: stored_sets(wh, "half", engine, 5)[2] for engine in ("blas", "sql", "hnsw")}
+    assert (sets["blas"] == sets["sql"]).all() and (sets["hnsw"] == sets["blas"]).all()
+
+    stored = json.loads(cli(*ask, "--prompt", "3").stdout)
+    assert stored["path"].startswith("stored k-NN set")
+    assert [r["position"] for r in exact["neighbors"]] == [r["position"] for r in stored["neighbors"]]
+    text = json.loads(cli(*ask, "--text", texts[3]).stdout)  # a new text: its vector cast to halfvec
+    assert text["path"].startswith("HNSW index") and text["neighbors"][0]["position"] == 3
+    assert text["neighbors"][0]["distance"] < 1e-3
+    run = compute_affinity(wh, "half", "full", "toy", k=5, progress=False)
+    assert run.scores.shape == (3, 3) and run.scores.min() > 0.5  # the same model, stored two ways
+
+
+def test_half_precision_rows_become_float32_on_downgrade(newer_db_url: str) -> None:
+    from analysis.vectors import layer_vectors
+    from warehouse.schema import downgrade, upgrade
+
+    wh = connect(newer_db_url)
+    vectors = np.random.default_rng(4).standard_normal((12, 6)).astype(np.float32)
+    model_id = store_synthetic(wh, "h", "d", n=12, d=6, n_layers=1, layer_vectors={1: vectors}, storage="float16")
+    with wh.engine.begin() as conn:
+        downgrade(conn, "0004")
+    with wh.engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM activation WHERE vec IS NOT NULL")).scalar() == 12
+        upgrade(conn)
+    with wh.engine.connect() as conn:
+        _, read = layer_vectors(conn, model_id, 1, 1)  # the model is float32 now, its values those halves
+    np.testing.assert_array_equal(read, vectors.astype(np.float16).astype(np.float32))
+
+
+def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
+        newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    loud = tmp_path / "loud-gpt2"
+    model = GPT2LMHeadModel.from_pretrained(tiny_models["gpt2"])
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e7)  # the residual stream carries ~1e5: finite in float32, not in half
+    model.save_pretrained(loud)
+    AutoTokenizer.from_pretrained(tiny_models["gpt2"]).save_pretrained(loud)
+    cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", random_texts(8, seed=2))))
+    result = cli("ingest", "--model", str(loud), "--dataset", "toy", "--storage", "float16", "--no-progress")
+    assert result.exit_code != 0
+    assert "prompt 0 (id 1) of dataset 'toy'" in result.output and "beyond float16's range (65504)" in result.output
+    assert "--storage float32" in result.output and "Traceback" not in result.output
+    with connect(newer_db_url).engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM activation")).scalar() == 0
+    assert cli("ingest", "--model", str(loud), "--dataset", "toy", "--no-progress").exit_code == 0  # float32 holds it

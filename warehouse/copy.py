@@ -7,7 +7,8 @@ the format is fixed-width for every column we bulk-load (ints and float4 vectors
 numpy structured array *is* the wire format. Text columns go through ``write_row``.
 
 Binary COPY format: https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4
-pgvector's binary ``vector``: int16 dim, int16 unused, dim × float4 (all big-endian).
+pgvector's binary ``vector``: int16 dim, int16 unused, dim × float4 (all big-endian);
+``halfvec`` the same with dim × float2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ TRAILER = b"\xff\xff"
 
 # Postgres type name -> big-endian numpy dtype of its binary wire form.
 FIXED_TYPES = {"int2": ">i2", "int4": ">i4", "int8": ">i8", "float4": ">f4", "float8": ">f8", "bool": "?"}
+# pgvector's vector types: wire dtype of an element.
+VECTOR_TYPES = {"vector": ">f4", "halfvec": ">f2"}
 # One-dimensional arrays without NULLs: element type oid and wire dtype.
 ARRAY_TYPES = {"int4[]": (23, ">i4"), "float4[]": (700, ">f4")}
 
@@ -31,7 +34,7 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     """The binary COPY stream for rows given column-wise.
 
     Each column is (postgres type, array): a fixed type with a 1-D array of n values,
-    ``vector`` with an (n, d) float array, or ``int4[]``/``float4[]`` with an (n, k) array
+    ``vector`` or ``halfvec`` with an (n, d) float array, or ``int4[]``/``float4[]`` with an (n, k) array
     (every row an array of k elements). Every column must have n rows.
     """
     n = len(columns[0][1])
@@ -40,9 +43,9 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
         if len(values) != n:
             raise ValueError("all columns must have the same number of rows")
         fields.append((f"len{i}", ">i4"))
-        if pgtype == "vector":
+        if pgtype in VECTOR_TYPES:
             d = values.shape[1]
-            fields += [(f"dim{i}", ">i2"), (f"unused{i}", ">i2"), (f"val{i}", ">f4", (d,))]
+            fields += [(f"dim{i}", ">i2"), (f"unused{i}", ">i2"), (f"val{i}", VECTOR_TYPES[pgtype], (d,))]
         elif pgtype in ARRAY_TYPES:
             k = values.shape[1]
             element = np.dtype([("len", ">i4"), ("v", ARRAY_TYPES[pgtype][1])])
@@ -53,9 +56,9 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     rows = np.empty(n, dtype=np.dtype(fields))  # type: ignore[call-overload]
     rows["nfields"] = len(columns)
     for i, (pgtype, values) in enumerate(columns):
-        if pgtype == "vector":
+        if pgtype in VECTOR_TYPES:
             d = values.shape[1]
-            rows[f"len{i}"] = 4 + 4 * d
+            rows[f"len{i}"] = 4 + np.dtype(VECTOR_TYPES[pgtype]).itemsize * d
             rows[f"dim{i}"] = d
             rows[f"unused{i}"] = 0
             rows[f"val{i}"] = values
@@ -112,8 +115,10 @@ def copy_rows(cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequ
     return count
 
 
-def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composable) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``COPY (query) TO STDOUT`` in binary for rows (int4, vector) and parse with numpy.
+def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composable,
+                               pgtype: str = "vector") -> tuple[np.ndarray, np.ndarray]:
+    """Run ``COPY (query) TO STDOUT`` in binary for rows (int4, ``pgtype``: vector or
+    halfvec) and parse with numpy; the vectors come back as float32.
 
     All vectors must have one width (as every activation of a (model, layer) does). The
     rows are fixed-width, so the stream is read as one numpy structured array.
@@ -126,10 +131,10 @@ def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composabl
     body = memoryview(buffer)[19 + header_ext : len(buffer) - 2]
     if len(body) == 0:
         return np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float32)
-    # row: int16 nfields, int32 len, int32 value, int32 len, int16 dim, int16 unused, float4 x dim
+    # row: int16 nfields, int32 len, int32 value, int32 len, int16 dim, int16 unused, element x dim
     dim = int.from_bytes(body[14:16], "big")
     row = np.dtype([("nf", ">i2"), ("l0", ">i4"), ("pos", ">i4"), ("l1", ">i4"), ("dim", ">i2"), ("unused", ">i2"),
-                    ("vec", ">f4", (dim,))])
+                    ("vec", VECTOR_TYPES[pgtype], (dim,))])
     if len(body) % row.itemsize:
         raise ValueError("vectors of different widths in one layer")
     rows = np.frombuffer(body, dtype=row)

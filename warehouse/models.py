@@ -38,6 +38,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # Indexes created at run time (per-(model, layer, dataset) partial HNSW or IVFFlat indexes)
 # carry one of these prefixes.
 RUNTIME_INDEX_PREFIXES = ("hnsw_activation_", "ivfflat_activation_")
+# activation's half-precision column, made by migration 0005 only where the server has halfvec.
+SERVER_DEPENDENT_COLUMNS = {("activation", "vec_half")}
+STORAGE_COMMENT = "float32 (activation.vec) or float16 (activation.vec_half, halfvec)"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -87,11 +90,13 @@ class Model(Base):
     transformers_version: Mapped[str] = mapped_column(Text)
     torch_version: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
+    storage: Mapped[str] = mapped_column(Text, server_default="float32", comment=STORAGE_COMMENT)
 
     __table_args__ = (
         CheckConstraint("pooling IN ('last', 'mean')", name="pooling"),
         CheckConstraint("padding_side IN ('left', 'right')", name="padding_side"),
         CheckConstraint("kind IN ('causal', 'encoder')", name="kind"),
+        CheckConstraint("storage IN ('float32', 'float16')", name="storage"),
     )
 
 
@@ -143,8 +148,10 @@ class Activation(Base):
     dataset_id: Mapped[int] = mapped_column(
         Integer, comment="the prompt's dataset, denormalized so that per-(model, layer, dataset) indexes can be partial"
     )
-    # No typmod: models of different widths share this column (DESIGN.md §2).
-    vec: Mapped[Any] = mapped_column(Vector())
+    # No typmod: models of different widths share this column (DESIGN.md §2). NULL where
+    # the model stores half precision, in ``vec_half`` (halfvec): that column exists only
+    # on servers with pgvector >= 0.7, so it is not declared here (see warehouse.storage).
+    vec: Mapped[Any | None] = mapped_column(Vector())
 
 
 class IngestJob(Base):

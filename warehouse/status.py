@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from warehouse.engine import connect, pgvector_version, translate_errors
 from warehouse.models import Base
 from warehouse.schema import current_revision, head_revision, upgrade
+from warehouse.storage import HALF_COLUMN_EXISTS
 
 
 def upgrade_schema(url: str | None = None) -> tuple[str | None, str, str]:
@@ -38,6 +39,9 @@ def database_status(url: str | None = None) -> dict[str, Any]:
             "server": conn.execute(sa.text("SHOW server_version")).scalar(),
             "pgvector": pgvector_version(conn) or "available, not yet created (run `layerbase db upgrade`)",
             "schema_revision": revision or "none (run `layerbase db upgrade`)",
+            "activation_storage": ("float32, float16 (`ingest --storage float16`)"
+                                   if revision is not None and conn.execute(sa.text(HALF_COLUMN_EXISTS)).scalar()
+                                   else "float32 only (no halfvec column: float16 needs pgvector 0.7 or later)"),
             "code_revision": head_revision(),
             "row_counts": counts,
         }
