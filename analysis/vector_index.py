@@ -69,9 +69,12 @@ class IndexPlan:
 
     @property
     def reduced(self) -> bool:
-        """Whether index distances differ from exact ones (a prefix, or half precision of
-        float32 vectors)."""
-        return self.prefix is not None or not self.cast.startswith(self.storage.type + "(")
+        """Whether index distances differ from exact ones: a prefix, or half precision. Even
+        for vectors stored in half precision: a cosine index holds them normalized, rounded
+        to half precision again (measured: Gemma-3-270m's last-token activations, 10-NN
+        distances 1e-4 apart, gave lookups recall@10 0.93 at every ef_search with k + 1
+        candidates)."""
+        return self.prefix is not None or self.cast.startswith("halfvec")
 
     def lookup_candidates(self, k: int) -> int:
         """Rows a lookup of k neighbours takes from the index before the exact re-rank: k + 1
@@ -149,7 +152,8 @@ def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: i
     name = index_name(method, model_id, layer, dataset_id)
     if storage is FLOAT16:  # the stored values themselves, up to halfvec's limit
         if width <= HALFVEC_LIMIT:
-            return IndexPlan(name, method, f"halfvec({width})", None, f"{method} on halfvec({width})", storage)
+            return IndexPlan(name, method, f"halfvec({width})", None,
+                             f"{method} on halfvec({width}) of half-precision rows, re-ranked exactly", storage)
         return IndexPlan(name, method, f"halfvec({HALFVEC_LIMIT})", HALFVEC_LIMIT,
                          f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec), re-ranked exactly",
                          storage)

@@ -402,13 +402,17 @@ def test_sample_recall_passes_on_its_lower_confidence_bound() -> None:
 def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
     from analysis.knn import initial_search
     from analysis.vector_index import plan_index
+    from warehouse.storage import FLOAT16
 
     prefix = plan_index("ivfflat", 1, 1, 1, 2100, "0.6.2")  # the first 2000 dimensions
     half = plan_index("ivfflat", 1, 1, 1, 2100, "0.8.5")  # all 2100, in half precision
+    # rows stored in half precision: the index holds them normalized, rounded to half again
+    stored_half = plan_index("ivfflat", 1, 1, 1, 576, "0.8.5", FLOAT16)
     plain = plan_index("ivfflat", 1, 1, 1, 576, "0.6.2")
     assert prefix.rough_order and prefix.reduced and not half.rough_order and half.reduced
+    assert stored_half.reduced and not stored_half.rough_order and stored_half.lookup_candidates(10) == 22
     assert not plain.reduced
-    for plan, grows in ((prefix, True), (half, False), (plain, False)):
+    for plan, grows in ((prefix, True), (half, False), (stored_half, False), (plain, False)):
         first = initial_search(plan, 10, 10000, None)
         assert first.candidates == (22 if plan.reduced else 11) and first.breadth == 5  # 100 lists / 20
         wider = first.wider(plan.rough_order, 10000)

@@ -135,7 +135,7 @@ def test_half_precision_storage_from_ingest_to_lookups(newer_db_url: str, tiny_m
     # every engine reads the half-precision column; the exact ones agree set for set
     for engine in ("blas", "sql", "hnsw"):
         [result] = materialize(wh, "half", "toy", layers=[2], k_max=5, engine=engine, min_recall=1.0, progress=False)
-    assert result.strategy == "hnsw on halfvec(32)" and result.recall == 1.0
+    assert result.strategy == "hnsw on halfvec(32) of half-precision rows, re-ranked exactly" and result.recall == 1.0
     index = index_definition(newer_db_url, "hnsw")
     assert "vec_half" in index and "halfvec(32)" in index
     sets = {engine: stored_sets(wh, "half", engine, 5)[2] for engine in ("blas", "sql", "hnsw")}
