@@ -21,7 +21,7 @@ from analysis.knn import EXACT_ENGINES, RECALL_K, Search
 from analysis.resolve import get_dataset, get_model, ingested_layers
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
-from warehouse.storage import FLOAT16, HALF_MAX, STORAGES, Storage, half_precision
+from warehouse.storage import HALF_MAX, STORAGES, Storage
 
 LOOKUP_SQL = """
 SELECT p.position, p.text, round((c.vec <=> {query})::numeric, 6)::real AS distance
@@ -187,7 +187,7 @@ def nearest(
             model = get_model(session, model_name)
             session.expunge(model)
     vector = _embed_text(model, layer, text)  # type: ignore[arg-type]
-    if target.storage is FLOAT16 and half_precision(vector[None])[1] is not None:
+    if target.storage.encode(vector[None])[1] is not None:
         raise InputError(f"the text's activation at layer {layer} exceeds float16's range ({HALF_MAX:.0f}), in which "
                          f"{model_name} is stored; it has no neighbours there")
     query = sql.SQL("{}::{}").format(sql.Literal("[" + ",".join(repr(float(v)) for v in vector) + "]"),

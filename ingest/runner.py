@@ -26,7 +26,7 @@ from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.errors import InputError
 from warehouse.models import Activation, Dataset, IngestChunk, IngestJob, Model
-from warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, half_precision, require_storage
+from warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, require_storage
 
 CLAIM_CHUNK = """
 SELECT chunk_no, first_position, last_position FROM ingest_chunk
@@ -279,18 +279,16 @@ def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, work
                 "and --dtype (float16 overflows; try float32), or remove the prompt"
             ) from None
         n_prompts, n_layers, _ = batch.vectors.shape
-        vectors = batch.vectors.reshape(n_prompts * n_layers, -1)
-        if storage is not FLOAT32:
-            vectors, bad = half_precision(vectors)
-            if bad is not None:
-                pid, position, text = prompts[bad // n_layers]
-                peak = float(np.abs(batch.vectors.reshape(n_prompts * n_layers, -1)[bad]).max())
-                raise InputError(
-                    f"prompt {position} (id {pid}) of dataset {dataset_name!r} has an activation of magnitude "
-                    f"{peak:.4g} at layer {batch.layers[bad % n_layers]}, beyond float16's range ({HALF_MAX:.0f}); "
-                    "nothing of its batch was stored. Store this model as float32 (`--storage float32`, under "
-                    "another --name if it already has activations)"
-                )
+        rows = batch.vectors.reshape(n_prompts * n_layers, -1)
+        vectors, bad = storage.encode(rows)
+        if bad is not None:
+            pid, position, _ = prompts[bad // n_layers]
+            raise InputError(
+                f"prompt {position} (id {pid}) of dataset {dataset_name!r} has an activation of magnitude "
+                f"{float(np.abs(rows[bad]).max()):.4g} at layer {batch.layers[bad % n_layers]}, beyond float16's "
+                f"range ({HALF_MAX:.0f}); nothing of its batch was stored. Store this model as float32 "
+                "(`--storage float32`, under another --name if it already has activations)"
+            )
         cur = raw_connection(conn).cursor()
         copy_columns(
             cur,

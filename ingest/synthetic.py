@@ -18,7 +18,7 @@ from warehouse.copy import copy_columns
 from warehouse.engine import Warehouse, raw_connection
 from warehouse.lookup import get_dataset
 from warehouse.models import IngestChunk, IngestJob, Model
-from warehouse.storage import FLOAT32, half_precision, require_storage
+from warehouse.storage import FLOAT32, require_storage
 
 
 def clustered_vectors(n: int, d: int, *, clusters: int = 32, spread: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -107,11 +107,9 @@ def store_synthetic(
             vectors = (layer_vectors or {}).get(layer)
             if vectors is None:
                 vectors = clustered_vectors(n, d, seed=seed * 1000 + layer)
-            vectors = np.asarray(vectors, dtype=np.float32)
-            if store is not FLOAT32:
-                vectors, bad = half_precision(vectors)
-                if bad is not None:
-                    raise ValueError(f"layer {layer} row {bad} is beyond float16's range")
+            vectors, bad = store.encode(vectors)
+            if bad is not None:
+                raise ValueError(f"layer {layer} row {bad} is beyond {store.name}'s range")
             copy_columns(cur, "activation", ("model_id", "layer", "prompt_id", "dataset_id", store.column), [
                 ("int4", np.full(n, model.id, dtype=np.int32)),
                 ("int2", np.full(n, layer, dtype=np.int16)),

@@ -32,15 +32,25 @@ class Storage:
     name: str  # model.storage: float32 or float16
     column: str  # the activation column that holds them
     type: str  # its pgvector type
-    wire: str  # numpy dtype of an element in the type's binary COPY form
 
     def cast(self, width: int) -> str:
         """The column's type at a width, e.g. vector(576)."""
         return f"{self.type}({width})"
 
+    def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """(float32 vectors in this precision, the first row with a value it cannot hold
+        (beyond float16's range), or None)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.type == "vector":
+            return vectors, None
+        with np.errstate(over="ignore"):
+            half = vectors.astype(np.float16)
+        bad = ~np.isfinite(half).reshape(len(half), -1).all(axis=1)
+        return half, int(np.argmax(bad)) if bad.any() else None
 
-FLOAT32 = Storage("float32", "vec", "vector", ">f4")
-FLOAT16 = Storage("float16", "vec_half", "halfvec", ">f2")
+
+FLOAT32 = Storage("float32", "vec", "vector")
+FLOAT16 = Storage("float16", "vec_half", "halfvec")
 STORAGES = {s.name: s for s in (FLOAT32, FLOAT16)}
 
 
@@ -65,11 +75,3 @@ def require_storage(conn: sa.Connection, name: str) -> Storage:
         raise InputError(f"float16 storage needs the halfvec column activation.vec_half, which this warehouse lacks: "
                          f"{fix}")
     return storage
-
-
-def half_precision(vectors: np.ndarray) -> tuple[np.ndarray, int | None]:
-    """(vectors in float16, the first row with a value beyond float16's range, or None)."""
-    with np.errstate(over="ignore"):
-        half = vectors.astype(np.float16)
-    bad = ~np.isfinite(half).reshape(len(half), -1).all(axis=1)
-    return half, int(np.argmax(bad)) if bad.any() else None
