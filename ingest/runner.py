@@ -96,7 +96,8 @@ def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extrac
 
     A name already used for other weights or settings is refused: the key
     (model, layer, prompt) must mean one extraction. So is another ``storage`` (float32 or
-    float16) once the model has activations; None (token embeddings) takes the model's.
+    float16) once the model has activations or a job that has not failed; None (token
+    embeddings) takes the model's.
     """
     validate_name(name, "model")
     values = model_row_values(lm, name, extractor)
@@ -106,9 +107,11 @@ def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extrac
     assert model is not None
     diffs = [f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]]
     if storage is not None and model.storage != storage:
-        if session.scalar(sa.select(sa.exists().where(Activation.model_id == model.id))):
+        # A live job fixes the storage even before its first chunk commits elsewhere.
+        if session.scalar(sa.select(sa.exists().where(Activation.model_id == model.id))) or session.scalar(
+                sa.select(sa.exists().where(IngestJob.model_id == model.id, IngestJob.state != "failed"))):
             diffs.append(f"storage={model.storage!r} (now {storage!r})")
-        else:  # made by `embeddings`, no activations yet: they are stored as now asked
+        else:  # no activations yet (made by `embeddings export`, or a failed first ingest): as now asked
             model.storage = storage
             session.flush()
     if diffs:

@@ -187,3 +187,16 @@ def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
     with connect(newer_db_url).engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM activation")).scalar() == 0
     assert cli("ingest", "--model", str(loud), "--dataset", "toy", "--no-progress").exit_code == 0  # float32 holds it
+
+
+def test_a_model_made_by_embeddings_export_takes_the_storage_of_its_first_ingest(
+        newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_models["gpt2"])
+    assert cli("embeddings", "export", "--model", model, "--name", "g", "--no-progress").exit_code == 0
+    for name in ("a", "b"):
+        cli("dataset", "add", name, str(write_lines(tmp_path / f"{name}.txt", random_texts(6, seed=len(name)))))
+    first = cli("ingest", "--model", model, "--dataset", "a", "--name", "g", "--storage", "float16", "--no-progress")
+    assert first.exit_code == 0, first.output
+    other = cli("ingest", "--model", model, "--dataset", "b", "--name", "g", "--no-progress")  # float32
+    assert other.exit_code != 0 and "storage='float16' (now 'float32')" in other.output
+    assert [m["storage"] for m in json.loads(cli("models", "--json").stdout)] == ["float16"]
