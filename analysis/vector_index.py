@@ -150,21 +150,16 @@ def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: i
                storage: Storage = FLOAT32) -> IndexPlan:
     """The index a layer of this width and storage gets on this pgvector version."""
     name = index_name(method, model_id, layer, dataset_id)
-    if storage is FLOAT16:  # the stored values themselves, up to halfvec's limit
-        if width <= HALFVEC_LIMIT:
-            return IndexPlan(name, method, f"halfvec({width})", None,
-                             f"{method} on halfvec({width}) of half-precision rows, re-ranked exactly", storage)
-        return IndexPlan(name, method, f"halfvec({HALFVEC_LIMIT})", HALFVEC_LIMIT,
-                         f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec), re-ranked exactly",
-                         storage)
-    if width <= VECTOR_LIMIT:
+    if storage is FLOAT32 and width <= VECTOR_LIMIT:
         return IndexPlan(name, method, f"vector({width})", None, f"{method} on vector({width})")
-    if version_tuple(pgvector) >= (0, 7, 0):
+    if storage is FLOAT16 or version_tuple(pgvector) >= (0, 7, 0):  # halfvec rows exist from pgvector 0.7 only
+        rows = " of half-precision rows" if storage is FLOAT16 else ""
         if width <= HALFVEC_LIMIT:
             return IndexPlan(name, method, f"halfvec({width})", None,
-                             f"{method} on halfvec({width}), re-ranked exactly")
+                             f"{method} on halfvec({width}){rows}, re-ranked exactly", storage)
         return IndexPlan(name, method, f"halfvec({HALFVEC_LIMIT})", HALFVEC_LIMIT,
-                         f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec), re-ranked exactly")
+                         f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec){rows}, "
+                         "re-ranked exactly", storage)
     return IndexPlan(name, method, f"vector({VECTOR_LIMIT})", VECTOR_LIMIT,
                      f"{method} on the first {VECTOR_LIMIT} of {width} dimensions (pgvector {pgvector} indexes at "
                      f"most {VECTOR_LIMIT}), re-ranked exactly")
