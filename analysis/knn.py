@@ -31,8 +31,8 @@ from psycopg import sql
 from sqlalchemy.orm import Session
 
 from analysis.vector_index import (
-    BUILD_DEFAULTS, BUILD_FLAGS, EF_SEARCH_LIMIT, METHODS, USE_INDEX, IndexPlan, build_options, ef_search_for,
-    ensure_index, ivfflat_lists, plan_index,
+    BUILD_DEFAULTS, BUILD_FLAGS, EF_SEARCH_LIMIT, METHODS, USE_INDEX, IndexPlan, build_options, built_with,
+    ef_search_for, ensure_index, ivfflat_lists, plan_index,
 )
 from analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from analysis.topk import DISTANCE_DECIMALS, default_device, exact_topk, topk_blocks
@@ -323,7 +323,7 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
         strategy = plan.strategy if plan else {"blas": f"exact, blocked top-k on {job.device or 'cpu'}",
                                                "sql": "exact scan in SQL"}[engine]
         recall, search = None, None
-        positions, vectors = layer_vectors(conn, job.model_id, layer, job.dataset_id)
+        positions, vectors = layer_vectors(conn, job.model_id, layer, job.dataset_id, job.storage)
         _check_complete(positions, n, job.model_name, job.dataset_name, layer)
         if engine == "blas":
             # Blocks of query rows go to the server as they are computed, so that storing
@@ -354,8 +354,7 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
 def _built_as_asked(run: sa.Row, asked: dict[str, int]) -> bool:
     """Whether a stored run's index had the build parameters asked (runs stored before they
     were recorded used pgvector's defaults)."""
-    defaults = BUILD_DEFAULTS.get(run.engine, {})
-    return all((run.search or {}).get(key, defaults.get(key)) == value for key, value in asked.items())
+    return built_with({**BUILD_DEFAULTS.get(run.engine, {}), **(run.search or {})}, asked)
 
 
 def _search_in_db(job: _Job, layer: int, plan: IndexPlan | None, index: dict[str, int], positions: np.ndarray,

@@ -137,6 +137,11 @@ def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | No
     return options
 
 
+def built_with(options: Mapping[str, int], asked: Mapping[str, int]) -> bool:
+    """Whether an index with these build parameters has every one asked."""
+    return all(options.get(key) == value for key, value in asked.items())
+
+
 def ivfflat_lists(n: int) -> int:
     """IVFFlat lists for n vectors: sqrt(n), the usual choice for up to millions of rows."""
     return max(1, round(math.sqrt(n)))
@@ -220,7 +225,7 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
     asked = {key: value for key, value in (asked or {}).items() if value is not None}
     with wh.engine.connect() as conn:
         existing = index_options(conn, plan.name)
-    if existing is not None and all(existing.get(key) == value for key, value in asked.items()):
+    if existing is not None and built_with(existing, asked):
         return IndexState(False, existing)
     wanted = build_options(plan.method, n_rows, asked, kept=existing)
     # Both methods index the same expression under the same predicate, so the planner could

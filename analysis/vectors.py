@@ -8,7 +8,7 @@ from psycopg import sql
 
 from warehouse.copy import read_positions_and_vectors
 from warehouse.engine import raw_connection
-from warehouse.storage import model_storage
+from warehouse.storage import Storage, model_storage
 
 # Rows come in storage order and are put in position order here: sorting 2.3 kB rows in
 # the server spilled to disk at the default work_mem (15 ms of a 0.12 s k-NN layer at
@@ -19,10 +19,12 @@ WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
 """
 
 
-def layer_vectors(conn: sa.Connection, model_id: int, layer: int, dataset_id: int) -> tuple[np.ndarray, np.ndarray]:
+def layer_vectors(conn: sa.Connection, model_id: int, layer: int, dataset_id: int,
+                  storage: Storage | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions, vectors [n, d] float32) of one (model, layer, dataset), in position order
-    (from half precision where the model stores it so)."""
-    storage = model_storage(conn, model_id)
+    (from half precision where the model stores it so); ``storage`` is the model's, looked
+    up when not given."""
+    storage = storage or model_storage(conn, model_id)
     query = sql.SQL(LAYER_VECTORS).format(
         column=sql.Identifier(storage.column),
         model=sql.Literal(int(model_id)), layer=sql.Literal(int(layer)), dataset=sql.Literal(int(dataset_id))

@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> None:
 
     workers = args.workers or default_workers()
     asked = {"hnsw": {"m": args.hnsw_m, "ef_construction": args.ef_construction}, "ivfflat": {"lists": args.lists}}
-    build = {engine: {key: value for key, value in options.items() if value is not None}
-             for engine, options in asked.items()}
     rows = []
     with bench_warehouse(args.server) as wh:
         for shape in args.sizes.split(","):
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                             conn.execute(sa.text(f'DROP INDEX IF EXISTS "{index_name(engine, model_id, 1, dataset_id)}"'))
                         return materialize(wh, name, dataset, k_max=args.k, engine=engine, force=True,
                                            min_recall=args.min_recall, workers=workers, progress=False,
-                                           **build.get(engine, {}))
+                                           **asked.get(engine, {}))
 
                     seconds, results = median_time(run, args.db_repeats)
                     strategy = results[0].strategy
