@@ -5,9 +5,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from warehouse.errors import InputError
-from warehouse.lookup import get_dataset, get_model
-from warehouse.models import Dataset, IngestJob, Model
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.lookup import get_dataset, get_model
+from layerbase.warehouse.models import Dataset, IngestJob, Model
 
 __all__ = ["get_dataset", "get_model", "ingested_layers", "parse_layers"]
 

@@ -24,6 +24,7 @@ from bench.common import add_server_option, bench_warehouse, median_time, print_
 def sparse_all_pairs(sets_a: list[np.ndarray], sets_b: list[np.ndarray], n: int, k: int) -> np.ndarray:
     """M_k for all layer pairs with one sparse product: each layer's neighbour sets become
     one row of an (L x n^2) 0/1 matrix; the product counts shared (prompt, neighbour) pairs."""
+
     def stack(sets: list[np.ndarray]) -> sp.csr_matrix:
         rows = np.repeat(np.arange(len(sets)), n * k)
         cols = np.concatenate([(np.arange(n)[:, None] * n + s[:, :k]).ravel() for s in sets])
@@ -34,8 +35,8 @@ def sparse_all_pairs(sets_a: list[np.ndarray], sets_b: list[np.ndarray], n: int,
 
 def per_pair(fa: np.ndarray, fb: np.ndarray, k: int) -> float:
     """What alignment libraries do per layer pair: k-NN of both feature sets, then intersect."""
-    from analysis.stats import mutual_knn
-    from analysis.topk import exact_topk
+    from layerbase.analysis.knn.topk import exact_topk
+    from layerbase.analysis.similarity.stats import mutual_knn
 
     return mutual_knn(exact_topk(fa, k)[0], exact_topk(fb, k)[0], k)
 
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     add_server_option(parser)
     args = parser.parse_args(argv)
 
-    from analysis.affinity import compute_affinity
-    from analysis.knn import materialize
-    from analysis.topk import exact_topk
-    from ingest.synthetic import clustered_vectors, store_synthetic
+    from layerbase.analysis.knn.materialize import materialize
+    from layerbase.analysis.knn.topk import exact_topk
+    from layerbase.analysis.similarity.affinity import compute_affinity
+    from layerbase.ingest.synthetic import clustered_vectors, store_synthetic
 
     n, d, k = args.n, args.d, args.k
     rows = []
@@ -64,28 +65,44 @@ def main(argv: list[str] | None = None) -> None:
             base = clustered_vectors(n, d, seed=la * 100 + lb)
             rng = np.random.default_rng(0)
             feats = {
-                "A": {l: base + 0.3 * l * rng.standard_normal(base.shape).astype(np.float32) for l in range(1, la + 1)},
-                "B": {l: base + 0.3 * l * rng.standard_normal(base.shape).astype(np.float32) for l in range(1, lb + 1)},
+                side: {
+                    layer: base + 0.3 * layer * rng.standard_normal(base.shape).astype(np.float32)
+                    for layer in range(1, depth + 1)
+                }
+                for side, depth in (("A", la), ("B", lb))
             }
             names = {m: f"{m}{la}x{lb}" for m in feats}
             for m, layers in feats.items():
                 store_synthetic(wh, names[m], f"d{shape}", n=n, d=d, n_layers=len(layers), layer_vectors=layers)
                 materialize(wh, names[m], f"d{shape}", k_max=k, engine="blas", progress=False)
             sql_s, matrix = median_time(
-                lambda: compute_affinity(wh, names["A"], names["B"], f"d{shape}", k=k, progress=False), args.repeats)
+                lambda: compute_affinity(wh, names["A"], names["B"], f"d{shape}", k=k, progress=False), args.repeats
+            )
             sets = {m: [exact_topk(f, k)[0] for f in layers.values()] for m, layers in feats.items()}
             sparse_s, dense = median_time(lambda: sparse_all_pairs(sets["A"], sets["B"], n, k), args.repeats)
             assert np.allclose(dense, matrix.scores), "SQL and scipy.sparse disagree"
-            pairs = random.Random(0).sample([(i, j) for i in range(1, la + 1) for j in range(1, lb + 1)],
-                                            min(args.pairs, la * lb))
+            pairs = random.Random(0).sample(
+                [(i, j) for i in range(1, la + 1) for j in range(1, lb + 1)], min(args.pairs, la * lb)
+            )
             sample_s, _ = median_time(lambda: [per_pair(feats["A"][i], feats["B"][j], k) for i, j in pairs], 1)
             per_pair_s = sample_s / len(pairs) * la * lb
-            rows.append({"layers": f"{la}x{lb}", "n": n, "k": k, "sql_s": sql_s, "sparse_s": sparse_s,
-                         "sql/sparse": sql_s / sparse_s, "per_pair_s": per_pair_s,
-                         "per_pair/sql": per_pair_s / sql_s})
+            rows.append(
+                {
+                    "layers": f"{la}x{lb}",
+                    "n": n,
+                    "k": k,
+                    "sql_s": sql_s,
+                    "sparse_s": sparse_s,
+                    "sql/sparse": sql_s / sparse_s,
+                    "per_pair_s": per_pair_s,
+                    "per_pair/sql": per_pair_s / sql_s,
+                }
+            )
             print_table(rows[-1:], list(rows[-1]))
-    print(f"\naffinity from stored neighbour lists in SQL vs in-memory references (median of {args.repeats}; "
-          f"per-pair scaled from {args.pairs} pairs):")
+    print(
+        f"\naffinity from stored neighbour lists in SQL vs in-memory references (median of {args.repeats}; "
+        f"per-pair scaled from {args.pairs} pairs):"
+    )
     print_table(rows, list(rows[0]))
 
 

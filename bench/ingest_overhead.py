@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--corpus", choices=["news", "random"], default="news",
-                        help="news leads (about 170 tokens) or 32-character random strings")
+    parser.add_argument(
+        "--corpus",
+        choices=["news", "random"],
+        default="news",
+        help="news leads (about 170 tokens) or 32-character random strings",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", help="cuda or cpu (default: the best available)")
@@ -39,13 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
-    from ingest.demo import LEAD_PARAGRAPHS, bbc_dir
-    from ingest.datasets import add_datasets
-    from ingest.extract import ExtractionSettings, Extractor
-    from ingest.runner import ensure_job, ensure_model, open_model, run_job
-    from ingest.sources import generate_random, read_txt_dir
-    from warehouse.lookup import get_dataset
-    from warehouse.storage import require_storage
+    from layerbase.ingest.datasets import add_datasets
+    from layerbase.ingest.demo import LEAD_PARAGRAPHS, bbc_dir
+    from layerbase.ingest.extract import ExtractionSettings, Extractor
+    from layerbase.ingest.runner import ensure_job, ensure_model, open_model, run_job
+    from layerbase.ingest.sources import generate_random, read_txt_dir
+    from layerbase.warehouse.lookup import get_dataset
+    from layerbase.warehouse.storage import require_storage
 
     with bench_warehouse(args.server) as wh:
         if args.corpus == "news":
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         inner = lm.base.forward
 
         @functools.wraps(inner)
-        def timed(*a, **kw):  # type: ignore[no-untyped-def]
+        def timed(*a, **kw):
             if lm.device.startswith("cuda"):
                 import torch
 
@@ -83,17 +87,25 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{args.model}-run{repeat}"  # a fresh job each run, same weights and prompts
             with Session(wh.engine) as session, session.begin():
                 model = ensure_model(session, lm, name, extractor, storage.name)
-                job = ensure_job(session, model, get_dataset(session, "news"), include_layer0=False,
-                                 batch_size=args.batch_size)
+                job = ensure_job(
+                    session, model, get_dataset(session, "news"), include_layer0=False, batch_size=args.batch_size
+                )
                 session.expunge(job)
             forward_s[0] = 0.0
             t0 = time.perf_counter()
             report = run_job(wh, job, extractor, model_name=name, dataset_name="news", progress=False, storage=storage)
             total = time.perf_counter() - t0
             assert report.state == "done" and report.prompts_written_now == args.prompts
-            rows.append({"run": repeat + 1, "prompts": args.prompts, "total_s": total, "forward_s": forward_s[0],
-                         "outside_forward": f"{100 * (1 - forward_s[0] / total):.1f}%",
-                         "prompts_per_s": args.prompts / total})
+            rows.append(
+                {
+                    "run": repeat + 1,
+                    "prompts": args.prompts,
+                    "total_s": total,
+                    "forward_s": forward_s[0],
+                    "outside_forward": f"{100 * (1 - forward_s[0] / total):.1f}%",
+                    "prompts_per_s": args.prompts / total,
+                }
+            )
             print_table(rows[-1:], list(rows[-1]))
         with wh.engine.connect() as conn:
             count = conn.execute(sa.text("SELECT count(*) FROM activation")).scalar()
@@ -101,15 +113,19 @@ def main(argv: list[str] | None = None) -> None:
             total_bytes = conn.execute(sa.text("SELECT pg_total_relation_size('activation')")).scalar()
     shares = sorted(1 - r["forward_s"] / r["total_s"] for r in rows)
     raw = 4 * lm.width
-    print(f"\ningest of {args.prompts} {'news leads' if args.corpus == 'news' else 'random strings'} with {args.model} on {lm.device}, batch {args.batch_size} "
-          f"(model load {load_s:.1f} s, not included):")
+    print(
+        f"\ningest of {args.prompts} {'news leads' if args.corpus == 'news' else 'random strings'} "
+        f"with {args.model} on {lm.device}, batch {args.batch_size} "
+        f"(model load {load_s:.1f} s, not included):"
+    )
     print_table(rows, list(rows[0]))
-    print(f"median share of wall time outside the forward pass: {100 * statistics.median(shares):.1f}% "
-          f"(target <= 10%)")
-    print(f"stored bytes per activation ({storage.name}): {heap / count:.0f} in the table (with TOAST), "
-          f"{total_bytes / count:.0f} "
-          f"with its primary-key index; raw float32 is {raw} (d = {lm.width}): ratios {heap / count / raw:.3f} and "
-          f"{total_bytes / count / raw:.3f}")
+    print(f"median share of wall time outside the forward pass: {100 * statistics.median(shares):.1f}% (target <= 10%)")
+    print(
+        f"stored bytes per activation ({storage.name}): {heap / count:.0f} in the table (with TOAST), "
+        f"{total_bytes / count:.0f} "
+        f"with its primary-key index; raw float32 is {raw} (d = {lm.width}): ratios {heap / count / raw:.3f} and "
+        f"{total_bytes / count / raw:.3f}"
+    )
 
 
 if __name__ == "__main__":

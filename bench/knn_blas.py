@@ -17,17 +17,20 @@ from bench.common import add_server_option, add_storage_option, as_stored, bench
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="2048x576,2048x2048,2048x4096,10000x576,10000x2048,10000x4096",
-                        help="comma-separated NxD shapes")
+    parser.add_argument(
+        "--sizes",
+        default="2048x576,2048x2048,2048x4096,10000x576,10000x2048,10000x4096",
+        help="comma-separated NxD shapes",
+    )
     parser.add_argument("--k-max", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     add_server_option(parser)
     add_storage_option(parser)
     args = parser.parse_args(argv)
 
-    from analysis.knn import materialize, neighbor_array
-    from analysis.topk import exact_topk
-    from ingest.synthetic import clustered_vectors, store_synthetic
+    from layerbase.analysis.knn.materialize import materialize, neighbor_array
+    from layerbase.analysis.knn.topk import exact_topk
+    from layerbase.ingest.synthetic import clustered_vectors, store_synthetic
 
     rows = []
     with bench_warehouse(args.server) as wh:
@@ -39,16 +42,30 @@ def main(argv: list[str] | None = None) -> None:
             reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k_max), args.repeats)
             end_to_end, _ = median_time(
                 lambda: materialize(wh, name, f"d{n}", k_max=args.k_max, engine="blas", force=True, progress=False),
-                args.repeats)
+                args.repeats,
+            )
             with wh.engine.connect() as conn:
-                run = conn.execute(sa.text("SELECT r.id FROM knn_run r JOIN model m ON m.id = r.model_id "
-                                           "WHERE m.name = :m AND r.engine = 'blas'"), {"m": name}).scalar()
+                run = conn.execute(
+                    sa.text(
+                        "SELECT r.id FROM knn_run r JOIN model m ON m.id = r.model_id "
+                        "WHERE m.name = :m AND r.engine = 'blas'"
+                    ),
+                    {"m": name},
+                ).scalar()
                 stored = neighbor_array(conn, run, args.k_max)
             assert (stored == idx).all(), "the stored sets differ from the reference"
-            rows.append({"n": n, "d": d, "k_max": args.k_max, "reference_s": reference, "end_to_end_s": end_to_end,
-                         "ratio": end_to_end / reference})
+            rows.append(
+                {
+                    "n": n,
+                    "d": d,
+                    "k_max": args.k_max,
+                    "reference_s": reference,
+                    "end_to_end_s": end_to_end,
+                    "ratio": end_to_end / reference,
+                }
+            )
             print_table(rows[-1:], list(rows[-1]))
-    print("\nblas engine end to end vs in-memory numpy (median of %d runs):" % args.repeats)
+    print(f"\nblas engine end to end vs in-memory numpy (median of {args.repeats} runs):")
     print_table(rows, ["n", "d", "k_max", "reference_s", "end_to_end_s", "ratio"])
 
 

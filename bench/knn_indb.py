@@ -24,7 +24,13 @@ import numpy as np
 import sqlalchemy as sa
 
 from bench.common import (
-    add_data_option, add_server_option, add_storage_option, as_stored, bench_vectors, bench_warehouse, median_time,
+    add_data_option,
+    add_server_option,
+    add_storage_option,
+    as_stored,
+    bench_vectors,
+    bench_warehouse,
+    median_time,
     print_table,
 )
 
@@ -53,12 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     add_storage_option(parser)
     args = parser.parse_args(argv)
 
-    from analysis.knn import dataset_prompt_ids, describe_search, materialize, neighbor_array, neighbors_in_db
-    from analysis.topk import exact_topk
-    from analysis.vector_index import METHODS, index_name
-    from ingest.synthetic import store_synthetic
-    from warehouse.parallel import default_workers
-    from warehouse.storage import STORAGES
+    from layerbase.analysis.knn.in_database import dataset_prompt_ids, neighbors_in_db
+    from layerbase.analysis.knn.index import METHODS, index_name
+    from layerbase.analysis.knn.materialize import materialize, neighbor_array
+    from layerbase.analysis.knn.search import describe_search
+    from layerbase.analysis.knn.topk import exact_topk
+    from layerbase.ingest.synthetic import store_synthetic
+    from layerbase.warehouse.parallel import default_workers
+    from layerbase.warehouse.storage import STORAGES
 
     workers = args.workers or default_workers()
     asked = {"hnsw": {"m": args.hnsw_m, "ef_construction": args.ef_construction}, "ivfflat": {"lists": args.lists}}
@@ -71,28 +79,42 @@ def main(argv: list[str] | None = None) -> None:
             store_synthetic(wh, name, dataset, n=n, d=d, n_layers=1, layer_vectors={1: vectors}, storage=args.storage)
             reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k), args.repeats)
             with wh.engine.begin() as conn:
-                model_id, dataset_id = conn.execute(sa.text(
-                    "SELECT m.id, d.id FROM model m, dataset d WHERE m.name = :m AND d.name = :d"),
-                    {"m": name, "d": dataset}).one()
+                model_id, dataset_id = conn.execute(
+                    sa.text("SELECT m.id, d.id FROM model m, dataset d WHERE m.name = :m AND d.name = :d"),
+                    {"m": name, "d": dataset},
+                ).one()
                 conn.execute(sa.text("ANALYZE activation, prompt"))
             for engine in args.engines.split(","):
                 search = ""
                 if engine in METHODS:
+
                     def run() -> object:
                         with wh.engine.begin() as conn:  # the index build is part of the engine's time
-                            conn.execute(sa.text(f'DROP INDEX IF EXISTS "{index_name(engine, model_id, 1, dataset_id)}"'))
-                        return materialize(wh, name, dataset, k_max=args.k, engine=engine, force=True,
-                                           min_recall=args.min_recall, workers=workers, progress=False,
-                                           **asked.get(engine, {}))
+                            conn.execute(
+                                sa.text(f'DROP INDEX IF EXISTS "{index_name(engine, model_id, 1, dataset_id)}"')
+                            )
+                        return materialize(
+                            wh,
+                            name,
+                            dataset,
+                            k_max=args.k,
+                            engine=engine,
+                            force=True,
+                            min_recall=args.min_recall,
+                            workers=workers,
+                            progress=False,
+                            **asked.get(engine, {}),
+                        )
 
                     seconds, results = median_time(run, args.db_repeats)
                     strategy = results[0].strategy
                     found = results[0].search or {}
                     search = describe_search(found)
                     with wh.engine.connect() as conn:
-                        run_id = conn.execute(sa.text(
-                            "SELECT id FROM knn_run WHERE model_id = :m AND dataset_id = :d AND engine = :e"),
-                            {"m": model_id, "d": dataset_id, "e": engine}).scalar()
+                        run_id = conn.execute(
+                            sa.text("SELECT id FROM knn_run WHERE model_id = :m AND dataset_id = :d AND engine = :e"),
+                            {"m": model_id, "d": dataset_id, "e": engine},
+                        ).scalar()
                         stored = neighbor_array(conn, run_id, args.k)
                     recall = recall_at(stored, idx, args.k)
                 else:
@@ -101,20 +123,43 @@ def main(argv: list[str] | None = None) -> None:
 
                     def run() -> object:  # the engine's own statement and workers, on the first prompts
                         t0 = time.perf_counter()
-                        found, _ = neighbors_in_db(wh, model_id, 1, dataset_id, d, prompt_ids, np.arange(timed),
-                                                   args.k, workers=workers, storage=STORAGES[args.storage])
+                        found, _ = neighbors_in_db(
+                            wh,
+                            model_id,
+                            1,
+                            dataset_id,
+                            d,
+                            prompt_ids,
+                            np.arange(timed),
+                            args.k,
+                            workers=workers,
+                            storage=STORAGES[args.storage],
+                        )
                         return time.perf_counter() - t0, found
 
                     _, (sample_s, stored) = median_time(run, args.db_repeats)
                     seconds = sample_s * n / timed
                     strategy = f"exact scan, timed on {timed} prompts and scaled"
                     recall = recall_at(stored, idx[:timed], args.k)
-                rows.append({"n": n, "d": d, "engine": engine, "strategy": strategy, "search": search,
-                             "workers": workers, "reference_s": reference, "engine_s": seconds,
-                             "ratio": seconds / reference, f"recall@{args.k}": recall})
+                rows.append(
+                    {
+                        "n": n,
+                        "d": d,
+                        "engine": engine,
+                        "strategy": strategy,
+                        "search": search,
+                        "workers": workers,
+                        "reference_s": reference,
+                        "engine_s": seconds,
+                        "ratio": seconds / reference,
+                        f"recall@{args.k}": recall,
+                    }
+                )
                 print_table(rows[-1:], list(rows[-1]))
-    print(f"\nin-database k-NN vs in-memory numpy (reference: median of {args.repeats}; engines: median of "
-          f"{args.db_repeats}; {args.data} data, {args.server} server, {args.storage} storage):")
+    print(
+        f"\nin-database k-NN vs in-memory numpy (reference: median of {args.repeats}; engines: median of "
+        f"{args.db_repeats}; {args.data} data, {args.server} server, {args.storage} storage):"
+    )
     print_table(rows, list(rows[0]))
 
 

@@ -21,7 +21,13 @@ import time
 import numpy as np
 
 from bench.common import (
-    add_data_option, add_server_option, add_storage_option, as_stored, bench_vectors, bench_warehouse, print_table,
+    add_data_option,
+    add_server_option,
+    add_storage_option,
+    as_stored,
+    bench_vectors,
+    bench_warehouse,
+    print_table,
 )
 
 
@@ -37,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     add_storage_option(parser)
     args = parser.parse_args(argv)
 
-    from analysis.knn import materialize
-    from analysis.neighbors import nearest
-    from analysis.topk import exact_topk, normalize
-    from ingest.synthetic import store_synthetic
+    from layerbase.analysis.knn.lookup import nearest
+    from layerbase.analysis.knn.materialize import materialize
+    from layerbase.analysis.knn.topk import exact_topk, normalize
+    from layerbase.ingest.synthetic import store_synthetic
 
     n, d, k = args.n, args.d, args.k
     with bench_warehouse(args.server) as wh:
@@ -78,11 +84,19 @@ def main(argv: list[str] | None = None) -> None:
                 found.append(answer.positions)
                 paths.add(answer.path.split(" (")[0])
             lat = np.array(latencies) * 1000
-            return {"path": "; ".join(sorted(paths)), "n": n, "d": d, "k": k, "queries": len(queries),
-                    "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                    f"recall@{k}": float(np.mean([len(np.intersect1d(f, e)) / k for f, e in zip(found, exact)])),
-                    "numpy_p50_ms": float(np.percentile(ref, 50)),
-                    "p50/numpy": float(np.percentile(lat, 50) / np.percentile(ref, 50)), **extra}
+            return {
+                "path": "; ".join(sorted(paths)),
+                "n": n,
+                "d": d,
+                "k": k,
+                "queries": len(queries),
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                f"recall@{k}": float(np.mean([len(np.intersect1d(f, e)) / k for f, e in zip(found, exact)])),
+                "numpy_p50_ms": float(np.percentile(ref, 50)),
+                "p50/numpy": float(np.percentile(lat, 50) / np.percentile(ref, 50)),
+                **extra,
+            }
 
         rows = [measure({"prepare_s": build_s, "prepared_by": "layerbase knn (hnsw)"})]
         print_table(rows, list(rows[0]))

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from cli.main import Context, emit, table
+from layerbase.cli.common import Context, emit, json_option, names, progress_option, records, table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from layerbase.analysis.similarity.affinity import AffinityMatrix
 
 # The engine names, kept here so that `--help` does not import the analysis stack.
 ENGINES = ["blas", "sql", "ivfflat", "hnsw"]
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 
 
 @click.command()
@@ -20,44 +23,104 @@ progress_option = click.option("--progress/--no-progress", default=True, help="S
 @click.option("--dataset", "dataset", required=True, help="Dataset the model was ingested on.")
 @click.option("--layers", help="Layers, e.g. '1-5,7' (default: all stored layers but 0).")
 @click.option("--k-max", type=int, default=100, show_default=True, help="Neighbours stored per prompt.")
-@click.option("--engine", type=click.Choice(ENGINES), default="blas", show_default=True,
-              help="blas: exact, in memory (fastest everywhere measured); sql: exact pgvector scan; "
-                   "ivfflat, hnsw: approximate, through a partial index, recall-tuned (ivfflat builds in a "
-                   "fraction of hnsw's time).")
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="blas",
+    show_default=True,
+    help="blas: exact, in memory (fastest everywhere measured); sql: exact pgvector scan; "
+    "ivfflat, hnsw: approximate, through a partial index, recall-tuned (ivfflat builds in a "
+    "fraction of hnsw's time).",
+)
 @click.option("--ef-search", type=click.IntRange(1), help="hnsw: the ef_search to start from (default: 2(k_max + 1)).")
 @click.option("--probes", type=click.IntRange(1), help="ivfflat: the probes to start from (default: lists / 20).")
-@click.option("--hnsw-m", "m", type=int, help="hnsw: the index's m, links per node (default: the existing "
-              "index's, else pgvector's 16). Another value rebuilds the index.")
-@click.option("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: the existing "
-              "index's, else pgvector's 64). Lower builds faster and needs a wider search for the same recall.")
-@click.option("--lists", type=int, help="ivfflat: the index's lists (default: the existing index's, else "
-              "sqrt(prompts)).")
-@click.option("--min-recall", type=click.FloatRange(0, 1), default=0.99, show_default=True,
-              help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this "
-                   "(its 95 % lower confidence bound).")
-@click.option("--workers", type=click.IntRange(1), help="sql, ivfflat, hnsw: connections querying at once "
-              "(default: the cores here, at most 4).")
+@click.option(
+    "--hnsw-m",
+    "m",
+    type=int,
+    help="hnsw: the index's m, links per node (default: the existing "
+    "index's, else pgvector's 16). Another value rebuilds the index.",
+)
+@click.option(
+    "--ef-construction",
+    type=int,
+    help="hnsw: the index's ef_construction (default: the existing "
+    "index's, else pgvector's 64). Lower builds faster and needs a wider search for the same recall.",
+)
+@click.option(
+    "--lists", type=int, help="ivfflat: the index's lists (default: the existing index's, else sqrt(prompts))."
+)
+@click.option(
+    "--min-recall",
+    type=click.FloatRange(0, 1),
+    default=0.99,
+    show_default=True,
+    help="ivfflat, hnsw: widen the search until recall@10 on a sample of 200 prompts reaches this "
+    "(its 95 % lower confidence bound).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    help="sql, ivfflat, hnsw: connections querying at once (default: the cores here, at most 4).",
+)
 @click.option("--force", is_flag=True, help="Recompute sets that are already stored.")
 @progress_option
 @json_option
 @click.pass_obj
-def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, engine: str, ef_search: int | None,
-        probes: int | None, m: int | None, ef_construction: int | None, lists: int | None, min_recall: float,
-        workers: int | None, force: bool, progress: bool, as_json: bool) -> None:
+def knn(
+    obj: Context,
+    model: str,
+    dataset: str,
+    layers: str | None,
+    k_max: int,
+    engine: str,
+    ef_search: int | None,
+    probes: int | None,
+    m: int | None,
+    ef_construction: int | None,
+    lists: int | None,
+    min_recall: float,
+    workers: int | None,
+    force: bool,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Materialize every prompt's k nearest prompts (cosine, self excluded) per layer."""
-    from analysis.knn import describe_search, materialize
+    from layerbase.analysis.knn.search import describe_search
 
-    results = materialize(obj.warehouse(), model, dataset, layers=layers, k_max=k_max, engine=engine,
-                          ef_search=ef_search, probes=probes, m=m, ef_construction=ef_construction, lists=lists,
-                          min_recall=min_recall, workers=workers, force=force, progress=progress)
-    rows = [r.as_dict() for r in results]
+    rows = records(
+        obj.api().knn(
+            model,
+            dataset,
+            k=k_max,
+            engine=engine,
+            layers=layers,
+            ef_search=ef_search,
+            probes=probes,
+            m=m,
+            ef_construction=ef_construction,
+            lists=lists,
+            min_recall=min_recall,
+            workers=workers,
+            force=force,
+            progress=progress,
+        )
+    )
     shown = []
     for r in rows:
-        shown.append({**r, "seconds": round(r["seconds"], 2),
-                      "recall@10": "" if r["recall"] is None else f"{r['recall']:.3f}",
-                      "search": describe_search(r["search"])})
-    emit(rows, as_json, table(shown, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10",
-                                      "search", "reused"]))
+        shown.append(
+            {
+                **r,
+                "seconds": round(r["seconds"], 2),
+                "recall@10": "" if r["recall"] is None else f"{r['recall']:.3f}",
+                "search": describe_search(r["search"]),
+            }
+        )
+    emit(
+        rows,
+        as_json,
+        table(shown, ["layer", "engine", "strategy", "k_max", "n_prompts", "seconds", "recall@10", "search", "reused"]),
+    )
 
 
 @click.command()
@@ -66,44 +129,68 @@ def knn(obj: Context, model: str, dataset: str, layers: str | None, k_max: int, 
 @click.option("--dataset-b", help="Parallel dataset read by the second model (prompt i <-> prompt i).")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbourhood size.")
 @click.option("--layer0", is_flag=True, help="Include layer 0 (the embedding output) in the matrix.")
-@click.option("--engine", type=click.Choice(ENGINES), default="blas", show_default=True,
-              help="Engine for k-NN sets not yet stored.")
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="blas",
+    show_default=True,
+    help="Engine for k-NN sets not yet stored.",
+)
 @click.option("--study", help="Name of the study (default: from the models and datasets).")
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")
 @progress_option
 @json_option
 @click.pass_obj
-def affinity(obj: Context, models: str, dataset: str, dataset_b: str | None, k: int, layer0: bool, engine: str,
-             study: str | None, show_matrix: bool, progress: bool, as_json: bool) -> None:
+def affinity(
+    obj: Context,
+    models: str,
+    dataset: str,
+    dataset_b: str | None,
+    k: int,
+    layer0: bool,
+    engine: str,
+    study: str | None,
+    show_matrix: bool,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test."""
-    from analysis.affinity import compute_study
-
-    matrices = compute_study(obj.warehouse(), _names(models), dataset, dataset_b, k=k, include_layer0=layer0, engine=engine,
-                             study=study, progress=progress)
+    matrices = obj.api().affinity_study(
+        names(models), dataset, dataset_b, k=k, layer0=layer0, engine=engine, study=study, progress=progress
+    )
     if as_json:
-        emit([{**m.summary(), "layers_a": m.layers_a, "layers_b": m.layers_b, "scores": m.scores.round(6).tolist()}
-              for m in matrices], True)
+        emit(
+            [
+                {**m.summary(), "layers_a": m.layers_a, "layers_b": m.layers_b, "scores": m.scores.round(6).tolist()}
+                for m in matrices
+            ],
+            True,
+        )
         return
     for m in matrices:
         click.echo(describe_affinity(m, show_matrix))
 
 
-def describe_affinity(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-def]
-    from analysis.stats import max_similarity_path
-
+def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
+    """An affinity matrix in a few lines: shape, chance, the diagonal test and the path."""
     shape = f"{len(m.layers_a)}x{len(m.layers_b)}"
-    lines = [f"{m.model_a} × {m.model_b} on {m.dataset_a}" + (f" | {m.dataset_b}" if m.dataset_b != m.dataset_a else "")
-             + f": {shape} layers, k = {m.k}, |D| = {m.n_prompts}, chance {m.chance:.4f}, max {m.scores.max():.3f} "
-             f"(affinity run {m.run_id})"]
+    lines = [
+        f"{m.model_a} × {m.model_b} on {m.dataset_a}"
+        + (f" | {m.dataset_b}" if m.dataset_b != m.dataset_a else "")
+        + f": {shape} layers, k = {m.k}, |D| = {m.n_prompts}, chance {m.chance:.4f}, max {m.scores.max():.3f} "
+        f"(affinity run {m.run_id})"
+    ]
     t = m.test
     if t is not None:
         lines.append(
             f"  diagonal test: on {t.n_on} cells mean {t.mean_on:.4f} vs off {t.n_off} mean {t.mean_off:.4f}; "
-            f"t = {t.t:.2f}, log10 p = {t.log10_p:.1f}, Bonferroni ({t.n_pairs} pairs) log10 p = {t.log10_p_bonferroni:.1f}"
+            f"t = {t.t:.2f}, log10 p = {t.log10_p:.1f}, "
+            f"Bonferroni ({t.n_pairs} pairs) log10 p = {t.log10_p_bonferroni:.1f}"
         )
-    path = max_similarity_path(m.scores)
-    lines.append("  max-similarity path (layer A -> layer B): " + ", ".join(
-        f"{a}->{m.layers_b[j]}" for a, j in zip(m.layers_a, path)))
+    lines.append(
+        "  max-similarity path (layer A -> layer B): "
+        + ", ".join(f"{a}->{b}" for a, b in zip(m.path["layer_a"], m.path["layer_b"]))
+    )
     if show_matrix:
         header = "      " + " ".join(f"{b:>5}" for b in m.layers_b)
         lines.append(header)
@@ -121,39 +208,74 @@ def describe_affinity(m, show_matrix: bool) -> str:  # type: ignore[no-untyped-d
 @click.option("--vs-model", help="Compare with this model's neighbours of the same prompt (overlap).")
 @click.option("--vs-layer", type=int, help="Layer of --vs-model.")
 @click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")
-@click.option("--exact", is_flag=True,
-              help="Never use the approximate HNSW index: a stored exact k-NN set or an exact scan answers.")
-@click.option("--ef-search", type=click.IntRange(1, 1000),  # 1000: pgvector's largest ef_search
-              help="HNSW lookups: the ef_search (default: the one `knn --engine hnsw` tuned for the layer, else 200).")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Never use the approximate HNSW index: a stored exact k-NN set or an exact scan answers.",
+)
+@click.option(
+    "--ef-search",
+    type=click.IntRange(1, 1000),  # 1000: pgvector's largest ef_search
+    help="HNSW lookups: the ef_search (default: the one `knn --engine hnsw` tuned for the layer, else 200).",
+)
 @json_option
 @click.pass_obj
-def neighbors(obj: Context, model: str, layer: int, dataset: str, position: int | None, text: str | None, k: int,
-              vs_model: str | None, vs_layer: int | None, vs_dataset: str | None, exact: bool, ef_search: int | None,
-              as_json: bool) -> None:
+def neighbors(
+    obj: Context,
+    model: str,
+    layer: int,
+    dataset: str,
+    position: int | None,
+    text: str | None,
+    k: int,
+    vs_model: str | None,
+    vs_layer: int | None,
+    vs_dataset: str | None,
+    exact: bool,
+    ef_search: int | None,
+    as_json: bool,
+) -> None:
     """The k nearest prompts of a stored prompt or a new text at (model, layer)."""
-    from analysis.neighbors import nearest, overlap
-
-    wh = obj.warehouse()
+    lb = obj.api()
     if vs_model or vs_layer is not None:
         if position is None or vs_layer is None:
             raise click.UsageError("an overlap needs --prompt, --vs-model (default: --model) and --vs-layer")
-        result = overlap(wh, position, (model, layer, dataset), (vs_model or model, vs_layer, vs_dataset or dataset), k)
+        both = lb.overlap(position, (model, layer, dataset), (vs_model or model, vs_layer, vs_dataset or dataset), k)
+        sides = [
+            _neighbors_dict(
+                both[both["side"] == side].drop(columns=["side", "model", "layer", "shared"]), both.attrs[side]
+            )
+            for side in ("first", "second")
+        ]
+        shared = set(both.attrs["shared"])
         if as_json:
-            emit(result.as_dict(), True)
+            emit(
+                {"first": sides[0], "second": sides[1], "shared": sorted(shared), "overlap": both.attrs["overlap"]},
+                True,
+            )
             return
-        shared = set(result.shared)
-        for side in (result.first, result.second):
+        for side in sides:
             click.echo(_neighbors_text(side, shared))
         click.echo(f"Shared: {len(shared)} of {k} ({', '.join(map(str, sorted(shared))) or 'none'})")
         return
-    answer = nearest(wh, model, layer, dataset, position=position, text=text, k=k, exact=exact, ef_search=ef_search)
-    emit(answer.as_dict(), as_json, _neighbors_text(answer, set()))
+    found = lb.neighbors(model, dataset, layer, prompt=position, text=text, k=k, exact=exact, ef_search=ef_search)
+    answer = _neighbors_dict(found, found.attrs)
+    emit(answer, as_json, _neighbors_text(answer, set()))
 
 
-def _neighbors_text(answer, shared: set[int]) -> str:  # type: ignore[no-untyped-def]
-    lines = [f"{answer.model} layer {answer.layer} on {answer.dataset} — {answer.query[:90]}",
-             f"  answered by: {answer.path}"]
-    for rank, row in enumerate(answer.rows, start=1):
+def _neighbors_dict(frame: pd.DataFrame, about: dict) -> dict:
+    """One neighbour set as the JSON answer gives it."""
+    return {key: about[key] for key in ("model", "layer", "dataset", "query", "path")} | {
+        "neighbors": records(frame.reset_index(drop=True))
+    }
+
+
+def _neighbors_text(answer: dict, shared: set[int]) -> str:
+    lines = [
+        f"{answer['model']} layer {answer['layer']} on {answer['dataset']} — {answer['query'][:90]}",
+        f"  answered by: {answer['path']}",
+    ]
+    for rank, row in enumerate(answer["neighbors"], start=1):
         mark = "*" if row["position"] in shared else " "
         snippet = row["text"].replace("\n", " ")[:70]
         lines.append(f"  {mark}{rank:>3}. [{row['position']:>5}] {row['distance']:.4f}  {snippet}")
@@ -163,29 +285,52 @@ def _neighbors_text(answer, shared: set[int]) -> str:  # type: ignore[no-untyped
 @click.command()
 @click.option("--models", required=True, help="Comma-separated stored model names (at least two).")
 @click.option("--datasets", required=True, help="Comma-separated datasets every model was ingested on.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("layerbase-report"),
-              show_default=True, help="Directory for report.html and the PNG files.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("layerbase-report"),
+    show_default=True,
+    help="Directory for report.html and the PNG files.",
+)
 @click.option("-k", "k", type=int, default=10, show_default=True)
 @click.option("--prompt", type=int, default=0, show_default=True, help="Prompt whose neighbours are shown.")
 @click.option("--square-size", type=int, default=32, show_default=True, help="Grid of the relative-depth matrices.")
-@click.option("--format", "export_format", type=click.Choice(["csv", "parquet", "json"]),
-              help="Also export every table of the report in this format (under OUT/tables).")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["csv", "parquet", "json"]),
+    help="Also export every table of the report in this format (under OUT/tables).",
+)
 @progress_option
 @json_option
 @click.pass_obj
-def report(obj: Context, models: str, datasets: str, out_dir: Path, k: int, prompt: int, square_size: int,
-           export_format: str | None, progress: bool, as_json: bool) -> None:
+def report(
+    obj: Context,
+    models: str,
+    datasets: str,
+    out_dir: Path,
+    k: int,
+    prompt: int,
+    square_size: int,
+    export_format: str | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Write a self-contained HTML report with affinity heatmaps, tests and neighbour lists."""
-    from analysis.report import build_report
-
-    result = build_report(obj.warehouse(), _names(models), _names(datasets), out_dir, k=k, prompt=prompt,
-                          square_size=square_size, export_format=export_format, progress=progress)
-    text = "\n".join([f"Report: {result.html}", f"Figures: {len(result.images)} PNG files in {out_dir}"]
-                     + ([f"Tables: {len(result.exported)} {export_format} files in {out_dir / 'tables'}"]
-                        if result.exported else [])
-                     + [f"Warning: {w}" for w in result.warnings])
+    result = obj.api().report(
+        names(models),
+        names(datasets),
+        out_dir,
+        k=k,
+        prompt=prompt,
+        square_size=square_size,
+        export_format=export_format,
+        progress=progress,
+    )
+    text = "\n".join(
+        [f"Report: {result.html}", f"Figures: {len(result.images)} PNG files in {out_dir}"]
+        + ([f"Tables: {len(result.exported)} {export_format} files in {out_dir / 'tables'}"] if result.exported else [])
+        + [f"Warning: {w}" for w in result.warnings]
+    )
     emit(result.as_dict(), as_json, text)
-
-
-def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]

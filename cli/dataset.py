@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from cli.main import Context, emit, table
+from layerbase.cli.common import Context, emit, json_option, records, table
 
 sample_option = click.option("--sample", type=int, help="Keep N prompts drawn at random (in source order).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @click.group()
@@ -18,10 +17,7 @@ def dataset() -> None:
     """Register prompt datasets and look at them."""
 
 
-def _store(obj: Context, entries, as_json: bool, parallel_to: str | None = None) -> None:  # type: ignore[no-untyped-def]
-    from ingest.datasets import add_datasets
-
-    summaries = add_datasets(obj.warehouse(), entries, parallel_to=parallel_to)
+def _print_summaries(summaries: list[dict], as_json: bool) -> None:
     text = "\n".join(
         f"{'Registered' if s['created'] else 'Already registered'} dataset {s['name']!r}: {s['prompts']} prompts"
         + (f", parallel to {s['parallel_to']!r}" if s["parallel_to"] else "")
@@ -34,26 +30,51 @@ def _store(obj: Context, entries, as_json: bool, parallel_to: str | None = None)
 @click.argument("name")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["lines", "jsonl", "csv", "parquet", "txt_dir"]),
+    "--format",
+    "fmt",
+    type=click.Choice(["lines", "jsonl", "csv", "parquet", "txt_dir"]),
     help="Reader (default: from the suffix; a directory reads every .txt file as one prompt).",
 )
 @click.option("--field", "--column", "field", help="JSON field or CSV/Parquet column holding the text.")
 @click.option("--lead-paragraphs", type=int, help="For .txt directories: keep each file's first N paragraphs.")
 @click.option("--parallel-to", help="Pair prompt i with prompt i of this existing dataset.")
-@click.option("--decode-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
-              help="What to do with bytes that are not UTF-8: fail, or replace them with U+FFFD.")
+@click.option(
+    "--decode-errors",
+    type=click.Choice(["strict", "replace"]),
+    default="strict",
+    show_default=True,
+    help="What to do with bytes that are not UTF-8: fail, or replace them with U+FFFD.",
+)
 @sample_option
 @seed_option
 @json_option
 @click.pass_obj
-def add(obj: Context, name: str, path: Path, fmt: str | None, field: str | None, lead_paragraphs: int | None,
-        parallel_to: str | None, decode_errors: str, sample: int | None, seed: int, as_json: bool) -> None:
+def add(
+    obj: Context,
+    name: str,
+    path: Path,
+    fmt: str | None,
+    field: str | None,
+    lead_paragraphs: int | None,
+    parallel_to: str | None,
+    decode_errors: str,
+    sample: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Register the prompts in PATH (a text/JSONL/CSV/Parquet file or a directory) as NAME."""
-    from ingest.sources import read_path
-
-    prompts = read_path(path, fmt, field=field, lead_paragraphs=lead_paragraphs, decode_errors=decode_errors)
-    prompts = prompts.sample(sample, seed)
-    _store(obj, [(name, prompts)], as_json, parallel_to)
+    summary = obj.api().add_dataset(
+        name,
+        path,
+        format=fmt,
+        field=field,
+        lead_paragraphs=lead_paragraphs,
+        parallel_to=parallel_to,
+        decode_errors=decode_errors,
+        sample=sample,
+        seed=seed,
+    )
+    _print_summaries([summary], as_json)
 
 
 @dataset.command("add-random")
@@ -64,11 +85,11 @@ def add(obj: Context, name: str, path: Path, fmt: str | None, field: str | None,
 @seed_option
 @json_option
 @click.pass_obj
-def add_random(obj: Context, name: str, count: int, length: int, alphabet: str | None, seed: int, as_json: bool) -> None:
+def add_random(
+    obj: Context, name: str, count: int, length: int, alphabet: str | None, seed: int, as_json: bool
+) -> None:
     """Register COUNT random alphanumeric strings as NAME."""
-    from ingest.sources import generate_random
-
-    _store(obj, [(name, generate_random(count, length, alphabet, seed))], as_json)
+    _print_summaries([obj.api().add_random_dataset(name, count, length, alphabet=alphabet, seed=seed)], as_json)
 
 
 @dataset.command("add-hf")
@@ -81,13 +102,22 @@ def add_random(obj: Context, name: str, count: int, length: int, alphabet: str |
 @seed_option
 @json_option
 @click.pass_obj
-def add_hf(obj: Context, name: str, hf_name: str, split: str, field: str, hf_config: str | None,
-           sample: int | None, seed: int, as_json: bool) -> None:
+def add_hf(
+    obj: Context,
+    name: str,
+    hf_name: str,
+    split: str,
+    field: str,
+    hf_config: str | None,
+    sample: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Register a Hugging Face dataset's text column as NAME (needs the hub or its cache)."""
-    from ingest.sources import read_hf
-
-    obj.warehouse()  # fail on the database before a slow download
-    _store(obj, [(name, read_hf(hf_name, split, field, hf_config).sample(sample, seed))], as_json)
+    summary = obj.api().add_hf_dataset(
+        name, hf_name, split=split, field=field, config=hf_config, sample=sample, seed=seed
+    )
+    _print_summaries([summary], as_json)
 
 
 @dataset.command("add-pairs")
@@ -99,15 +129,21 @@ def add_hf(obj: Context, name: str, hf_name: str, split: str, field: str, hf_con
 @seed_option
 @json_option
 @click.pass_obj
-def add_pairs(obj: Context, left_name: str, right_name: str, path: Path, separator: str,
-              sample: int | None, seed: int, as_json: bool) -> None:
+def add_pairs(
+    obj: Context,
+    left_name: str,
+    right_name: str,
+    path: Path,
+    separator: str,
+    sample: int | None,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Register a file of 'left SEP right' lines (e.g. German :: English) as two parallel datasets."""
-    from ingest.sources import read_pairs
-
-    if left_name == right_name:
-        raise click.UsageError("the two parallel datasets need different names")
-    left, right = read_pairs(path, separator)
-    _store(obj, [(left_name, left.sample(sample, seed)), (right_name, right.sample(sample, seed))], as_json)
+    _print_summaries(
+        obj.api().add_parallel_datasets(left_name, right_name, path, separator=separator, sample=sample, seed=seed),
+        as_json,
+    )
 
 
 @dataset.command("list")
@@ -115,9 +151,7 @@ def add_pairs(obj: Context, left_name: str, right_name: str, path: Path, separat
 @click.pass_obj
 def list_(obj: Context, as_json: bool) -> None:
     """List the registered datasets."""
-    from ingest.datasets import list_datasets
-
-    rows = list_datasets(obj.warehouse())
+    rows = records(obj.api().datasets())
     emit(rows, as_json, table(rows, ["name", "prompts", "kind", "source", "parallel_to"]))
 
 
@@ -128,9 +162,7 @@ def list_(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 def show(obj: Context, name: str, limit: int, as_json: bool) -> None:
     """Show the first prompts of dataset NAME."""
-    from ingest.datasets import show_prompts
-
-    rows = show_prompts(obj.warehouse(), name, limit)
+    rows = records(obj.api().prompts(name, limit).reset_index())
     for r in rows:
         r["text"] = r["text"] if as_json else r["text"].replace("\n", " ")[:100]
     emit(rows, as_json, table(rows, ["position", "id", "text"]))

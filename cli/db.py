@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import Context, emit, table
+from layerbase.cli.common import Context, emit, json_option, table
 
 
 @click.group()
@@ -16,9 +16,9 @@ def db() -> None:
 @click.pass_obj
 def upgrade(obj: Context) -> None:
     """Create or upgrade the schema to the newest migration."""
-    from warehouse.status import upgrade_schema
+    from layerbase.warehouse.status import upgrade_schema
 
-    before, after, display = upgrade_schema(obj.database_url)
+    before, after, display = upgrade_schema(obj.warehouse(check_schema=False))
     if before == after:
         click.echo(f"Schema already at {after} ({display}).")
     else:
@@ -26,13 +26,13 @@ def upgrade(obj: Context) -> None:
 
 
 @db.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_obj
 def status(obj: Context, as_json: bool) -> None:
     """Show the server, pgvector, the migration revision and row counts."""
-    from warehouse.status import database_status
+    from layerbase.warehouse.status import database_status
 
-    info = database_status(obj.database_url)
+    info = database_status(obj.warehouse(check_schema=False))
     counts = info.pop("row_counts")
     text = "\n".join(f"{k.replace('_', ' ')}: {v}" for k, v in info.items())
     text += "\n\n" + table([{"table": t, "rows": n} for t, n in counts.items()], ["table", "rows"])
@@ -42,7 +42,7 @@ def status(obj: Context, as_json: bool) -> None:
 @db.command()
 def stop() -> None:
     """Stop the embedded server (it starts again on the next command)."""
-    from warehouse.embedded import stop_embedded
+    from layerbase.warehouse.embedded import stop_embedded
 
     click.echo("Embedded server stopped." if stop_embedded() else "The embedded server was not running.")
 
@@ -55,7 +55,7 @@ def grant_reader(obj: Context, role: str, password_env: str | None) -> None:
     """Create ROLE: a login that can read the BI views (bi_*) and nothing else."""
     import os
 
-    from warehouse.roles import grant_reader as grant
+    from layerbase.warehouse.roles import grant_reader as grant
 
     password = None
     if password_env:

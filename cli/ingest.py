@@ -4,60 +4,100 @@ from __future__ import annotations
 
 import click
 
-from cli.main import Context, emit, table
+from layerbase.cli.common import Context, device_option, emit, json_option, progress_option, records, table
 
 model_option = click.option(
-    "--model", "source", required=True,
+    "--model",
+    "source",
+    required=True,
     help="Packaged model name (SmolLM2-135M-Instruct, gemma-3-270m, all-MiniLM-L6-v2), "
     "Hugging Face id, local model directory, or .gguf file.",
 )
 name_option = click.option("--name", help="Name to store the model under (default: from --model).")
 revision_option = click.option("--revision", help="Hub revision (branch, tag or commit).")
 dtype_option = click.option(
-    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
     help="Weights dtype for the forward pass (stored vectors are float32, unless `ingest --storage float16`).",
 )
-device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
-progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @click.command("ingest")
 @model_option
-@click.option("--dataset", "dataset_names", required=True, multiple=True,
-              help="Registered dataset to run over (repeat for several: the model loads once).")
+@click.option(
+    "--dataset",
+    "dataset_names",
+    required=True,
+    multiple=True,
+    help="Registered dataset to run over (repeat for several: the model loads once).",
+)
 @name_option
 @revision_option
 @dtype_option
 @device_option
-@click.option("--pooling", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="Last real token, or mean over real tokens.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["last", "mean"]),
+    default="last",
+    show_default=True,
+    help="Last real token, or mean over real tokens.",
+)
 @click.option("--padding-side", type=click.Choice(["right", "left"]), default="right", show_default=True)
 @click.option("--max-tokens", type=int, help="Truncate prompts to N tokens (default: the context length).")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template as a user turn.")
 @click.option("--layer0", is_flag=True, help="Also store layer 0 (the embedding output).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per forward pass and per commit.")
-@click.option("--storage", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Precision the activations are stored in: float16 is pgvector's halfvec, half the size "
-              "(needs pgvector 0.7 or later on the server).")
+@click.option(
+    "--storage",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Precision the activations are stored in: float16 is pgvector's halfvec, half the size "
+    "(needs pgvector 0.7 or later on the server).",
+)
 @progress_option
 @json_option
 @click.pass_obj
-def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], name: str | None, revision: str | None, dtype: str,
-                   device: str | None, pooling: str, padding_side: str, max_tokens: int | None, chat_template: bool,
-                   layer0: bool, batch_size: int, storage: str, progress: bool, as_json: bool) -> None:
+def ingest_command(
+    obj: Context,
+    source: str,
+    dataset_names: tuple[str, ...],
+    name: str | None,
+    revision: str | None,
+    dtype: str,
+    device: str | None,
+    pooling: str,
+    padding_side: str,
+    max_tokens: int | None,
+    chat_template: bool,
+    layer0: bool,
+    batch_size: int,
+    storage: str,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Run a model over datasets; store every block's pooled activation per prompt.
 
     Re-running finishes an interrupted job; several processes on one job share its work.
     With --json: one object for one dataset, a list for several.
     """
-    from ingest.extract import ExtractionSettings
-    from ingest.runner import ingest_datasets
-
-    settings = ExtractionSettings(pooling, padding_side, max_tokens, chat_template)
-    reports = ingest_datasets(
-        obj.warehouse(), source, list(dataset_names), name=name, revision=revision, dtype=dtype, device=device,
-        settings=settings, include_layer0=layer0, batch_size=batch_size, progress=progress, storage=storage,
+    reports = obj.api().ingest(
+        source,
+        list(dataset_names),
+        name=name,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        pooling=pooling,
+        padding_side=padding_side,
+        max_tokens=max_tokens,
+        chat_template=chat_template,
+        layer0=layer0,
+        batch_size=batch_size,
+        storage=storage,
+        progress=progress,
     )
     lines = []
     for report in reports:
@@ -79,9 +119,7 @@ def ingest_command(obj: Context, source: str, dataset_names: tuple[str, ...], na
 @click.pass_obj
 def jobs(obj: Context, as_json: bool) -> None:
     """List ingest jobs with their progress and truncation counts."""
-    from ingest.catalog import list_jobs
-
-    rows = list_jobs(obj.warehouse())
+    rows = records(obj.api().jobs())
     for r in rows:
         r["progress"] = f"{r['done']}/{r['n_prompts']}"
     emit(rows, as_json, table(rows, ["id", "model", "dataset", "state", "progress", "truncated", "error"]))
@@ -92,10 +130,12 @@ def jobs(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 def models(obj: Context, as_json: bool) -> None:
     """List stored models with their extraction settings."""
-    from ingest.catalog import list_models
-
-    rows = list_models(obj.warehouse())
-    emit(rows, as_json, table(rows, ["name", "architecture", "kind", "n_layers", "width", "dtype", "storage", "pooling", "source"]))
+    rows = records(obj.api().models())
+    emit(
+        rows,
+        as_json,
+        table(rows, ["name", "architecture", "kind", "n_layers", "width", "dtype", "storage", "pooling", "source"]),
+    )
 
 
 @click.group()
@@ -112,16 +152,20 @@ def embeddings() -> None:
 @progress_option
 @json_option
 @click.pass_obj
-def export(obj: Context, source: str, name: str | None, revision: str | None, dtype: str, device: str | None,
-           progress: bool, as_json: bool) -> None:
+def export(
+    obj: Context,
+    source: str,
+    name: str | None,
+    revision: str | None,
+    dtype: str,
+    device: str | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Store a model's input embeddings (and unembeddings, when untied), one row per token."""
-    from ingest.embeddings import export_token_embeddings
-    from ingest.runner import default_model_name, open_model
-
-    wh = obj.warehouse()
-    lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
-    name = name or default_model_name(source)
-    written = export_token_embeddings(wh, lm, name, progress=progress)
+    result = obj.api().export_embeddings(
+        source, name=name, revision=revision, dtype=dtype, device=device, progress=progress
+    )
+    written = result["rows"]
     note = "" if "output" in written else " (unembedding tied to the input embedding, or none: not stored separately)"
-    emit({"model": name, "rows": written, "tied": lm.tied_embeddings}, as_json,
-         f"{name}: " + ", ".join(f"{k} {v} rows" for k, v in written.items()) + note)
+    emit(result, as_json, f"{result['model']}: " + ", ".join(f"{k} {v} rows" for k, v in written.items()) + note)

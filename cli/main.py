@@ -1,28 +1,21 @@
-"""The root ``layerbase`` group, global options, and the one place errors become messages."""
+"""The root ``layerbase`` group, global options, and the one place errors become messages.
+
+The subcommand modules import only ``cli.common``, never this module, so that importing
+any of them (or running ``python -m layerbase``) has no import cycle.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import click
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from warehouse.errors import LayerbaseError
-
-
-@dataclass
-class Context:
-    database_url: str | None
-    traceback: bool
-
-    def warehouse(self, *, check_schema: bool = True):  # type: ignore[no-untyped-def]
-        from warehouse.engine import connect
-
-        return connect(self.database_url, check_schema=check_schema)
+from layerbase.cli import analyze, dataset, db, demo, geometry, ingest, steer
+from layerbase.cli.common import Context
+from layerbase.warehouse.errors import LayerbaseError
 
 
 class LayerbaseGroup(click.Group):
@@ -44,20 +37,28 @@ class LayerbaseGroup(click.Group):
         except LayerbaseError as exc:
             _fail(ctx, str(exc), exc.exit_code)
         except (OperationalError, InterfaceError) as exc:
-            from warehouse.engine import first_line
+            from layerbase.warehouse.engine import first_line
 
-            _fail(ctx, f"the database connection failed: {first_line(exc.orig or exc)}; check that the server "
-                  "runs, then re-run the command: committed work is kept and it resumes where it stopped", 3)
+            _fail(
+                ctx,
+                f"the database connection failed: {first_line(exc.orig or exc)}; check that the server "
+                "runs, then re-run the command: committed work is kept and it resumes where it stopped",
+                3,
+            )
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
-            _fail(ctx, f"unexpected {type(exc).__name__}: {first} "
-                  "(re-run with --traceback for details, and report it if it persists)", 1)
+            _fail(
+                ctx,
+                f"unexpected {type(exc).__name__}: {first} "
+                "(re-run with --traceback for details, and report it if it persists)",
+                1,
+            )
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
     """Re-raise the error being handled when a traceback is wanted, else print one line and exit."""
     if _traceback_wanted(ctx):
-        raise  # noqa: PLE0704 - called only from an except block
+        raise
     click.secho(f"Error: {message}", fg="red", err=True)
     ctx.exit(code)
 
@@ -81,40 +82,23 @@ def root(ctx: click.Context, database_url: str | None, traceback: bool) -> None:
     ctx.obj = Context(database_url, traceback)
 
 
-def emit(data: Any, as_json: bool, text: str | None = None) -> None:
-    """Print a result as JSON or as text."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    elif text is not None:
-        click.echo(text)
-
-
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain aligned text table."""
-    if not rows:
-        return "(none)"
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
 def _register() -> None:
-    from cli import analyze, dataset, db, demo, geometry, ingest, steer
-
-    root.add_command(demo.demo)
-    root.add_command(db.db)
-    root.add_command(dataset.dataset)
-    root.add_command(ingest.ingest_command)
-    root.add_command(ingest.jobs)
-    root.add_command(ingest.models)
-    root.add_command(ingest.embeddings)
-    root.add_command(analyze.knn)
-    root.add_command(analyze.affinity)
-    root.add_command(analyze.neighbors)
-    root.add_command(analyze.report)
-    root.add_command(geometry.geometry)
-    root.add_command(steer.steer)
+    for command in (
+        demo.demo,
+        db.db,
+        dataset.dataset,
+        ingest.ingest_command,
+        ingest.jobs,
+        ingest.models,
+        ingest.embeddings,
+        analyze.knn,
+        analyze.affinity,
+        analyze.neighbors,
+        analyze.report,
+        geometry.geometry,
+        steer.steer,
+    ):
+        root.add_command(command)
 
 
 _register()
@@ -125,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -3,15 +3,20 @@ steering vectors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from cli.main import Context, emit, table
+from layerbase.cli.common import Context, device_option, emit, json_option, plot_option, records, table
+from layerbase.warehouse.errors import InputError
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
-plot_option = click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG figure here.")
+if TYPE_CHECKING:
+    from layerbase.analysis.steering.vectors import VectorInfo
+
+F = TypeVar("F", bound=Callable[..., Any])
+
 file_type = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -20,8 +25,8 @@ def steer() -> None:
     """Steering vectors: make them, add them during generation, move them between models."""
 
 
-def _side(name: str):  # type: ignore[no-untyped-def]
-    def decorate(f):  # type: ignore[no-untyped-def]
+def _side(name: str) -> Callable[[F], F]:
+    def decorate(f: F) -> F:
         f = click.option(f"--{name}-preset", help=f"Built-in {name} prompts, e.g. sentiment:{name}.")(f)
         f = click.option(f"--{name}-file", type=file_type, help=f"File of {name} prompts, one per line.")(f)
         f = click.option(f"--{name}", f"{name}_dataset", help=f"Stored dataset of {name} prompts.")(f)
@@ -30,11 +35,13 @@ def _side(name: str):  # type: ignore[no-untyped-def]
     return decorate
 
 
-def _vector_text(info) -> str:  # type: ignore[no-untyped-def]
+def _vector_text(info: VectorInfo) -> str:
     reference = f"median activation norm {info.activation_norm:.4g}" if info.activation_norm else "no activation norm"
-    return (f"stored steering vector {info.name!r}: {info.model} layer {info.layer}, {info.method}, "
-            f"token rule {info.token_rule}, norm {info.norm:.4g} ({reference}); "
-            f"{info.n_positive} positive / {info.n_negative} negative prompts, from {info.source}")
+    return (
+        f"stored steering vector {info.name!r}: {info.model} layer {info.layer}, {info.method}, "
+        f"token rule {info.token_rule}, norm {info.norm:.4g} ({reference}); "
+        f"{info.n_positive} positive / {info.n_negative} negative prompts, from {info.source}"
+    )
 
 
 @steer.command("make")
@@ -43,31 +50,50 @@ def _vector_text(info) -> str:  # type: ignore[no-untyped-def]
 @_side("positive")
 @_side("negative")
 @click.option("--preset", help="Both sides from one built-in set, e.g. sentiment.")
-@click.option("--token-rule", type=click.Choice(["last", "mean"]), default="last", show_default=True,
-              help="Average the last token's state, or the mean over tokens, of each prompt.")
+@click.option(
+    "--token-rule",
+    type=click.Choice(["last", "mean"]),
+    default="last",
+    show_default=True,
+    help="Average the last token's state, or the mean over tokens, of each prompt.",
+)
 @click.option("--name", required=True, help="Name of the new vector (vectors are immutable).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @device_option
 @json_option
 @click.pass_obj
-def make(obj: Context, model: str, layer: int, positive_dataset: str | None, positive_file: Path | None,
-         positive_preset: str | None, negative_dataset: str | None, negative_file: Path | None,
-         negative_preset: str | None, preset: str | None, token_rule: str, name: str, batch_size: int,
-         device: str | None, as_json: bool) -> None:
+def make(
+    obj: Context,
+    model: str,
+    layer: int,
+    positive_dataset: str | None,
+    positive_file: Path | None,
+    positive_preset: str | None,
+    negative_dataset: str | None,
+    negative_file: Path | None,
+    negative_preset: str | None,
+    preset: str | None,
+    token_rule: str,
+    name: str,
+    batch_size: int,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Mean difference of activations between positive and negative prompts at a layer.
 
     Stored datasets that the model has ingested with the same pooling are read from the
     warehouse; other prompts are run through the model.
     """
-    from analysis.steering import make_vector, prompt_source
-
-    wh = obj.warehouse()
     if preset:
-        positive_preset, negative_preset = positive_preset or f"{preset}:positive", negative_preset or f"{preset}:negative"
-    pos = prompt_source(wh, dataset=positive_dataset, file=positive_file, preset=positive_preset, what="positive prompts")
-    neg = prompt_source(wh, dataset=negative_dataset, file=negative_file, preset=negative_preset, what="negative prompts")
-    info = make_vector(wh, model, layer, pos, neg, name=name, token_rule=token_rule, device=device,
-                       batch_size=batch_size)
+        positive_preset, negative_preset = (
+            positive_preset or f"{preset}:positive",
+            negative_preset or f"{preset}:negative",
+        )
+    pos = _prompts(positive_dataset, positive_file, positive_preset, "positive prompts")
+    neg = _prompts(negative_dataset, negative_file, negative_preset, "negative prompts")
+    info = obj.api().make_steering_vector(
+        model, layer, pos, neg, name=name, token_rule=token_rule, device=device, batch_size=batch_size
+    )
     emit(info.as_dict(), as_json, _vector_text(info))
 
 
@@ -81,9 +107,7 @@ def make(obj: Context, model: str, layer: int, positive_dataset: str | None, pos
 @click.pass_obj
 def import_(obj: Context, model: str, layer: int, path: Path, token_rule: str, name: str, as_json: bool) -> None:
     """Store a vector you made elsewhere (a .npy or .pt file) for a model and layer."""
-    from analysis.steering import import_vector
-
-    info = import_vector(obj.warehouse(), model, layer, path, name=name, token_rule=token_rule)
+    info = obj.api().import_steering_vector(model, layer, path, name=name, token_rule=token_rule)
     emit(info.as_dict(), as_json, _vector_text(info))
 
 
@@ -92,10 +116,12 @@ def import_(obj: Context, model: str, layer: int, path: Path, token_rule: str, n
 @click.pass_obj
 def list_(obj: Context, as_json: bool) -> None:
     """Stored steering vectors."""
-    from analysis.steering import list_vectors
-
-    rows = list_vectors(obj.warehouse())
-    emit(rows, as_json, table(rows, ["name", "model", "layer", "method", "token_rule", "norm", "activation_norm", "from"]))
+    rows = records(obj.api().steering_vectors())
+    emit(
+        rows,
+        as_json,
+        table(rows, ["name", "model", "layer", "method", "token_rule", "norm", "activation_norm", "from"]),
+    )
 
 
 @steer.command("compare")
@@ -105,9 +131,7 @@ def list_(obj: Context, as_json: bool) -> None:
 @click.pass_obj
 def compare(obj: Context, first: str, second: str, as_json: bool) -> None:
     """Cosine similarity of two stored vectors of one model (e.g. a transferred and a native one)."""
-    from analysis.emb2emb import compare_vectors
-
-    cosine = compare_vectors(obj.warehouse(), first, second)
+    cosine = obj.api().compare_vectors(first, second)
     emit({"first": first, "second": second, "cosine": cosine}, as_json, f"cosine({first}, {second}) = {cosine:+.4f}")
 
 
@@ -124,57 +148,122 @@ def compare(obj: Context, first: str, second: str, as_json: bool) -> None:
 @device_option
 @json_option
 @click.pass_obj
-def generate_(obj: Context, vector: str, prompt: str, coefficient: float, max_new_tokens: int, sample: bool,
-              temperature: float, seed: int, model: str | None, layer: int | None, device: str | None,
-              as_json: bool) -> None:
+def generate_(
+    obj: Context,
+    vector: str,
+    prompt: str,
+    coefficient: float,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    seed: int,
+    model: str | None,
+    layer: int | None,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Continue a prompt with and without the vector added to the residual stream."""
-    from analysis.steering import generate
-
-    out = generate(obj.warehouse(), vector, prompt, coefficient=coefficient, max_new_tokens=max_new_tokens,
-                   sample=sample, seed=seed, temperature=temperature, model_name=model, layer=layer, device=device)
-    emit(out, as_json, f"{out['model']} layer {out['layer']}, {out['decoding']} decoding\n"
-                       f"prompt:              {prompt}\n"
-                       f"unsteered:           {out['unsteered']}\n"
-                       f"steered ({coefficient:+g} x {vector}): {out['steered']}")
+    out = obj.api().generate(
+        vector,
+        prompt,
+        coefficient,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        seed=seed,
+        temperature=temperature,
+        model=model,
+        layer=layer,
+        device=device,
+    )
+    emit(
+        out,
+        as_json,
+        f"{out['model']} layer {out['layer']}, {out['decoding']} decoding\n"
+        f"prompt:              {prompt}\n"
+        f"unsteered:           {out['unsteered']}\n"
+        f"steered ({coefficient:+g} x {vector}): {out['steered']}",
+    )
 
 
 @steer.command("transfer")
 @click.argument("vector")
 @click.option("--to", "target", required=True, help="Stored model to map the vector into.")
-@click.option("--layer", type=int, help="Target layer (default: the max-similarity path of a stored affinity "
-                                        "matrix of the pair, else the same relative depth).")
-@click.option("--pairs", type=click.Choice(["tokens-input", "tokens-output", "prompts"]), default="tokens-input",
-              show_default=True, help="Fit on shared-vocabulary token (un)embeddings, or on stored hidden states "
-                                      "of the same prompts at the two layers.")
-@click.option("--dataset", help="For --pairs prompts: a dataset both models have ingested (also picks the affinity "
-                                "matrix whose max-similarity path chooses the layer).")
+@click.option(
+    "--layer",
+    type=int,
+    help="Target layer (default: the max-similarity path of a stored affinity "
+    "matrix of the pair, else the same relative depth).",
+)
+@click.option(
+    "--pairs",
+    type=click.Choice(["tokens-input", "tokens-output", "prompts"]),
+    default="tokens-input",
+    show_default=True,
+    help="Fit on shared-vocabulary token (un)embeddings, or on stored hidden states "
+    "of the same prompts at the two layers.",
+)
+@click.option(
+    "--dataset",
+    help="For --pairs prompts: a dataset both models have ingested (also picks the affinity "
+    "matrix whose max-similarity path chooses the layer).",
+)
 @click.option("--bias/--no-bias", default=True, show_default=True, help="Fit an affine map.")
 @click.option("--ridge", type=float, default=0.0, show_default=True, help="Ridge penalty on the map.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train / held-out split.")
-@click.option("--calibrate", default="relative", show_default=True,
-              help="relative: keep the vector's norm relative to the layer's activation norm; none; "
-                   "or native:VECTOR to match a native vector's norm.")
+@click.option(
+    "--calibrate",
+    default="relative",
+    show_default=True,
+    help="relative: keep the vector's norm relative to the layer's activation norm; none; "
+    "or native:VECTOR to match a native vector's norm.",
+)
 @click.option("--name", help="Name of the new vector (default: VECTOR->MODEL).")
 @device_option
 @json_option
 @click.pass_obj
-def transfer_(obj: Context, vector: str, target: str, layer: int | None, pairs: str, dataset: str | None, bias: bool,
-              ridge: float, seed: int, calibrate: str, name: str | None, device: str | None, as_json: bool) -> None:
+def transfer_(
+    obj: Context,
+    vector: str,
+    target: str,
+    layer: int | None,
+    pairs: str,
+    dataset: str | None,
+    bias: bool,
+    ridge: float,
+    seed: int,
+    calibrate: str,
+    name: str | None,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Map a steering vector into another model through a least-squares Emb2Emb map."""
-    from analysis.emb2emb import transfer
-
-    info, map_info, calibration = transfer(obj.warehouse(), vector, target, layer=layer, pairs=pairs, dataset=dataset,
-                                           bias=bias, ridge=ridge, seed=seed, calibration=calibrate, name=name,
-                                           device=device)
+    moved = obj.api().transfer(
+        vector,
+        to=target,
+        layer=layer,
+        pairs=pairs,
+        dataset=dataset,
+        bias=bias,
+        ridge=ridge,
+        seed=seed,
+        calibrate=calibrate,
+        name=name,
+        device=device,
+    )
+    info, map_info, calibration = moved.vector, moved.map, moved.calibration
     if as_json:
         emit({"vector": info.as_dict(), "map": map_info.as_dict(), "calibration": calibration}, True)
         return
     m = map_info
-    click.echo(f"map {m.id} {m.model_a} -> {m.model_b} on {m.pairs} ({'reused' if m.reused else 'fitted'}): "
-               f"{m.n_train} train / {m.n_test} held-out pairs, bias {m.bias}, ridge {m.ridge:g}; "
-               f"held-out R^2 {m.r2_test:.4f} (train {m.r2_train:.4f}), held-out cosine {m.cosine_test:.4f}")
-    click.echo(f"layer {info.layer} ({calibration['layer_rule']}); calibration {calibration['rule']}: "
-               f"mapped norm {calibration['mapped_norm']:.4g} scaled by {calibration['scale']:.4g}")
+    click.echo(
+        f"map {m.id} {m.model_a} -> {m.model_b} on {m.pairs} ({'reused' if m.reused else 'fitted'}): "
+        f"{m.n_train} train / {m.n_test} held-out pairs, bias {m.bias}, ridge {m.ridge:g}; "
+        f"held-out R^2 {m.r2_test:.4f} (train {m.r2_train:.4f}), held-out cosine {m.cosine_test:.4f}"
+    )
+    click.echo(
+        f"layer {info.layer} ({calibration['layer_rule']}); calibration {calibration['rule']}: "
+        f"mapped norm {calibration['mapped_norm']:.4g} scaled by {calibration['scale']:.4g}"
+    )
     click.echo(_vector_text(info))
 
 
@@ -182,12 +271,15 @@ def transfer_(obj: Context, vector: str, target: str, layer: int | None, pairs: 
 @click.argument("vector")
 @click.option("--prompts", "prompts_dataset", help="Stored dataset of evaluation prompts.")
 @click.option("--prompts-file", type=file_type, help="File of evaluation prompts, one per line.")
-@click.option("--positive-words", help="Comma-separated target words (default: sentiment words; a leading space "
-                                       "is kept, as in ' good').")
+@click.option(
+    "--positive-words",
+    help="Comma-separated target words (default: sentiment words; a leading space is kept, as in ' good').",
+)
 @click.option("--negative-words", help="Comma-separated target words on the other side.")
 @click.option("--coefficients", default="-2,-1,-0.5,0.5,1,2", show_default=True, help="Coefficients swept.")
-@click.option("--random", "n_random", type=int, default=3, show_default=True,
-              help="Random vectors of the same norm as controls.")
+@click.option(
+    "--random", "n_random", type=int, default=3, show_default=True, help="Random vectors of the same norm as controls."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @plot_option
@@ -195,37 +287,75 @@ def transfer_(obj: Context, vector: str, target: str, layer: int | None, pairs: 
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar over the forward passes.")
 @json_option
 @click.pass_obj
-def evaluate_(obj: Context, vector: str, prompts_dataset: str | None, prompts_file: Path | None,
-              positive_words: str | None, negative_words: str | None, coefficients: str, n_random: int, seed: int,
-              batch_size: int, plot: Path | None, device: str | None, progress: bool, as_json: bool) -> None:
+def evaluate_(
+    obj: Context,
+    vector: str,
+    prompts_dataset: str | None,
+    prompts_file: Path | None,
+    positive_words: str | None,
+    negative_words: str | None,
+    coefficients: str,
+    n_random: int,
+    seed: int,
+    batch_size: int,
+    plot: Path | None,
+    device: str | None,
+    progress: bool,
+    as_json: bool,
+) -> None:
     """Shift of target-token log-odds over a prompt set, per coefficient, vs random vectors."""
-    from analysis.steering import evaluate, parse_coefficients, prompt_source
+    from layerbase.analysis.steering.vectors import parse_coefficients
 
-    wh = obj.warehouse()
     preset = "evaluation" if prompts_dataset is None and prompts_file is None else None
-    prompts = prompt_source(wh, dataset=prompts_dataset, file=prompts_file, preset=preset, what="evaluation prompts")
-    result = evaluate(wh, vector, prompts, positive_words=_words(positive_words), negative_words=_words(negative_words),
-                      coefficients=parse_coefficients(coefficients), n_random=n_random, seed=seed,
-                      batch_size=batch_size, device=device, progress=progress)
+    prompts = _prompts(prompts_dataset, prompts_file, preset, "evaluation prompts")
+    result = obj.api().evaluate_steering(
+        vector,
+        prompts,
+        positive_words=_words(positive_words),
+        negative_words=_words(negative_words),
+        coefficients=parse_coefficients(coefficients),
+        n_random=n_random,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
     summary = result.summary()
     if plot is not None:
-        from analysis.plots import save, steering_sweep
+        from layerbase.analysis.reporting.plots import save, steering_sweep
 
-        save(steering_sweep(summary, f"{vector} in {result.model} layer {result.layer}: {result.n_prompts} prompts"),
-             plot)
+        save(
+            steering_sweep(summary, f"{vector} in {result.model} layer {result.layer}: {result.n_prompts} prompts"),
+            plot,
+        )
     if as_json:
         emit(result.as_dict() | {"summary": summary}, True)
         return
-    click.echo(f"evaluation {result.id}: {vector} in {result.model} layer {result.layer}, {result.n_prompts} prompts "
-               f"({prompts.label}); unsteered log-odds positive vs negative {result.baseline_logodds:+.3f}")
-    rows = [{"coefficient": f"{r['coefficient']:+g}", "vector_shift": f"{r['vector_shift']:+.3f}",
-             "sd": f"{r['vector_sd']:.3f}",
-             "random_mean": "" if r["random_mean"] is None else f"{r['random_mean']:+.3f}",
-             "random_range": "" if r["random_min"] is None else f"{r['random_min']:+.3f} .. {r['random_max']:+.3f}"}
-            for r in summary]
+    click.echo(
+        f"evaluation {result.id}: {vector} in {result.model} layer {result.layer}, {result.n_prompts} prompts "
+        f"({result.prompts_label}); unsteered log-odds positive vs negative {result.baseline_logodds:+.3f}"
+    )
+    rows = [
+        {
+            "coefficient": f"{r['coefficient']:+g}",
+            "vector_shift": f"{r['vector_shift']:+.3f}",
+            "sd": f"{r['vector_sd']:.3f}",
+            "random_mean": "" if r["random_mean"] is None else f"{r['random_mean']:+.3f}",
+            "random_range": "" if r["random_min"] is None else f"{r['random_min']:+.3f} .. {r['random_max']:+.3f}",
+        }
+        for r in summary
+    ]
     click.echo(table(rows, ["coefficient", "vector_shift", "sd", "random_mean", "random_range"]))
     if plot is not None:
         click.echo(f"figure: {plot}")
+
+
+def _prompts(dataset: str | None, file: Path | None, preset: str | None, what: str) -> str | Path:
+    """Exactly one of a stored dataset, a file or a preset, as the API takes a prompt set."""
+    given = [x for x in (dataset, file, f"preset:{preset}" if preset else None) if x is not None]
+    if len(given) != 1:
+        raise InputError(f"give the {what} as exactly one of a stored dataset, a file or a preset")
+    return given[0]
 
 
 def _words(text: str | None) -> list[str] | None:

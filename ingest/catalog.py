@@ -6,7 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from warehouse.engine import Warehouse
+from layerbase.warehouse.engine import Warehouse
 
 JOBS = """
 SELECT j.id, m.name AS model, d.name AS dataset, j.state, j.n_prompts,

@@ -7,12 +7,12 @@ import hashlib
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ingest.sources import PromptSet
-from warehouse.copy import copy_rows
-from warehouse.errors import InputError
-from warehouse.lookup import get_dataset
-from warehouse.engine import Warehouse
-from warehouse.models import Dataset, Prompt
+from layerbase.ingest.sources import PromptSet
+from layerbase.warehouse.copy import copy_rows
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.lookup import get_dataset
+from layerbase.warehouse.models import Dataset, Prompt
 
 LINK_PARALLEL = """
 UPDATE prompt AS p SET parallel_prompt_id = q.id
@@ -42,7 +42,9 @@ def validate_name(name: str, what: str = "dataset") -> str:
     return name
 
 
-def register(session: Session, name: str, prompts: PromptSet, *, parallel_to: str | None = None) -> tuple[Dataset, bool]:
+def register(
+    session: Session, name: str, prompts: PromptSet, *, parallel_to: str | None = None
+) -> tuple[Dataset, bool]:
     """Store a prompt set as dataset ``name``; return (dataset, created).
 
     Registering the same content under the same name again is a no-op; other content
@@ -61,9 +63,7 @@ def register(session: Session, name: str, prompts: PromptSet, *, parallel_to: st
     if existing is not None:
         if existing.content_hash == digest and existing.parallel_to_id == (partner.id if partner else None):
             return existing, False
-        raise InputError(
-            f"a dataset named {name!r} already exists with other prompts; choose another name"
-        )
+        raise InputError(f"a dataset named {name!r} already exists with other prompts; choose another name")
     dataset = Dataset(
         name=name,
         source_kind=prompts.kind,
@@ -75,16 +75,13 @@ def register(session: Session, name: str, prompts: PromptSet, *, parallel_to: st
     )
     session.add(dataset)
     session.flush()
-    cur = session.connection().connection.cursor()
+    cur = raw_connection(session.connection()).cursor()
     copy_rows(
         cur,
         "prompt",
         ("dataset_id", "position", "text", "content_hash", "source_ref"),
         ("int4", "int4", "text", "text", "text"),
-        (
-            (dataset.id, i, text, text_hash(text), ref)
-            for i, (text, ref) in enumerate(zip(prompts.texts, prompts.refs))
-        ),
+        ((dataset.id, i, text, text_hash(text), ref) for i, (text, ref) in enumerate(zip(prompts.texts, prompts.refs))),
     )
     if partner is not None:
         session.execute(sa.text(LINK_PARALLEL), {"a": dataset.id, "b": partner.id})
@@ -107,7 +104,7 @@ def add_datasets(wh: Warehouse, entries: list[tuple[str, PromptSet]], *, paralle
 
     Returns a summary per dataset. Either all are stored or none.
     """
-    from warehouse.engine import translate_errors
+    from layerbase.warehouse.engine import translate_errors
 
     summaries = []
     with translate_errors(wh), Session(wh.engine) as session, session.begin():
@@ -115,8 +112,13 @@ def add_datasets(wh: Warehouse, entries: list[tuple[str, PromptSet]], *, paralle
         for name, prompts in entries:
             dataset, created = register(session, name, prompts, parallel_to=partner)
             summaries.append(
-                {"name": dataset.name, "prompts": dataset.n_prompts, "created": created, "source": dataset.source_uri,
-                 "parallel_to": partner}
+                {
+                    "name": dataset.name,
+                    "prompts": dataset.n_prompts,
+                    "created": created,
+                    "source": dataset.source_uri,
+                    "parallel_to": partner,
+                }
             )
             if len(entries) == 2:
                 partner = name
@@ -128,20 +130,29 @@ def list_datasets(wh: Warehouse) -> list[dict]:
     partner = sa.orm.aliased(Dataset)
     with Session(wh.engine) as session:
         rows = session.execute(
-            sa.select(Dataset, partner.name).outerjoin(partner, Dataset.parallel_to_id == partner.id).order_by(Dataset.id)
+            sa.select(Dataset, partner.name)
+            .outerjoin(partner, Dataset.parallel_to_id == partner.id)
+            .order_by(Dataset.id)
         ).all()
         return [
-            {"name": d.name, "prompts": d.n_prompts, "kind": d.source_kind, "source": d.source_uri,
-             "parallel_to": p or "", "options": d.options}
+            {
+                "name": d.name,
+                "prompts": d.n_prompts,
+                "kind": d.source_kind,
+                "source": d.source_uri,
+                "parallel_to": p or "",
+                "options": d.options,
+            }
             for d, p in rows
         ]
 
 
-def show_prompts(wh: Warehouse, name: str, limit: int) -> list[dict]:
-    """The first ``limit`` prompts of a dataset."""
+def show_prompts(wh: Warehouse, name: str, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` prompts of a dataset (all of them without a limit)."""
     with Session(wh.engine) as session:
         dataset = get_dataset(session, name)
+        last = dataset.n_prompts - 1 if limit is None else max(limit, 1) - 1
         return [
             {"position": pos, "id": pid, "text": text}
-            for pid, pos, text in dataset_prompts(session, dataset.id, 0, max(limit, 1) - 1)
+            for pid, pos, text in dataset_prompts(session, dataset.id, 0, last)
         ]

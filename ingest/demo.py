@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ingest.datasets import add_datasets
-from ingest.sources import generate_random, read_txt_dir
-from warehouse.engine import Warehouse
-from warehouse.errors import InputError
+from layerbase.ingest.datasets import add_datasets
+from layerbase.ingest.sources import generate_random, read_txt_dir
+from layerbase.warehouse.engine import Warehouse
+from layerbase.warehouse.errors import InputError
 
 DEMO_MODELS = ("SmolLM2-135M-Instruct", "gemma-3-270m")
 BBC_ARTICLES = 2225

@@ -8,11 +8,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ingest.extract import ExtractionSettings, Extractor
-from ingest.loading import LoadedModel
-from ingest.runner import ensure_model
-from warehouse.engine import Warehouse, raw_connection
-from warehouse.models import TokenEmbedding
+from layerbase.ingest.extract import ExtractionSettings, Extractor
+from layerbase.ingest.loading import LoadedModel
+from layerbase.ingest.runner import ensure_model
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.models import TokenEmbedding
 
 BLOCK_ROWS = 8192
 
@@ -42,7 +42,7 @@ def export_token_embeddings(wh: Warehouse, lm: LoadedModel, name: str, *, progre
     Each matrix is replaced whole in one transaction, so a re-run never leaves a mix.
     """
     from pgvector.psycopg import register_vector
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     extractor = Extractor(lm, ExtractionSettings())
     with Session(wh.engine) as session, session.begin():
@@ -54,16 +54,24 @@ def export_token_embeddings(wh: Warehouse, lm: LoadedModel, name: str, *, progre
         special = set(getattr(lm.tokenizer, "all_special_ids", None) or [])
         special |= _special_added(lm.tokenizer)
         with wh.engine.begin() as conn:
-            conn.execute(sa.delete(TokenEmbedding).where(TokenEmbedding.model_id == model_id, TokenEmbedding.matrix == matrix))
+            conn.execute(
+                sa.delete(TokenEmbedding).where(TokenEmbedding.model_id == model_id, TokenEmbedding.matrix == matrix)
+            )
             raw = raw_connection(conn)
             register_vector(raw)
             cur = raw.cursor()
             with cur.copy(
-                "COPY token_embedding (model_id, matrix, token_id, token, text, special, vec) FROM STDIN WITH (FORMAT BINARY)"
+                "COPY token_embedding (model_id, matrix, token_id, token, text, special, vec) "
+                "FROM STDIN WITH (FORMAT BINARY)"
             ) as copy:
                 copy.set_types(["int4", "text", "int4", "text", "text", "bool", "vector"])
-                for i in tqdm(range(values.shape[0]), desc=f"{name} {matrix} embeddings", unit="token",
-                              disable=not progress, miniters=BLOCK_ROWS):
+                for i in tqdm(
+                    range(values.shape[0]),
+                    desc=f"{name} {matrix} embeddings",
+                    unit="token",
+                    disable=not progress,
+                    miniters=BLOCK_ROWS,
+                ):
                     copy.write_row((model_id, matrix, i, _clean(pieces[i]), _clean(texts[i]), i in special, values[i]))
         written[matrix] = int(values.shape[0])
     return written
@@ -78,4 +86,3 @@ def _special_added(tokenizer: Any) -> set[int]:
 def _clean(text: str) -> str:
     # Postgres text cannot hold NUL; byte-fallback vocabularies have a token for it.
     return text.replace("\x00", "\\x00")
-

@@ -1,7 +1,7 @@
 """Activation extraction: tokenize, run the model, and pool each decoder block's output.
 
 Layer i (1..L) is the output of decoder block i, the residual stream after that block,
-taken with a forward hook on the block (DESIGN.md §3): in Llama/Gemma-style models the
+taken with a forward hook on the block (docs/design.md §3): in Llama/Gemma-style models the
 last entry of ``hidden_states`` has the final norm applied and is *not* the block output.
 Layer 0, when asked for, is the input of block 1 (the embedding output).
 
@@ -12,13 +12,14 @@ token-level activations at a time.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ingest.loading import LoadedModel
-from warehouse.errors import InputError
+from layerbase.ingest.loading import LoadedModel
+from layerbase.warehouse.errors import InputError
 
 POOLINGS = ("last", "mean")
 PADDING_SIDES = ("right", "left")
@@ -138,14 +139,14 @@ class Extractor:
         mask = enc["attention_mask"].to(device)
         pooled: dict[int, Any] = {}
 
-        def keep(layer: int):  # type: ignore[no-untyped-def]
-            def hook(module, args, kwargs, output):  # type: ignore[no-untyped-def]
+        def keep(layer: int) -> Callable[..., None]:
+            def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
                 pooled[layer] = pool(hidden, mask, self.settings.pooling)
 
             return hook
 
-        def keep_input(module, args, kwargs):  # type: ignore[no-untyped-def]
+        def keep_input(module: Any, args: Any, kwargs: Any) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             pooled[0] = pool(hidden, mask, self.settings.pooling)
 

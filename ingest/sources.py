@@ -10,11 +10,12 @@ import csv
 import json
 import random
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warehouse.errors import InputError
+from layerbase.warehouse.errors import InputError
 
 FORMATS = ("lines", "jsonl", "csv", "parquet", "txt_dir")
 SUFFIX_FORMATS = {
@@ -63,6 +64,18 @@ class PromptSet:
         )
 
 
+def prompts_from_texts(texts: Iterable[str], what: str = "the texts") -> PromptSet:
+    """Prompts given as Python strings (in a notebook); blank ones are refused, not skipped,
+    so that positions match the caller's list."""
+    listed = list(texts)
+    for index, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise InputError(f"{what}[{index}] is a {type(text).__name__}, not a string; give a list of texts")
+        if not text.strip():
+            raise InputError(f"{what}[{index}] is blank; every prompt needs text")
+    return PromptSet("python", "python list", listed, [f"item {i}" for i in range(len(listed))])
+
+
 def detect_format(path: Path) -> str:
     """The reader for a path: a directory of .txt files, or by file suffix."""
     if path.is_dir():
@@ -95,11 +108,11 @@ def read_path(
     if fmt == "lines":
         prompts = read_lines(path, decode_errors)
     elif fmt == "jsonl":
-        prompts = read_jsonl(path, field, decode_errors)  # type: ignore[arg-type]
+        prompts = read_jsonl(path, field or "", decode_errors)
     elif fmt == "csv":
-        prompts = read_csv(path, field, decode_errors)  # type: ignore[arg-type]
+        prompts = read_csv(path, field or "", decode_errors)
     elif fmt == "parquet":
-        prompts = read_parquet(path, field)  # type: ignore[arg-type]
+        prompts = read_parquet(path, field or "")
     elif fmt == "txt_dir":
         prompts = read_txt_dir(path, lead_paragraphs, decode_errors)
     else:
@@ -220,7 +233,7 @@ def lead_of(text: str, paragraphs: int) -> str:
     """The first ``paragraphs`` paragraphs (blank-line separated) of a text.
 
     Prompts then end where a paragraph ends, not mid-sentence: with last-token pooling the
-    final token matters (DESIGN.md §6).
+    final token matters (docs/design.md §6).
     """
     parts = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
     return "\n\n".join(parts[:paragraphs])

@@ -12,13 +12,13 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ingest.datasets import add_datasets
-from ingest.sources import PromptSet
-from warehouse.copy import copy_columns
-from warehouse.engine import Warehouse, raw_connection
-from warehouse.lookup import get_dataset
-from warehouse.models import IngestChunk, IngestJob, Model
-from warehouse.storage import FLOAT32, require_storage
+from layerbase.ingest.datasets import add_datasets
+from layerbase.ingest.sources import PromptSet
+from layerbase.warehouse.copy import copy_columns
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.lookup import get_dataset
+from layerbase.warehouse.models import IngestChunk, IngestJob, Model
+from layerbase.warehouse.storage import FLOAT32, require_storage
 
 
 def clustered_vectors(n: int, d: int, *, clusters: int = 32, spread: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -46,7 +46,7 @@ def activation_like_vectors(n: int, d: int, *, seed: int = 0) -> np.ndarray:
     """n vectors of width d whose spectrum and neighbour contrast resemble a real model's
     hidden states: ``clusters`` centres plus noise, both Gaussian with variance ``i^-alpha``
     along the i-th axis of one random rotation."""
-    alpha, clusters, spread = ACTIVATION_LIKE["alpha"], ACTIVATION_LIKE["clusters"], ACTIVATION_LIKE["spread"]
+    alpha, clusters, spread = ACTIVATION_LIKE["alpha"], int(ACTIVATION_LIKE["clusters"]), ACTIVATION_LIKE["spread"]
     rng = np.random.default_rng(seed)
     scale = np.arange(1, d + 1, dtype=np.float64) ** (-alpha / 2)
     rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
@@ -85,21 +85,44 @@ def store_synthetic(
         if dataset.n_prompts != n:
             raise ValueError(f"dataset {dataset_name!r} has {dataset.n_prompts} prompts, not {n}")
         model = Model(
-            name=model_name, source="synthetic", architecture="synthetic", kind="causal", n_layers=n_layers,
-            width=d, vocab_size=0, dtype="float32", hook_site="synthetic", pooling="last", padding_side="right",
-            max_tokens=0, chat_template=False, tied_embeddings=False, config={"seed": seed},
-            transformers_version="-", torch_version="-", storage=store.name,
+            name=model_name,
+            source="synthetic",
+            architecture="synthetic",
+            kind="causal",
+            n_layers=n_layers,
+            width=d,
+            vocab_size=0,
+            dtype="float32",
+            hook_site="synthetic",
+            pooling="last",
+            padding_side="right",
+            max_tokens=0,
+            chat_template=False,
+            tied_embeddings=False,
+            config={"seed": seed},
+            transformers_version="-",
+            torch_version="-",
+            storage=store.name,
         )
         session.add(model)
         session.flush()
-        job = IngestJob(model_id=model.id, dataset_id=dataset.id, include_layer0=False, batch_size=n, n_prompts=n,
-                        n_chunks=1, state="done", settings={"synthetic": True})
+        job = IngestJob(
+            model_id=model.id,
+            dataset_id=dataset.id,
+            include_layer0=False,
+            batch_size=n,
+            n_prompts=n,
+            n_chunks=1,
+            state="done",
+            settings={"synthetic": True},
+        )
         session.add(job)
         session.flush()
         session.add(IngestChunk(job_id=job.id, chunk_no=0, first_position=0, last_position=n - 1, done=True))
         prompt_ids = np.array(
-            session.execute(sa.text("SELECT id FROM prompt WHERE dataset_id = :d ORDER BY position"),
-                            {"d": dataset.id}).scalars().all(),
+            session.execute(sa.text("SELECT id FROM prompt WHERE dataset_id = :d ORDER BY position"), {"d": dataset.id})
+            .scalars()
+            .all(),
             dtype=np.int64,
         )
         cur = raw_connection(session.connection()).cursor()
@@ -110,11 +133,16 @@ def store_synthetic(
             vectors, bad = store.encode(vectors)
             if bad is not None:
                 raise ValueError(f"layer {layer} row {bad} is beyond {store.name}'s range")
-            copy_columns(cur, "activation", ("model_id", "layer", "prompt_id", "dataset_id", store.column), [
-                ("int4", np.full(n, model.id, dtype=np.int32)),
-                ("int2", np.full(n, layer, dtype=np.int16)),
-                ("int8", prompt_ids),
-                ("int4", np.full(n, dataset.id, dtype=np.int32)),
-                (store.type, vectors),
-            ])
+            copy_columns(
+                cur,
+                "activation",
+                ("model_id", "layer", "prompt_id", "dataset_id", store.column),
+                [
+                    ("int4", np.full(n, model.id, dtype=np.int32)),
+                    ("int2", np.full(n, layer, dtype=np.int16)),
+                    ("int8", prompt_ids),
+                    ("int4", np.full(n, dataset.id, dtype=np.int32)),
+                    (store.type, vectors),
+                ],
+            )
         return model.id

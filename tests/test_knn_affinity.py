@@ -10,22 +10,26 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from analysis.affinity import compute_affinity, load_matrix
-from analysis.knn import materialize, neighbor_array
-from analysis.stats import mutual_knn
-from analysis.topk import exact_topk
-from analysis.vectors import layer_vectors
-from ingest.synthetic import clustered_vectors, store_synthetic
+from layerbase.analysis.knn.materialize import materialize, neighbor_array
+from layerbase.analysis.knn.topk import exact_topk
+from layerbase.analysis.similarity.affinity import compute_affinity, load_matrix
+from layerbase.analysis.similarity.stats import mutual_knn
+from layerbase.analysis.vectors import layer_vectors
+from layerbase.ingest.synthetic import clustered_vectors, store_synthetic
+from layerbase.warehouse.errors import InputError
 from tests.conftest import random_texts, write_lines
 from tests.helpers import assert_clean_error, cli, fingerprint
-from warehouse.errors import InputError
 
 
-def stored_sets(wh, model: str, engine: str, k: int) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+def stored_sets(wh, model: str, engine: str, k: int) -> dict[int, np.ndarray]:
     with wh.engine.connect() as conn:
-        runs = conn.execute(sa.text(
-            "SELECT r.layer, r.id FROM knn_run r JOIN model m ON m.id = r.model_id WHERE m.name = :m AND r.engine = :e"),
-            {"m": model, "e": engine}).all()
+        runs = conn.execute(
+            sa.text(
+                "SELECT r.layer, r.id FROM knn_run r JOIN model m ON m.id = r.model_id "
+                "WHERE m.name = :m AND r.engine = :e"
+            ),
+            {"m": model, "e": engine},
+        ).all()
         return {layer: neighbor_array(conn, rid, k) for layer, rid in runs}
 
 
@@ -44,7 +48,7 @@ def test_blocked_topk_is_exact_and_breaks_ties_by_index() -> None:
     assert idx[7, :2].tolist() == [50, 51] and idx[50, :2].tolist() == [7, 51]
 
 
-def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[no-untyped-def]
+def test_blas_and_sql_engines_give_identical_sets(wh) -> None:
     store_synthetic(wh, "syn", "d", n=160, d=48, n_layers=3, seed=1)
     blas = materialize(wh, "syn", "d", k_max=25, engine="blas", progress=False)
     sql_ = materialize(wh, "syn", "d", k_max=25, engine="sql", progress=False)
@@ -53,12 +57,18 @@ def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[n
     for layer in (1, 2, 3):
         assert (a[layer] == b[layer]).all()
     with wh.engine.connect() as conn:
-        distances = conn.execute(sa.text(
-            """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
-               WHERE r.engine = 'blas' AND r.layer = 1 AND n.position = 0""")).scalar()
-        sql_distances = conn.execute(sa.text(
-            """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
-               WHERE r.engine = 'sql' AND r.layer = 1 AND n.position = 0""")).scalar()
+        distances = conn.execute(
+            sa.text(
+                """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+               WHERE r.engine = 'blas' AND r.layer = 1 AND n.position = 0"""
+            )
+        ).scalar()
+        sql_distances = conn.execute(
+            sa.text(
+                """SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+               WHERE r.engine = 'sql' AND r.layer = 1 AND n.position = 0"""
+            )
+        ).scalar()
         positions, vectors = layer_vectors(conn, 1, 1, 1)
     assert distances == sorted(distances) and len(distances) == 25
     _, ref = exact_topk(vectors, 25)
@@ -69,7 +79,7 @@ def test_blas_and_sql_engines_give_identical_sets(wh) -> None:  # type: ignore[n
 
 
 @pytest.mark.parametrize("engine", ["hnsw", "ivfflat"])
-def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, engine: str) -> None:  # type: ignore[no-untyped-def]
+def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, engine: str) -> None:
     store_synthetic(wh, "syn", "d", n=400, d=32, n_layers=1, seed=2)
     [narrow] = materialize(wh, "syn", "d", k_max=10, engine=engine, min_recall=0.0, progress=False)
     assert narrow.strategy == f"{engine} on vector(32)" and len(narrow.search["tried"]) == 1
@@ -81,8 +91,9 @@ def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, 
     assert [t[breadth] for t in tried] == sorted(t[breadth] for t in tried)
     with psycopg.connect(db_url) as conn:
         stored = conn.execute("SELECT recall, recall_queries, search FROM knn_run").fetchone()
-        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE %s",
-                             (f"{engine}_activation_%",)).fetchone()[0]
+        index = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname LIKE %s", (f"{engine}_activation_%",)
+        ).fetchone()[0]
     assert stored[0] == 1.0 and stored[1] == 200 and stored[2]["tried"] == tried
     assert engine in index and "vector(32)" in index and "model_id = 1" in index
     if engine == "ivfflat":
@@ -100,7 +111,7 @@ def test_indexed_engines_tune_their_search_to_the_recall_asked(wh, db_url: str, 
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, idx)]) >= 0.99
 
 
-def test_one_vector_index_per_layer_so_that_each_search_uses_its_own(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_one_vector_index_per_layer_so_that_each_search_uses_its_own(wh, db_url: str) -> None:
     store_synthetic(wh, "syn", "d", n=300, d=16, n_layers=1, seed=5)
     materialize(wh, "syn", "d", k_max=10, engine="ivfflat", progress=False)
     [hnsw] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", min_recall=0.0, progress=False)
@@ -110,19 +121,22 @@ def test_one_vector_index_per_layer_so_that_each_search_uses_its_own(wh, db_url:
     assert hnsw.recall is not None and hnsw.recall >= 0.95
 
 
-def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(wh, db_url: str) -> None:
     store_synthetic(wh, "syn", "d", n=300, d=16, n_layers=1, seed=6)
 
     def reloptions() -> list[str]:
         with psycopg.connect(db_url) as conn:
-            return conn.execute("SELECT c.reloptions FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
-                                "WHERE c.relname LIKE '%_activation_m%'").fetchone()[0]
+            return conn.execute(
+                "SELECT c.reloptions FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
+                "WHERE c.relname LIKE '%_activation_m%'"
+            ).fetchone()[0]
 
     [default] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", min_recall=0.0, progress=False)
     assert (default.search["m"], default.search["ef_construction"]) == (16, 64)
     assert sorted(reloptions()) == ["ef_construction=64", "m=16"]
-    [light] = materialize(wh, "syn", "d", k_max=10, engine="hnsw", m=8, ef_construction=24, min_recall=0.0,
-                          progress=False)
+    [light] = materialize(
+        wh, "syn", "d", k_max=10, engine="hnsw", m=8, ef_construction=24, min_recall=0.0, progress=False
+    )
     # other parameters: the index is rebuilt and the stored run is not reused, without --force
     assert not light.reused and (light.search["m"], light.search["ef_construction"]) == (8, 24)
     assert sorted(reloptions()) == ["ef_construction=24", "m=8"]
@@ -145,7 +159,7 @@ def test_index_build_parameters_are_asked_recorded_and_rebuilt_when_they_change(
     assert "lists 6, probes" in result.output and "True" in result.output  # reused, and shown with its lists
 
 
-def test_ivfflat_rows_its_probes_cannot_fill_are_answered_exactly(wh) -> None:  # type: ignore[no-untyped-def]
+def test_ivfflat_rows_its_probes_cannot_fill_are_answered_exactly(wh) -> None:
     # 40 prompts in 6 lists of about 7: one probe returns fewer than k + 1 rows
     store_synthetic(wh, "syn", "d", n=40, d=16, n_layers=1, seed=4)
     [result] = materialize(wh, "syn", "d", k_max=10, engine="ivfflat", min_recall=0.0, progress=False)
@@ -155,7 +169,7 @@ def test_ivfflat_rows_its_probes_cannot_fill_are_answered_exactly(wh) -> None:  
     assert all(len(set(row)) == 10 and i not in row for i, row in enumerate(found))
 
 
-def test_wide_layers_are_indexed_on_a_prefix_and_re_ranked_exactly(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_wide_layers_are_indexed_on_a_prefix_and_re_ranked_exactly(wh, db_url: str) -> None:
     store_synthetic(wh, "wide", "d", n=40, d=2100, n_layers=1, seed=3)
     [result] = materialize(wh, "wide", "d", k_max=5, engine="hnsw", min_recall=1.0, progress=False)
     assert result.strategy.startswith("hnsw on the first 2000 of 2100 dimensions") and result.recall == 1.0
@@ -167,21 +181,40 @@ def test_wide_layers_are_indexed_on_a_prefix_and_re_ranked_exactly(wh, db_url: s
     hnsw, blas = stored_sets(wh, "wide", "hnsw", 5)[1], stored_sets(wh, "wide", "blas", 5)[1]
     assert (hnsw == blas).all()
     with wh.engine.connect() as conn:
-        distances = dict(conn.execute(sa.text(
-            "SELECT r.engine, n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id "
-            "WHERE n.position = 0")).all())
+        distances = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT r.engine, n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id "
+                    "WHERE n.position = 0"
+                )
+            ).all()
+        )
     np.testing.assert_allclose(distances["hnsw"], distances["blas"], atol=2e-6)  # exact, not prefix distances
 
 
-def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:
     n = 120
     base = clustered_vectors(n, 24, seed=9)
     rng = np.random.default_rng(0)
     # model B's layers are noisy copies of A's (layer j ~ layer j), so the diagonal is strong
-    store_synthetic(wh, "A", "d", n=n, d=24, n_layers=4,
-                    layer_vectors={l: base + 0.3 * l * rng.standard_normal(base.shape) for l in range(1, 5)})
-    store_synthetic(wh, "B", "d", n=n, d=24, n_layers=3,
-                    layer_vectors={l: base + 0.3 * l * rng.standard_normal(base.shape) for l in range(1, 4)})
+    store_synthetic(
+        wh,
+        "A",
+        "d",
+        n=n,
+        d=24,
+        n_layers=4,
+        layer_vectors={layer: base + 0.3 * layer * rng.standard_normal(base.shape) for layer in range(1, 5)},
+    )
+    store_synthetic(
+        wh,
+        "B",
+        "d",
+        n=n,
+        d=24,
+        n_layers=3,
+        layer_vectors={layer: base + 0.3 * layer * rng.standard_normal(base.shape) for layer in range(1, 4)},
+    )
     m = compute_affinity(wh, "A", "B", "d", k=10, progress=False)
     assert m.scores.shape == (4, 3)
     with wh.engine.connect() as conn:
@@ -198,7 +231,8 @@ def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:  #
     with psycopg.connect(db_url) as conn:
         cells = conn.execute(
             "SELECT layer_a, layer_b, depth_a, depth_b, score, chance, log10_p_null FROM bi_affinity_cell "
-            "WHERE model_a = 'A' ORDER BY layer_a, layer_b").fetchall()
+            "WHERE model_a = 'A' ORDER BY layer_a, layer_b"
+        ).fetchall()
         test = conn.execute("SELECT n_on, n_off, rows_model, n_pairs FROM bi_diagonal_test").fetchone()
         path = conn.execute("SELECT layer_a, best_layer_b FROM bi_max_similarity_path ORDER BY layer_a").fetchall()
     assert len(cells) == 12 and cells[0][2] == pytest.approx(0.25) and cells[0][3] == pytest.approx(1 / 3)
@@ -212,24 +246,26 @@ def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:  #
         assert conn.execute("SELECT count(*) FROM affinity_cell").fetchone()[0] == 12
 
 
-def test_parallel_dataset_affinity(wh, db_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_parallel_dataset_affinity(wh, db_url: str, tmp_path: Path) -> None:
     f = tmp_path / "pairs.txt"
     f.write_text("".join(f"links {i} :: rechts {i}\n" for i in range(60)))
     assert cli("dataset", "add-pairs", "left", "right", str(f)).exit_code == 0
     base = clustered_vectors(60, 16, seed=4)
     store_synthetic(wh, "L", "left", n=60, d=16, n_layers=2, layer_vectors={1: base, 2: base * 2})
-    store_synthetic(wh, "R", "right", n=60, d=16, n_layers=2,
-                    layer_vectors={1: base, 2: clustered_vectors(60, 16, seed=5)})
+    store_synthetic(
+        wh, "R", "right", n=60, d=16, n_layers=2, layer_vectors={1: base, 2: clustered_vectors(60, 16, seed=5)}
+    )
     m = compute_affinity(wh, "L", "R", "left", "right", k=5, progress=False)
     # same vectors up to scale -> identical neighbour sets; unrelated vectors share few
     assert m.scores[0, 0] == 1.0 and m.scores[1, 0] == 1.0 and m.scores[0, 1] < 0.5
-    result = cli("affinity", "--models", "L,R", "--dataset", "left", "--dataset-b", "right", "-k", "5", "--json",
-                 "--no-progress")
+    result = cli(
+        "affinity", "--models", "L,R", "--dataset", "left", "--dataset-b", "right", "-k", "5", "--json", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["scores"][0][0] == 1.0
 
 
-def test_affinity_and_knn_bad_inputs(wh, db_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_affinity_and_knn_bad_inputs(wh, db_url: str, tmp_path: Path) -> None:
     store_synthetic(wh, "A", "d", n=30, d=8, n_layers=2, seed=1)
     store_synthetic(wh, "B", "d", n=30, d=8, n_layers=2, seed=2)
     store_synthetic(wh, "C", "other", n=20, d=8, n_layers=2, seed=3)
@@ -255,106 +291,157 @@ def test_affinity_and_knn_bad_inputs(wh, db_url: str, tmp_path: Path) -> None:  
     assert fingerprint(db_url) == before
 
 
-def test_neighbors_cli_uses_index_and_embeds_new_text(db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_neighbors_cli_uses_index_and_embeds_new_text(
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     texts = random_texts(40, seed=11)
     cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", texts)))
-    assert cli("ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tl",
-               "--no-progress").exit_code == 0
+    assert (
+        cli(
+            "ingest", "--model", str(tiny_models["llama"]), "--dataset", "toy", "--name", "tl", "--no-progress"
+        ).exit_code
+        == 0
+    )
     exact = cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3", "-k", "5", "--json")
     assert json.loads(exact.stdout)["path"].startswith("exact scan")
-    assert cli("knn", "--model", "tl", "--dataset", "toy", "--engine", "hnsw", "--k-max", "5",
-               "--no-progress").exit_code == 0
-    indexed = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
-                             "-k", "5", "--json").stdout)
+    assert (
+        cli("knn", "--model", "tl", "--dataset", "toy", "--engine", "hnsw", "--k-max", "5", "--no-progress").exit_code
+        == 0
+    )
+    indexed = json.loads(
+        cli(
+            "neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3", "-k", "5", "--json"
+        ).stdout
+    )
     assert indexed["path"].startswith("HNSW index hnsw_activation_") and "tuned by `layerbase knn`" in indexed["path"]
-    asked = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
-                           "-k", "5", "--ef-search", "30", "--json").stdout)
+    asked = json.loads(
+        cli(
+            "neighbors",
+            "--model",
+            "tl",
+            "--layer",
+            "2",
+            "--dataset",
+            "toy",
+            "--prompt",
+            "3",
+            "-k",
+            "5",
+            "--ef-search",
+            "30",
+            "--json",
+        ).stdout
+    )
     assert "ef_search 30, as asked" in asked["path"] and asked["neighbors"] == indexed["neighbors"]
-    assert [r["position"] for r in indexed["neighbors"]] == [r["position"] for r in json.loads(exact.stdout)["neighbors"]]
+    assert [r["position"] for r in indexed["neighbors"]] == [
+        r["position"] for r in json.loads(exact.stdout)["neighbors"]
+    ]
     assert 3 not in [r["position"] for r in indexed["neighbors"]]
     # With an exact stored set of at least k neighbours, a stored prompt is read from its row.
     assert cli("knn", "--model", "tl", "--dataset", "toy", "--k-max", "5", "--no-progress").exit_code == 0
-    stored = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
-                            "-k", "4", "--json").stdout)
+    stored = json.loads(
+        cli(
+            "neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3", "-k", "4", "--json"
+        ).stdout
+    )
     assert stored["path"].startswith("stored k-NN set") and "blas engine" in stored["path"]
     scanned = json.loads(exact.stdout)["neighbors"][:4]
     assert [(r["position"], r["text"]) for r in stored["neighbors"]] == [(r["position"], r["text"]) for r in scanned]
-    np.testing.assert_allclose([r["distance"] for r in stored["neighbors"]], [r["distance"] for r in scanned],
-                               atol=2e-6)
-    wider = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3",
-                           "-k", "6", "--json").stdout)
+    np.testing.assert_allclose(
+        [r["distance"] for r in stored["neighbors"]], [r["distance"] for r in scanned], atol=2e-6
+    )
+    wider = json.loads(
+        cli(
+            "neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--prompt", "3", "-k", "6", "--json"
+        ).stdout
+    )
     assert wider["path"].startswith("HNSW index")  # more neighbours than the set holds
     # a new text equal to stored prompt 3 finds prompt 3 itself at distance ~0
-    by_text = json.loads(cli("neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--text", texts[3],
-                             "-k", "3", "--json").stdout)
+    by_text = json.loads(
+        cli(
+            "neighbors", "--model", "tl", "--layer", "2", "--dataset", "toy", "--text", texts[3], "-k", "3", "--json"
+        ).stdout
+    )
     assert by_text["neighbors"][0]["position"] == 3 and by_text["neighbors"][0]["distance"] < 1e-5
-    overlap = cli("neighbors", "--model", "tl", "--layer", "1", "--dataset", "toy", "--prompt", "3",
-                  "--vs-layer", "4", "-k", "5")
+    overlap = cli(
+        "neighbors", "--model", "tl", "--layer", "1", "--dataset", "toy", "--prompt", "3", "--vs-layer", "4", "-k", "5"
+    )
     assert overlap.exit_code == 0 and "Shared:" in overlap.output
 
 
-def test_reader_role_reads_views_only(wh, db_url: str) -> None:  # type: ignore[no-untyped-def]
+def test_reader_role_reads_views_only(wh, db_url: str) -> None:
     store_synthetic(wh, "A", "d", n=30, d=8, n_layers=2, seed=1)
     store_synthetic(wh, "B", "d", n=30, d=8, n_layers=2, seed=2)
     compute_affinity(wh, "A", "B", "d", k=5, progress=False)
     result = cli("db", "grant-reader", "bi_reader", "--password-env", "READER_PW", env={"READER_PW": "pw-123"})
-    assert result.exit_code == 0, result.output and "pw-123" not in result.output
+    assert result.exit_code == 0, result.output
+    assert "pw-123" not in result.output
     reader = db_url.replace("postgres:@", "bi_reader:pw-123@")
     with psycopg.connect(reader, autocommit=True) as conn:
         for view in ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path"):
             assert conn.execute(f"SELECT count(*) FROM {view}").fetchone()[0] > 0
-        for statement in ("SELECT * FROM activation LIMIT 1", "SELECT * FROM prompt LIMIT 1",
-                          "SELECT * FROM model LIMIT 1", "DELETE FROM affinity_cell",
-                          "INSERT INTO dataset (name) VALUES ('x')", "CREATE TABLE mine (x int)",
-                          "CREATE VIEW mine AS SELECT 1"):
+        for statement in (
+            "SELECT * FROM activation LIMIT 1",
+            "SELECT * FROM prompt LIMIT 1",
+            "SELECT * FROM model LIMIT 1",
+            "DELETE FROM affinity_cell",
+            "INSERT INTO dataset (name) VALUES ('x')",
+            "CREATE TABLE mine (x int)",
+            "CREATE VIEW mine AS SELECT 1",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
     # running it again is harmless
     assert cli("db", "grant-reader", "bi_reader").exit_code == 0
 
 
-def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(wh, caplog) -> None:
     import logging
 
-    import analysis.vector_index as hnsw
+    import layerbase.analysis.knn.index as hnsw
 
     assert hnsw.parallel_build_unsafe("0.6.2") and hnsw.parallel_build_unsafe("0.8.1")
     assert not hnsw.parallel_build_unsafe("0.8.2") and not hnsw.parallel_build_unsafe("0.5.1")
     store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1)
     hnsw._warned_parallel = False
     plan = hnsw.plan_index("hnsw", 1, 1, 1, 8, "0.6.2")
-    with caplog.at_level(logging.WARNING, logger="analysis.vector_index"), wh.engine.begin() as conn:
+    with caplog.at_level(logging.WARNING, logger="layerbase.analysis.knn.index"), wh.engine.begin() as conn:
         hnsw.build_settings(conn, "hnsw")
         assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "0"
     assert "CVE-2026-3172" in caplog.text and "without parallel workers" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="analysis.vector_index"):  # said once per process
+    with caplog.at_level(logging.WARNING, logger="layerbase.analysis.knn.index"):  # said once per process
         assert hnsw.ensure_index(wh, plan, 1, 1, 1, 50).built
         assert not hnsw.ensure_index(wh, plan, 1, 1, 1, 50).built  # an existing index is not rebuilt
     assert "CVE" not in caplog.text
 
 
 def test_cli_offers_every_engine() -> None:
-    from analysis.knn import ENGINES
-    from cli.analyze import ENGINES as CLI_ENGINES
+    from layerbase.analysis.knn.materialize import ENGINES
+    from layerbase.cli.analyze import ENGINES as CLI_ENGINES
 
     assert sorted(CLI_ENGINES) == sorted(ENGINES)
 
 
-def test_layer_vectors_come_in_position_order_whatever_the_storage_order(wh) -> None:  # type: ignore[no-untyped-def]
+def test_layer_vectors_come_in_position_order_whatever_the_storage_order(wh) -> None:
     vectors = clustered_vectors(50, 8, seed=6)
     store_synthetic(wh, "syn", "d", n=50, d=8, n_layers=1, layer_vectors={1: vectors})
     with wh.engine.begin() as conn:  # updated rows get new tuples at the end of the heap
-        conn.execute(sa.text("UPDATE activation SET vec = vec WHERE prompt_id IN "
-                             "(SELECT id FROM prompt WHERE position < 10)"))
-        stored = conn.execute(sa.text("SELECT p.position FROM activation a JOIN prompt p ON p.id = a.prompt_id")).scalars().all()
+        conn.execute(
+            sa.text("UPDATE activation SET vec = vec WHERE prompt_id IN (SELECT id FROM prompt WHERE position < 10)")
+        )
+        stored = (
+            conn.execute(sa.text("SELECT p.position FROM activation a JOIN prompt p ON p.id = a.prompt_id"))
+            .scalars()
+            .all()
+        )
         positions, read = layer_vectors(conn, 1, 1, 1)
     assert stored != sorted(stored)  # the storage order really changed
     assert positions.tolist() == list(range(50))
     np.testing.assert_array_equal(read, vectors)
 
 
-def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) -> None:  # type: ignore[no-untyped-def]
+def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) -> None:
     store_synthetic(wh, "syn", "d", n=400, d=32, n_layers=1, seed=2)
     [run] = materialize(wh, "syn", "d", k_max=30, engine="hnsw", min_recall=0.99, progress=False)
     assert run.search["tried"][0]["ef_search"] == 62  # 2(k_max + 1)
@@ -366,17 +453,17 @@ def test_lookups_get_their_own_ef_search_when_the_run_keeps_more_neighbours(wh) 
 
 
 def test_lookup_calibration_widens_from_22_and_stops_at_the_runs_setting() -> None:
-    from analysis.knn import SampleRecall, Search, _calibrate_lookups
-    from analysis.vector_index import plan_index
+    from layerbase.analysis.knn.index import plan_index
+    from layerbase.analysis.knn.search import SampleRecall, Search, calibrate_lookups
 
-    def calibrate(plan, run_ef: int, passes_from: int) -> list[int]:  # type: ignore[no-untyped-def]
+    def calibrate(plan, run_ef: int, passes_from: int) -> list[int]:
         tried: list[Search] = []
 
         def recall_of(search: Search) -> SampleRecall:
             tried.append(search)
             return SampleRecall.of([1.0 if search.breadth >= passes_from else 0.9] * 50)
 
-        found = _calibrate_lookups(plan, Search("hnsw", run_ef, 1000, 11), 10, 400, 50, 0.99, recall_of)
+        found = calibrate_lookups(plan, Search("hnsw", run_ef, 1000, 11), 10, 400, 50, 0.99, recall_of)
         assert [t["ef_search"] for t in found["tried"]] == [s.breadth for s in tried]
         assert {s.candidates for s in tried} == {plan.lookup_candidates(10)}  # lookups take their own candidates
         return [s.breadth for s in tried]
@@ -390,7 +477,7 @@ def test_lookup_calibration_widens_from_22_and_stops_at_the_runs_setting() -> No
 
 
 def test_sample_recall_passes_on_its_lower_confidence_bound() -> None:
-    from analysis.knn import SampleRecall
+    from layerbase.analysis.knn.search import SampleRecall
 
     perfect = SampleRecall.of([1.0] * 200)
     assert perfect.mean == perfect.low == 1.0 and perfect.reaches(0.99)
@@ -400,9 +487,9 @@ def test_sample_recall_passes_on_its_lower_confidence_bound() -> None:
 
 
 def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
-    from analysis.knn import initial_search
-    from analysis.vector_index import plan_index
-    from warehouse.storage import FLOAT16
+    from layerbase.analysis.knn.index import plan_index
+    from layerbase.analysis.knn.search import initial_search
+    from layerbase.warehouse.storage import FLOAT16
 
     prefix = plan_index("ivfflat", 1, 1, 1, 2100, "0.6.2")  # the first 2000 dimensions
     half = plan_index("ivfflat", 1, 1, 1, 2100, "0.8.5")  # all 2100, in half precision
@@ -421,11 +508,14 @@ def test_search_widens_candidates_only_where_the_index_orders_roughly() -> None:
     # ef_search starts at 2(k + 1) and grows by half; it covers the candidates of a prefix index
     hnsw = initial_search(plan_index("hnsw", 1, 1, 1, 576, "0.6.2"), 10, 10000, None)
     assert (hnsw.breadth, hnsw.candidates) == (22, 11)
-    assert [(s.breadth, s.candidates) for s in (hnsw.wider(False, 10000), hnsw.wider(True, 10000))] == [(33, 11), (33, 22)]
+    assert [(s.breadth, s.candidates) for s in (hnsw.wider(False, 10000), hnsw.wider(True, 10000))] == [
+        (33, 11),
+        (33, 22),
+    ]
 
 
 def test_activation_like_vectors_have_a_real_models_neighbour_contrast() -> None:
-    from ingest.synthetic import activation_like_vectors
+    from layerbase.ingest.synthetic import activation_like_vectors
 
     def contrast(x: np.ndarray) -> float:  # how far the 1st neighbour is, against the 10th
         _, dist = exact_topk(x, 10)

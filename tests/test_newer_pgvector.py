@@ -15,26 +15,34 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from analysis.affinity import compute_affinity
-from analysis.knn import materialize
-from ingest.synthetic import store_synthetic
+from layerbase.analysis.knn.materialize import materialize
+from layerbase.analysis.knn.topk import exact_topk
+from layerbase.analysis.similarity.affinity import compute_affinity
+from layerbase.analysis.similarity.stats import diagonal_test, mutual_knn
+from layerbase.analysis.vectors import stored_layer
+from layerbase.ingest.synthetic import store_synthetic
+from layerbase.warehouse.engine import connect
 from tests.conftest import REPO, random_texts, write_lines
 from tests.helpers import cli
 from tests.test_knn_affinity import stored_sets
-from warehouse.engine import connect
 
 
 def index_definition(url: str, method: str) -> str:
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname LIKE %s",
-                            (f"{method}_activation_%",)).fetchone()[0]
+        return conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname LIKE %s", (f"{method}_activation_%",)
+        ).fetchone()[0]
 
 
-def exact_distances(wh, engine: str) -> list[float]:  # type: ignore[no-untyped-def]
+def exact_distances(wh, engine: str) -> list[float]:
     with wh.engine.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id "
-            "WHERE n.position = 0 AND r.engine = :e"), {"e": engine}).scalar()
+        return conn.execute(
+            sa.text(
+                "SELECT n.distances FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id "
+                "WHERE n.position = 0 AND r.engine = :e"
+            ),
+            {"e": engine},
+        ).scalar()
 
 
 def test_migrations_and_models_agree_on_the_newer_server(newer_db_url: str) -> None:
@@ -46,14 +54,26 @@ def test_migrations_and_models_agree_on_the_newer_server(newer_db_url: str) -> N
     assert status.exit_code == 0 and "0.8.5" in status.output and "18." in status.output
 
 
-@pytest.mark.parametrize("width, method, strategy, in_index", [
-    (2100, "hnsw", "hnsw on halfvec(2100), re-ranked exactly", ("halfvec(2100)", "halfvec_cosine_ops")),
-    (4100, "ivfflat", "ivfflat on the first 4000 of 4100 dimensions (halfvec), re-ranked exactly",
-     ("subvector(", "halfvec(4000)")),
-])
-def test_wide_layers_get_a_halfvec_index_and_are_re_ranked_exactly(newer_db_url: str, caplog, width: int,  # type: ignore[no-untyped-def]
-                                                                    method: str, strategy: str,
-                                                                    in_index: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    "width, method, strategy, in_index",
+    [
+        (2100, "hnsw", "hnsw on halfvec(2100), re-ranked exactly", ("halfvec(2100)", "halfvec_cosine_ops")),
+        (
+            4100,
+            "ivfflat",
+            "ivfflat on the first 4000 of 4100 dimensions (halfvec), re-ranked exactly",
+            ("subvector(", "halfvec(4000)"),
+        ),
+    ],
+)
+def test_wide_layers_get_a_halfvec_index_and_are_re_ranked_exactly(
+    newer_db_url: str,
+    caplog,
+    width: int,
+    method: str,
+    strategy: str,
+    in_index: tuple[str, str],
+) -> None:
     wh = connect(newer_db_url)
     store_synthetic(wh, "wide", "d", n=60, d=width, n_layers=1, seed=3)
     with caplog.at_level(logging.WARNING):
@@ -73,47 +93,85 @@ def test_lookups_through_a_halfvec_index_equal_the_exact_scan(newer_db_url: str)
     store_synthetic(wh, "wide", "d", n=80, d=2048, n_layers=1, seed=5)
     ask = ("neighbors", "--model", "wide", "--layer", "1", "--dataset", "d", "--prompt", "7", "-k", "6", "--json")
     exact = json.loads(cli(*ask, "--exact").stdout)
-    assert cli("knn", "--model", "wide", "--dataset", "d", "--engine", "hnsw", "--k-max", "6",
-               "--no-progress").exit_code == 0
+    assert (
+        cli("knn", "--model", "wide", "--dataset", "d", "--engine", "hnsw", "--k-max", "6", "--no-progress").exit_code
+        == 0
+    )
     indexed = json.loads(cli(*ask).stdout)
     assert indexed["path"].startswith("HNSW index hnsw_activation_") and "halfvec(2048)" in indexed["path"]
     assert [r["position"] for r in indexed["neighbors"]] == [r["position"] for r in exact["neighbors"]]
-    np.testing.assert_allclose([r["distance"] for r in indexed["neighbors"]],
-                               [r["distance"] for r in exact["neighbors"]], atol=2e-6)
+    np.testing.assert_allclose(
+        [r["distance"] for r in indexed["neighbors"]], [r["distance"] for r in exact["neighbors"]], atol=2e-6
+    )
 
 
-def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(newer_db_url: str, tiny_models: dict[str, Path],
-                                                                  tmp_path: Path) -> None:
+def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(
+    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", random_texts(30, seed=12))))
     for name in ("gpt2", "llama"):
-        assert cli("ingest", "--model", str(tiny_models[name]), "--dataset", "toy", "--name", name,
-                   "--no-progress").exit_code == 0
+        assert (
+            cli(
+                "ingest", "--model", str(tiny_models[name]), "--dataset", "toy", "--name", name, "--no-progress"
+            ).exit_code
+            == 0
+        )
     wh = connect(newer_db_url)
     run = compute_affinity(wh, "llama", "gpt2", "toy", k=5, progress=False)
     matrix = run.scores
-    assert matrix.shape == (4, 3) and ((matrix >= 0) & (matrix <= 1)).all()
+    assert matrix.shape == (4, 3)
     with wh.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM activation")).scalar() == 30 * (4 + 3)
+    # Every cell equals mutual k-NN computed here from the stored activations, and the test
+    # is the diagonal test of that matrix.
+    sets = {
+        (name, layer): exact_topk(stored_layer(wh, name, "toy", layer), 5)[0]
+        for name, depth in (("llama", 4), ("gpt2", 3))
+        for layer in range(1, depth + 1)
+    }
+    expected = np.array([[mutual_knn(sets["llama", a], sets["gpt2", b], 5) for b in (1, 2, 3)] for a in (1, 2, 3, 4)])
+    np.testing.assert_allclose(matrix, expected, atol=1e-12)
+    reference = diagonal_test(expected)
+    assert run.test is not None and (run.test.n_on, run.test.n_off) == (reference.n_on, reference.n_off)
+    assert run.test.t == pytest.approx(reference.t) and run.test.mean_on == pytest.approx(reference.mean_on)
 
 
-def test_half_precision_storage_from_ingest_to_lookups(newer_db_url: str, tiny_models: dict[str, Path],
-                                                       tmp_path: Path) -> None:
-    from analysis.vectors import layer_vectors
+def test_half_precision_storage_from_ingest_to_lookups(
+    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from layerbase.analysis.vectors import layer_vectors
 
     texts = random_texts(40, seed=21)
     assert cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", texts))).exit_code == 0
     for name, storage in (("half", "float16"), ("full", "float32")):
-        result = cli("ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "toy", "--name", name,
-                     "--storage", storage, "--no-progress")
+        result = cli(
+            "ingest",
+            "--model",
+            str(tiny_models["gpt2"]),
+            "--dataset",
+            "toy",
+            "--name",
+            name,
+            "--storage",
+            storage,
+            "--no-progress",
+        )
         assert result.exit_code == 0, result.output
     wh = connect(newer_db_url)
     with wh.engine.connect() as conn:
         ids = dict(conn.execute(sa.text("SELECT name, id FROM model")).all())
-        sizes = dict(conn.execute(sa.text(
-            "SELECT m.name, avg(coalesce(pg_column_size(a.vec), 0) + coalesce(pg_column_size(a.vec_half), 0)) "
-            "FROM activation a JOIN model m ON m.id = a.model_id GROUP BY m.name")).all())
-        halves = conn.execute(sa.text("SELECT count(*) FILTER (WHERE vec IS NULL), count(*) FROM activation "
-                                      "WHERE model_id = :m"), {"m": ids["half"]}).one()
+        sizes = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT m.name, avg(coalesce(pg_column_size(a.vec), 0) + coalesce(pg_column_size(a.vec_half), 0)) "
+                    "FROM activation a JOIN model m ON m.id = a.model_id GROUP BY m.name"
+                )
+            ).all()
+        )
+        halves = conn.execute(
+            sa.text("SELECT count(*) FILTER (WHERE vec IS NULL), count(*) FROM activation WHERE model_id = :m"),
+            {"m": ids["half"]},
+        ).one()
         positions, half = layer_vectors(conn, ids["half"], 2, 1)
         _, full = layer_vectors(conn, ids["full"], 2, 1)
     assert halves == (40 * 3, 40 * 3)  # every row in vec_half
@@ -152,8 +210,8 @@ def test_half_precision_storage_from_ingest_to_lookups(newer_db_url: str, tiny_m
 
 
 def test_half_precision_rows_become_float32_on_downgrade(newer_db_url: str) -> None:
-    from analysis.vectors import layer_vectors
-    from warehouse.schema import downgrade, upgrade
+    from layerbase.analysis.vectors import layer_vectors
+    from layerbase.warehouse.schema import downgrade, upgrade
 
     wh = connect(newer_db_url)
     vectors = np.random.default_rng(4).standard_normal((12, 6)).astype(np.float32)
@@ -169,7 +227,8 @@ def test_half_precision_rows_become_float32_on_downgrade(newer_db_url: str) -> N
 
 
 def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
-        newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -190,7 +249,8 @@ def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
 
 
 def test_a_model_made_by_embeddings_export_takes_the_storage_of_its_first_ingest(
-        newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     model = str(tiny_models["gpt2"])
     assert cli("embeddings", "export", "--model", model, "--name", "g", "--no-progress").exit_code == 0
     for name in ("a", "b"):

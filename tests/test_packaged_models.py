@@ -9,8 +9,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from ingest.loading import gguf_cache_dir, load_model
-from ingest.packaged import resolve_packaged
+from layerbase.ingest.loading import gguf_cache_dir, load_model
+from layerbase.ingest.packaged import resolve_packaged
 from tests.helpers import cli
 
 pytestmark = pytest.mark.slow
@@ -24,22 +24,39 @@ def bbc_dir() -> Path:
 
 def test_real_models_end_to_end(db_url: str) -> None:
     """SmolLM2-135M and Gemma-3-270M over BBC news leads: ingest, k-NN, affinity, test."""
-    added = cli("dataset", "add", "bbc", str(bbc_dir()), "--lead-paragraphs", "3", "--sample", "24", "--seed", "0",
-                "--decode-errors", "replace")
+    added = cli(
+        "dataset",
+        "add",
+        "bbc",
+        str(bbc_dir()),
+        "--lead-paragraphs",
+        "3",
+        "--sample",
+        "24",
+        "--seed",
+        "0",
+        "--decode-errors",
+        "replace",
+    )
     assert added.exit_code == 0, added.output
 
-    _, gguf = resolve_packaged("SmolLM2-135M-Instruct")  # type: ignore[misc]
+    _, gguf = resolve_packaged("SmolLM2-135M-Instruct")
     assert not (gguf_cache_dir(gguf, "float32") / "complete").exists()  # this ingest converts the GGUF file
-    result = cli("ingest", "--model", "SmolLM2-135M-Instruct", "--dataset", "bbc", "--batch-size", "8",
-                 "--no-progress", "--json")
+    result = cli(
+        "ingest", "--model", "SmolLM2-135M-Instruct", "--dataset", "bbc", "--batch-size", "8", "--no-progress", "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["prompts_done"] == 24
     assert "GGUF" not in result.stderr  # transformers' own conversion bar is hidden too
 
     with psycopg.connect(db_url) as conn:
         model = conn.execute("SELECT n_layers, width, architecture, gguf_file, source FROM model").fetchone()
-        layers = conn.execute("SELECT count(DISTINCT layer), min(layer), max(layer), count(*) FROM activation").fetchone()
-        norms = conn.execute("SELECT layer, avg(vector_norm(vec)) FROM activation GROUP BY layer ORDER BY layer").fetchall()
+        layers = conn.execute(
+            "SELECT count(DISTINCT layer), min(layer), max(layer), count(*) FROM activation"
+        ).fetchone()
+        norms = conn.execute(
+            "SELECT layer, avg(vector_norm(vec)) FROM activation GROUP BY layer ORDER BY layer"
+        ).fetchall()
         sample = conn.execute("SELECT vec::text FROM activation WHERE layer = 15 LIMIT 3").fetchall()
     assert model == (30, 576, "llama", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")
     assert layers == (30, 1, 30, 24 * 30)
@@ -55,13 +72,25 @@ def test_real_models_end_to_end(db_url: str) -> None:
         knn = cli("knn", "--model", model, "--dataset", "bbc", "--k-max", "10", "--no-progress", "--json")
         assert knn.exit_code == 0, knn.output
         assert len(json.loads(knn.stdout)) == {"SmolLM2-135M-Instruct": 30, "gemma-3-270m": 18}[model]
-    affinity = cli("affinity", "--models", "SmolLM2-135M-Instruct,gemma-3-270m", "--dataset", "bbc", "-k", "5",
-                   "--no-progress", "--json")
+    affinity = cli(
+        "affinity",
+        "--models",
+        "SmolLM2-135M-Instruct,gemma-3-270m",
+        "--dataset",
+        "bbc",
+        "-k",
+        "5",
+        "--no-progress",
+        "--json",
+    )
     assert affinity.exit_code == 0, affinity.output
     [matrix] = json.loads(affinity.stdout)
     scores = np.array(matrix["scores"])
     assert scores.shape == (30, 18) and ((scores >= 0) & (scores <= 1)).all()
     assert matrix["test"]["n_on"] == 18 * 13  # rows = SmolLM2 (30 layers), 0 <= i - j <= 12
+    # The paper's claim 2, on these real (quantized) models: layers at similar relative depth
+    # share more neighbours than layers at different depths.
+    assert matrix["test"]["mean_on"] > matrix["test"]["mean_off"] and matrix["test"]["t"] > 0
     with psycopg.connect(db_url) as conn:
         cells = conn.execute("SELECT count(*), min(score), max(score) FROM bi_affinity_cell").fetchone()
         test = conn.execute("SELECT n_on, n_off, t FROM bi_diagonal_test").fetchone()

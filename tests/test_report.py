@@ -14,8 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from analysis.report import build_report
-from ingest.synthetic import clustered_vectors, store_synthetic
+from layerbase.analysis.reporting.report import build_report
+from layerbase.ingest.synthetic import clustered_vectors, store_synthetic
 from tests.helpers import assert_clean_error, cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,26 +34,41 @@ def check_report(html_path: Path, images: list[Path]) -> None:
             assert img.format == "PNG" and img.width >= 300 and img.height >= 250, (png, img.size)
 
 
-def synthetic_study(wh) -> None:  # type: ignore[no-untyped-def]
+def synthetic_study(wh) -> None:
     base = clustered_vectors(80, 16, seed=1)
     rng = np.random.default_rng(0)
-    store_synthetic(wh, "deep", "news", n=80, d=16, n_layers=6,
-                    layer_vectors={l: base + 0.25 * l * rng.standard_normal(base.shape) for l in range(1, 7)})
-    store_synthetic(wh, "shallow", "news", n=80, d=16, n_layers=4,
-                    layer_vectors={l: base + 0.4 * l * rng.standard_normal(base.shape) for l in range(1, 5)})
+    store_synthetic(
+        wh,
+        "deep",
+        "news",
+        n=80,
+        d=16,
+        n_layers=6,
+        layer_vectors={layer: base + 0.25 * layer * rng.standard_normal(base.shape) for layer in range(1, 7)},
+    )
+    store_synthetic(
+        wh,
+        "shallow",
+        "news",
+        n=80,
+        d=16,
+        n_layers=4,
+        layer_vectors={layer: base + 0.4 * layer * rng.standard_normal(base.shape) for layer in range(1, 5)},
+    )
 
 
-def test_report_files_and_exports(wh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_report_files_and_exports(wh, tmp_path: Path) -> None:
     synthetic_study(wh)
     out = tmp_path / "report"
-    report = build_report(wh, ["deep", "shallow"], ["news"], out, k=5, prompt=3, square_size=16,
-                          export_format="parquet", progress=False)
+    report = build_report(
+        wh, ["deep", "shallow"], ["news"], out, k=5, prompt=3, square_size=16, export_format="parquet", progress=False
+    )
     check_report(report.html, report.images)
     names = sorted(p.name for p in report.images)
     assert "affinity_deep__shallow__news.png" in names and "square_deep__shallow__news.png" in names
     assert "mean_square__news.png" in names and "on_vs_off_diagonal.png" in names
     assert {"within_deep__news.png", "within_shallow__news.png", "neighbours_prompt3__news.png"} <= set(names)
-    from analysis.plots import DPI, heatmap_size
+    from layerbase.analysis.reporting.plots import DPI, heatmap_size
 
     width, height = (round(v * DPI) for v in heatmap_size(6, 4))
     with Image.open(out / "affinity_deep__shallow__news.png") as img:
@@ -61,24 +76,46 @@ def test_report_files_and_exports(wh, tmp_path: Path) -> None:  # type: ignore[n
     page = report.html.read_text()
     assert "deep" in page and "shallow" in page and "log10 p" in page and "generalized diagonal" in page
     tables = {p.stem: pq.read_table(p) for p in report.exported}
-    assert set(tables) == {"diagonal_tests", "affinity_cells", "max_similarity_paths", "mean_square",
-                           "neighbours", "truncation"}
+    assert set(tables) == {
+        "diagonal_tests",
+        "affinity_cells",
+        "max_similarity_paths",
+        "mean_square",
+        "neighbours",
+        "truncation",
+    }
     assert tables["affinity_cells"].num_rows == 24 and tables["mean_square"].num_rows == 256
     assert tables["diagonal_tests"].column("n_on").to_pylist() == [12]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json"])
-def test_report_cli_exports(db_url: str, wh, tmp_path: Path, fmt: str) -> None:  # type: ignore[no-untyped-def]
+def test_report_cli_exports(db_url: str, wh, tmp_path: Path, fmt: str) -> None:
     synthetic_study(wh)
-    result = cli("report", "--models", "deep,shallow", "--datasets", "news", "--out", str(tmp_path / "r"),
-                 "-k", "5", "--format", fmt, "--no-progress", "--json")
+    result = cli(
+        "report",
+        "--models",
+        "deep,shallow",
+        "--datasets",
+        "news",
+        "--out",
+        str(tmp_path / "r"),
+        "-k",
+        "5",
+        "--format",
+        fmt,
+        "--no-progress",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert Path(summary["html"]).exists() and len(summary["exported"]) == 6
     cells = tmp_path / "r" / "tables" / f"affinity_cells.{fmt}"
     text = cells.read_text()
-    assert ("layer_a,layer_b" in text.splitlines()[0].replace("model_a,model_b,dataset,k,", "")) if fmt == "csv" \
+    assert (
+        ("layer_a,layer_b" in text.splitlines()[0].replace("model_a,model_b,dataset,k,", ""))
+        if fmt == "csv"
         else len(json.loads(text)) == 24
+    )
 
 
 def test_report_warns_about_truncation(db_url: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -86,30 +123,45 @@ def test_report_warns_about_truncation(db_url: str, tiny_models: dict[str, Path]
     f.write_text("".join(f"{'markets rallied ' * (20 + i)} number {i}\n" for i in range(12)))
     cli("dataset", "add", "long", str(f))
     for arch in ("gpt2", "llama"):
-        assert cli("ingest", "--model", str(tiny_models[arch]), "--dataset", "long", "--max-tokens", "16",
-                   "--no-progress").exit_code == 0
-    result = cli("report", "--models", "tiny-gpt2,tiny-llama", "--datasets", "long", "--out", str(tmp_path / "r"),
-                 "-k", "3", "--no-progress")
+        assert (
+            cli(
+                "ingest", "--model", str(tiny_models[arch]), "--dataset", "long", "--max-tokens", "16", "--no-progress"
+            ).exit_code
+            == 0
+        )
+    result = cli(
+        "report",
+        "--models",
+        "tiny-gpt2,tiny-llama",
+        "--datasets",
+        "long",
+        "--out",
+        str(tmp_path / "r"),
+        "-k",
+        "3",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "Warning: 12 of 12 prompts of long (100%) were truncated" in result.output
     assert "truncated for tiny-gpt2" in (tmp_path / "r" / "report.html").read_text()
 
 
-def test_report_bad_inputs(db_url: str, wh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_report_bad_inputs(db_url: str, wh, tmp_path: Path) -> None:
     synthetic_study(wh)
     assert_clean_error(cli("report", "--models", "deep", "--datasets", "news", "--out", str(tmp_path)), "at least two")
-    assert_clean_error(cli("report", "--models", "deep,nope", "--datasets", "news", "--out", str(tmp_path)),
-                       "no model named 'nope'")
+    assert_clean_error(
+        cli("report", "--models", "deep,nope", "--datasets", "news", "--out", str(tmp_path)), "no model named 'nope'"
+    )
 
 
-def test_compose_file_runs_pgvector_and_matches_the_readme() -> None:
+def test_compose_file_runs_pgvector_and_matches_the_docs() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     db = compose["services"]["db"]
     assert db["image"].startswith("pgvector/pgvector:")
     env = db["environment"]
     assert env["POSTGRES_USER"] == "${LAYERBASE_DB_USER:-layerbase}"
-    readme = (REPO / "README.md").read_text()
-    # the URL the README tells users to export is the one the compose defaults give
+    readme = (REPO / "docs" / "cli.md").read_text()
+    # the URL the docs tell users to export is the one the compose defaults give
     assert "export DATABASE_URL=postgresql://layerbase:layerbase@localhost:5432/layerbase" in readme
     assert "${LAYERBASE_DB_PORT:-5432}:5432" in db["ports"]
     bi = compose["services"]["superset"]

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.sources import generate_random, lead_of, read_path, read_pairs
+from layerbase.ingest.sources import generate_random, lead_of, read_pairs, read_path
+from layerbase.warehouse.errors import InputError
 from tests.helpers import assert_clean_error, cli, fingerprint
-from warehouse.errors import InputError
 
 
 def test_every_file_format_reads_the_same_prompts(tmp_path: Path) -> None:
@@ -145,7 +145,10 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], list[str]]]:
         (["dataset", "add", "", str(tmp / "noext.xyz"), "--format", "lines"], ["name must not be empty"]),
         (["dataset", "add-random", "r", "--count", "0"], ["positive"]),
         (["dataset", "show", "no-such-dataset"], ["no dataset named", "layerbase dataset add"]),
-        (["dataset", "add", "p", str(tmp / "noext.xyz"), "--format", "lines", "--parallel-to", "nope"], ["no dataset named"]),
+        (
+            ["dataset", "add", "p", str(tmp / "noext.xyz"), "--format", "lines", "--parallel-to", "nope"],
+            ["no dataset named"],
+        ),
     ]
 
 

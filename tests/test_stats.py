@@ -1,4 +1,4 @@
-"""Known answers for the affinity statistics (DESIGN.md §4)."""
+"""Known answers for the affinity statistics (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analysis.stats import (
+from layerbase.analysis.similarity.stats import (
     diagonal_test,
     generalized_diagonal,
     log10_p_null,

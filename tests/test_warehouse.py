@@ -17,7 +17,7 @@ def test_upgrade_creates_schema_and_status_reports_it(empty_db_url: str) -> None
     assert before.exit_code == 0, before.output
     assert "none" in before.output and '"pgvector"' in before.output
 
-    from warehouse.schema import head_revision
+    from layerbase.warehouse.schema import head_revision
 
     head = head_revision()
     result = cli("db", "upgrade")
@@ -37,8 +37,9 @@ def test_upgrade_creates_schema_and_status_reports_it(empty_db_url: str) -> None
 def test_models_and_migrations_agree(db_url: str) -> None:
     """What `alembic check` asserts: autogenerate finds nothing to change."""
     import sqlalchemy as sa
-    from warehouse.config import parse_url
-    from warehouse.models import Base
+
+    from layerbase.warehouse.config import parse_url
+    from layerbase.warehouse.models import Base
 
     engine = sa.create_engine(parse_url(db_url))
     with engine.connect() as conn:
@@ -54,8 +55,9 @@ def test_commands_refuse_a_database_without_schema(empty_db_url: str) -> None:
 
 def test_schema_behind_the_code_asks_for_upgrade(db_url: str) -> None:
     import sqlalchemy as sa
-    from warehouse.config import parse_url
-    from warehouse.schema import downgrade
+
+    from layerbase.warehouse.config import parse_url
+    from layerbase.warehouse.schema import downgrade
 
     engine = sa.create_engine(parse_url(db_url))
     with engine.begin() as conn:
@@ -93,7 +95,7 @@ def test_layerbase_url_takes_precedence_over_database_url(db_url: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_no_command_prints_a_password(pg_server, db_url: str, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_no_command_prints_a_password(pg_server, db_url: str, tiny_models, tmp_path) -> None:
     from tests.conftest import random_texts, write_lines
 
     secret = "Very-Secret-42"
@@ -104,22 +106,36 @@ def test_no_command_prints_a_password(pg_server, db_url: str, tiny_models, tmp_p
     url = db_url.replace("postgres:@", f"lb_pw_user:{secret}@")
     data = write_lines(tmp_path / "p.txt", random_texts(12))
     commands = [
-        ["db", "status"], ["db", "status", "--json"], ["db", "upgrade"],
-        ["dataset", "add", "p", str(data)], ["dataset", "list"], ["dataset", "show", "p"],
+        ["db", "status"],
+        ["db", "status", "--json"],
+        ["db", "upgrade"],
+        ["dataset", "add", "p", str(data)],
+        ["dataset", "list"],
+        ["dataset", "show", "p"],
         ["ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "p", "--name", "g", "--no-progress"],
         ["ingest", "--model", str(tiny_models["llama"]), "--dataset", "p", "--name", "l", "--no-progress"],
-        ["jobs"], ["models"], ["embeddings", "export", "--model", str(tiny_models["gpt2"]), "--name", "g",
-                               "--no-progress"],
+        ["jobs"],
+        ["models"],
+        ["embeddings", "export", "--model", str(tiny_models["gpt2"]), "--name", "g", "--no-progress"],
         ["knn", "--model", "g", "--dataset", "p", "--k-max", "3", "--no-progress"],
         ["affinity", "--models", "g,l", "--dataset", "p", "-k", "3", "--no-progress"],
         ["neighbors", "--model", "g", "--layer", "1", "--dataset", "p", "--prompt", "0", "-k", "3"],
         ["report", "--models", "g,l", "--datasets", "p", "-k", "3", "--out", str(tmp_path / "r"), "--no-progress"],
         ["db", "grant-reader", "lb_reader", "--password-env", "READER_PW"],
-        ["knn", "--model", "nope", "--dataset", "p"],  # an error path
-        ["--database-url", url.replace("/t_", "/missing_"), "jobs"],  # an unreachable database
     ]
+    failing = [
+        (["knn", "--model", "nope", "--dataset", "p"], 2, "no model named"),  # an error path
+        (["--database-url", url.replace("/t_", "/missing_"), "jobs"], 3, "cannot reach"),  # an unreachable database
+    ]
+    env = {"LAYERBASE_DATABASE_URL": url, "READER_PW": "reader-pw-7"}
     for args in commands:
-        result = cli(*args, env={"LAYERBASE_DATABASE_URL": url, "READER_PW": "reader-pw-7"})
+        result = cli(*args, env=env)
+        assert result.exit_code == 0, (args, result.output)
+        assert secret not in result.output and "reader-pw-7" not in result.output, args
+    assert "lb_pw_user:***@" in cli("db", "status", env=env).output  # the URL is shown, its password hidden
+    for args, code, problem in failing:
+        result = cli(*args, env=env)
+        assert result.exit_code == code and problem in result.output, (args, result.output)
         assert secret not in result.output and "reader-pw-7" not in result.output, args
     report = (tmp_path / "r" / "report.html").read_text()
     assert secret not in report
@@ -137,15 +153,18 @@ def test_server_without_pgvector_is_refused(server_without_pgvector: str) -> Non
 
 
 def test_embedded_server_sizes_its_memory_once_and_keeps_the_users_setting(tmp_path: Path) -> None:
-    from warehouse import embedded
+    from layerbase.warehouse import embedded
 
     pgdata = tmp_path / "pgdata"
 
     def shared_buffers_mb() -> int:
         url = embedded.embedded_url(pgdata)
         with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
-            return int(conn.execute("SELECT setting::bigint * 8 / 1024 FROM pg_settings "
-                                    "WHERE name = 'shared_buffers'").fetchone()[0])
+            return int(
+                conn.execute(
+                    "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'"
+                ).fetchone()[0]
+            )
 
     try:
         expected = min(embedded.MAX_SHARED_BUFFERS_MB, embedded._memory_mb() // 4)
@@ -157,3 +176,21 @@ def test_embedded_server_sizes_its_memory_once_and_keeps_the_users_setting(tmp_p
         assert shared_buffers_mb() == 256
     finally:
         embedded.stop_embedded(pgdata)
+
+
+def test_parallel_work_runs_in_read_only_transactions(wh) -> None:
+    from layerbase.warehouse.parallel import run_in_parallel
+
+    def read(cur: psycopg.Cursor, item: int) -> int:
+        return cur.execute("SELECT %s::int + 1", (item,)).fetchone()[0]
+
+    assert run_in_parallel(wh, [1, 2, 3], read, workers=2) == [2, 3, 4]
+
+    def write(cur: psycopg.Cursor, item: int) -> None:
+        cur.execute("CREATE TABLE parallel_write_probe (x int)")
+
+    for workers in (1, 2):
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            run_in_parallel(wh, [1, 2], write, workers=workers)
+    with wh.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regclass('parallel_write_probe')").scalar() is None

@@ -14,7 +14,7 @@ import platformdirs
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from warehouse.errors import ConfigError
+from layerbase.warehouse.errors import ConfigError
 
 URL_ENV_VARS = ("LAYERBASE_DATABASE_URL", "DATABASE_URL")
 HOME_ENV_VAR = "LAYERBASE_HOME"
@@ -54,8 +54,7 @@ def parse_url(raw: str, source: str = "the database URL") -> URL:
         url = make_url(raw)
     except ArgumentError:
         raise ConfigError(
-            f"{source} is not a valid database URL; "
-            "use the form postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
+            f"{source} is not a valid database URL; use the form postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
         ) from None
     if url.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigError(

@@ -14,6 +14,7 @@ pgvector's binary ``vector``: int16 dim, int16 unused, dim × float4 (all big-en
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -38,7 +39,7 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     (every row an array of k elements). Every column must have n rows.
     """
     n = len(columns[0][1])
-    fields: list[tuple[str, object]] = [("nfields", ">i2")]
+    fields: list[tuple[Any, ...]] = [("nfields", ">i2")]  # numpy structured-dtype fields
     for i, (pgtype, values) in enumerate(columns):
         if len(values) != n:
             raise ValueError("all columns must have the same number of rows")
@@ -49,11 +50,17 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
         elif pgtype in ARRAY_TYPES:
             k = values.shape[1]
             element = np.dtype([("len", ">i4"), ("v", ARRAY_TYPES[pgtype][1])])
-            fields += [(f"ndim{i}", ">i4"), (f"nulls{i}", ">i4"), (f"oid{i}", ">i4"), (f"size{i}", ">i4"),
-                       (f"lbound{i}", ">i4"), (f"val{i}", element, (k,))]
+            fields += [
+                (f"ndim{i}", ">i4"),
+                (f"nulls{i}", ">i4"),
+                (f"oid{i}", ">i4"),
+                (f"size{i}", ">i4"),
+                (f"lbound{i}", ">i4"),
+                (f"val{i}", element, (k,)),
+            ]
         else:
             fields.append((f"val{i}", FIXED_TYPES[pgtype]))
-    rows = np.empty(n, dtype=np.dtype(fields))  # type: ignore[call-overload]
+    rows = np.empty(n, dtype=np.dtype(fields))
     rows["nfields"] = len(columns)
     for i, (pgtype, values) in enumerate(columns):
         if pgtype in VECTOR_TYPES:
@@ -75,7 +82,9 @@ def binary_copy_payload(columns: Sequence[tuple[str, np.ndarray]]) -> bytes:
     return SIGNATURE + rows.tobytes() + TRAILER
 
 
-def copy_columns(cur: psycopg.Cursor, table: str, names: Sequence[str], columns: Sequence[tuple[str, np.ndarray]]) -> int:
+def copy_columns(
+    cur: psycopg.Cursor, table: str, names: Sequence[str], columns: Sequence[tuple[str, np.ndarray]]
+) -> int:
     """COPY rows (given column-wise, see ``binary_copy_payload``) into ``table``.
 
     ``table`` and ``names`` are identifiers chosen by the code, never user input.
@@ -83,8 +92,9 @@ def copy_columns(cur: psycopg.Cursor, table: str, names: Sequence[str], columns:
     return copy_column_blocks(cur, table, names, [columns])
 
 
-def copy_column_blocks(cur: psycopg.Cursor, table: str, names: Sequence[str],
-                       blocks: Iterable[Sequence[tuple[str, np.ndarray]]]) -> int:
+def copy_column_blocks(
+    cur: psycopg.Cursor, table: str, names: Sequence[str], blocks: Iterable[Sequence[tuple[str, np.ndarray]]]
+) -> int:
     """One COPY of rows that arrive in blocks (each as for ``copy_columns``): a block is
     sent as soon as it is produced, so the server stores it while the next is computed."""
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN WITH (FORMAT BINARY)"
@@ -95,7 +105,7 @@ def copy_column_blocks(cur: psycopg.Cursor, table: str, names: Sequence[str],
             if len(columns[0][1]) == 0:
                 continue
             # Chunked so that psycopg streams rather than holding a second copy in its buffer.
-            view = memoryview(binary_copy_payload(columns))[len(SIGNATURE):-len(TRAILER)]
+            view = memoryview(binary_copy_payload(columns))[len(SIGNATURE) : -len(TRAILER)]
             step = 1 << 22
             for start in range(0, len(view), step):
                 copy.write(view[start : start + step])
@@ -104,7 +114,9 @@ def copy_column_blocks(cur: psycopg.Cursor, table: str, names: Sequence[str],
     return count
 
 
-def copy_rows(cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequence[str], rows) -> int:  # type: ignore[no-untyped-def]
+def copy_rows(
+    cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequence[str], rows: Iterable[Sequence[object]]
+) -> int:
     """COPY rows with text columns (row by row through psycopg's binary formatter)."""
     count = 0
     with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN WITH (FORMAT BINARY)") as copy:
@@ -115,8 +127,9 @@ def copy_rows(cur: psycopg.Cursor, table: str, names: Sequence[str], types: Sequ
     return count
 
 
-def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composable,
-                               pgtype: str = "vector") -> tuple[np.ndarray, np.ndarray]:
+def read_positions_and_vectors(
+    cur: psycopg.Cursor, query: psycopg.sql.Composable, pgtype: str = "vector"
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ``COPY (query) TO STDOUT`` in binary for rows (int4, ``pgtype``: vector or
     halfvec) and parse with numpy; the vectors come back as float32.
 
@@ -133,8 +146,17 @@ def read_positions_and_vectors(cur: psycopg.Cursor, query: psycopg.sql.Composabl
         return np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float32)
     # row: int16 nfields, int32 len, int32 value, int32 len, int16 dim, int16 unused, element x dim
     dim = int.from_bytes(body[14:16], "big")
-    row = np.dtype([("nf", ">i2"), ("l0", ">i4"), ("pos", ">i4"), ("l1", ">i4"), ("dim", ">i2"), ("unused", ">i2"),
-                    ("vec", VECTOR_TYPES[pgtype], (dim,))])
+    row = np.dtype(
+        [
+            ("nf", ">i2"),
+            ("l0", ">i4"),
+            ("pos", ">i4"),
+            ("l1", ">i4"),
+            ("dim", ">i2"),
+            ("unused", ">i2"),
+            ("vec", VECTOR_TYPES[pgtype], (dim,)),
+        ]
+    )
     if len(body) % row.itemsize:
         raise ValueError("vectors of different widths in one layer")
     rows = np.frombuffer(body, dtype=row)

@@ -11,13 +11,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from sqlalchemy.engine import URL, make_url
 
-from warehouse.config import data_dir
-from warehouse.errors import DatabaseError
+from layerbase.warehouse.config import data_dir
+from layerbase.warehouse.errors import DatabaseError
 
 DATABASE_NAME = "layerbase"
 
@@ -27,7 +28,7 @@ def pgdata_dir() -> Path:
     return data_dir() / "pgdata"
 
 
-def _pgserver():  # type: ignore[no-untyped-def]
+def _pgserver() -> Any:
     with warnings.catch_warnings():
         # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (as in CI).
         warnings.simplefilter("ignore")
@@ -39,7 +40,7 @@ def _pgserver():  # type: ignore[no-untyped-def]
     return pgserver
 
 
-def _server(pgdata: Path):  # type: ignore[no-untyped-def]
+def _server(pgdata: Path) -> Any:
     pgserver = _pgserver()
     try:
         return pgserver.get_server(pgdata, cleanup_mode=None)
@@ -69,7 +70,8 @@ def _memory_mb() -> int:
 
 def size_memory(conn: psycopg.Connection) -> bool:
     """Size the memory settings of a new data directory; return whether that needs a restart."""
-    if conn.execute(TUNED).fetchone()[0]:  # type: ignore[index]
+    row = conn.execute(TUNED).fetchone()
+    if row is not None and row[0]:
         return False
     memory = _memory_mb()
     shared = min(MAX_SHARED_BUFFERS_MB, memory // 4)

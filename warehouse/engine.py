@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 from functools import lru_cache
+from types import TracebackType
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import OperationalError, InterfaceError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from warehouse.config import configured_url, safe_url
-from warehouse.errors import DatabaseError
+from layerbase.warehouse.config import configured_url, safe_url
+from layerbase.warehouse.errors import DatabaseError
 
 PGVECTOR_INSTALLED = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
 PGVECTOR_AVAILABLE = "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
@@ -41,7 +42,7 @@ def resolve_url(explicit: str | None = None) -> tuple[URL, bool]:
     url = configured_url(explicit)
     if url is not None:
         return url, False
-    from warehouse.embedded import embedded_url
+    from layerbase.warehouse.embedded import embedded_url
 
     return embedded_url(), True
 
@@ -56,13 +57,12 @@ def connect(explicit_url: str | None = None, *, check_schema: bool = True) -> Wa
     url, embedded = resolve_url(explicit_url)
     engine = _engine(url.render_as_string(hide_password=False))
     wh = Warehouse(engine, url, embedded)
-    with translate_errors(wh):
-        with engine.connect() as conn:
-            require_pgvector(conn, wh)
-            if check_schema:
-                from warehouse.schema import require_current_schema
+    with translate_errors(wh), engine.connect() as conn:
+        require_pgvector(conn, wh)
+        if check_schema:
+            from layerbase.warehouse.schema import require_current_schema
 
-                require_current_schema(conn)
+            require_current_schema(conn)
     return wh
 
 
@@ -75,7 +75,9 @@ class translate_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         if exc is None or not isinstance(exc, (OperationalError, InterfaceError)):
             return False
         raise DatabaseError(

@@ -7,8 +7,8 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from warehouse.errors import NotFoundError
-from warehouse.models import Dataset, Model, SteeringVector
+from layerbase.warehouse.errors import NotFoundError
+from layerbase.warehouse.models import Dataset, Model, SteeringVector
 
 Named = TypeVar("Named", Dataset, Model, SteeringVector)
 

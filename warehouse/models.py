@@ -3,7 +3,7 @@
 The schema is created and changed only by Alembic migrations (``alembic/versions``);
 ``alembic check`` proves that these models and the migrations agree.
 
-Citus-readiness (DESIGN.md §7): the hot tables (``activation``, ``prompt_encoding``,
+Citus-readiness (docs/design.md §7): the hot tables (``activation``, ``prompt_encoding``,
 ``token_embedding``) carry their distribution column (``model_id``) in the primary key
 and have no foreign keys to other hot tables. ``activation`` also has no foreign key to
 ``prompt``: a per-row trigger check would slow bulk COPY, and the runner writes
@@ -17,8 +17,10 @@ from typing import Any
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
+    REAL,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Identity,
@@ -29,8 +31,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
-    CheckConstraint,
-    REAL,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -143,12 +143,14 @@ class Activation(Base):
     __tablename__ = "activation"
 
     model_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), primary_key=True)
-    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True, comment="1..L block outputs; 0 = embedding output")
+    layer: Mapped[int] = mapped_column(
+        SmallInteger, primary_key=True, comment="1..L block outputs; 0 = embedding output"
+    )
     prompt_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(
         Integer, comment="the prompt's dataset, denormalized so that per-(model, layer, dataset) indexes can be partial"
     )
-    # No typmod: models of different widths share this column (DESIGN.md §2). NULL where
+    # No typmod: models of different widths share this column (docs/design.md §2). NULL where
     # the model stores half precision, in ``vec_half`` (halfvec): that column exists only
     # on servers with pgvector >= 0.7, so it is not declared here (see warehouse.storage).
     vec: Mapped[Any | None] = mapped_column(Vector())
@@ -242,8 +244,11 @@ class KnnRun(Base):
     ef_search: Mapped[int | None] = mapped_column(Integer)
     search: Mapped[dict[str, Any] | None] = mapped_column(
         comment="an indexed engine's search settings (ef_search or lists and probes, candidates re-ranked, workers) "
-                "and the recall of each setting tried")
-    recall: Mapped[float | None] = mapped_column(comment="recall@min(10, k_max) against exact, on recall_queries prompts")
+        "and the recall of each setting tried"
+    )
+    recall: Mapped[float | None] = mapped_column(
+        comment="recall@min(10, k_max) against exact, on recall_queries prompts"
+    )
     recall_queries: Mapped[int | None] = mapped_column(Integer)
     n_prompts: Mapped[int] = mapped_column(Integer)
     seconds: Mapped[float] = mapped_column()
@@ -299,7 +304,13 @@ class AffinityRun(Base):
 
     __table_args__ = (
         UniqueConstraint(
-            "model_a_id", "model_b_id", "dataset_a_id", "dataset_b_id", "k", "include_layer0", name="uq_affinity_run_pair"
+            "model_a_id",
+            "model_b_id",
+            "dataset_a_id",
+            "dataset_b_id",
+            "k",
+            "include_layer0",
+            name="uq_affinity_run_pair",
         ),
     )
 
@@ -461,7 +472,9 @@ class SteeringVector(Base):
     positive: Mapped[dict[str, Any] | None] = mapped_column(comment="the positive prompt set: source, count, texts")
     negative: Mapped[dict[str, Any] | None] = mapped_column()
     norm: Mapped[float] = mapped_column()
-    activation_norm: Mapped[float] = mapped_column(comment="median norm of the layer's activations it was measured against")
+    activation_norm: Mapped[float] = mapped_column(
+        comment="median norm of the layer's activations it was measured against"
+    )
     source_vector_id: Mapped[int | None] = mapped_column(ForeignKey("steering_vector.id", ondelete="CASCADE"))
     map_id: Mapped[int | None] = mapped_column(ForeignKey("emb2emb_map.id", ondelete="CASCADE"))
     calibration: Mapped[dict[str, Any] | None] = mapped_column(comment="how a mapped vector's norm was set")

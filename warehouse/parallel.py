@@ -5,7 +5,7 @@ per-prompt index scans of the in-database k-NN engines nor (profitably) the over
 of the affinity matrix. Work that splits by prompt is therefore cut into items, dealt to
 ``workers`` connections, each in one read-only transaction, and the results are gathered
 here. Splitting by prompt is also how the work divides on Citus, where the k-NN tables
-are distributed by prompt (DESIGN.md §7).
+are distributed by prompt (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.engine import Warehouse, raw_connection
+
+READ_ONLY = "SET TRANSACTION READ ONLY"
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -29,16 +31,25 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_in_parallel(wh: Warehouse, items: Sequence[Item], work: Callable[[psycopg.Cursor, Item], Result], *,
-                    workers: int, settings: Sequence[sql.Composable] = ()) -> list[Result]:
-    """``work(cursor, item)`` for every item, on up to ``workers`` connections at once; the
-    results in item order. Each connection runs ``settings`` (``SET LOCAL …``) first."""
+def run_in_parallel(
+    wh: Warehouse,
+    items: Sequence[Item],
+    work: Callable[[psycopg.Cursor, Item], Result],
+    *,
+    workers: int,
+    settings: Sequence[sql.Composable] = (),
+) -> list[Result]:
+    """``work(cursor, item)`` for every item, on up to ``workers`` connections at once, each
+    in one read-only transaction; the results in item order. Each connection runs
+    ``settings`` (``SET LOCAL …``) first."""
     shares = [list(range(i, len(items), workers)) for i in range(min(workers, len(items)))]
     results: list[Any] = [None] * len(items)
 
     def run(share: list[int]) -> None:
         with wh.engine.connect() as conn, conn.begin():
             cur = raw_connection(conn).cursor()
+            # The work only reads; the server holds it to that.
+            cur.execute(READ_ONLY)
             for statement in settings:
                 cur.execute(statement)
             for i in share:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from psycopg import sql
 
-from warehouse.engine import Warehouse, raw_connection, translate_errors
-from warehouse.errors import InputError
+from layerbase.warehouse.engine import Warehouse, raw_connection, translate_errors
+from layerbase.warehouse.errors import InputError
 
 BI_VIEWS = ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path", "bi_steering_eval", "bi_geometry")
 
@@ -28,7 +28,7 @@ def grant_reader(wh: Warehouse, role: str, password: str | None = None) -> list[
             cur.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(ident))
         if password is not None:
             cur.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(password)))
-        database = conn.execute(sa.text("SELECT current_database()")).scalar()
+        database = str(conn.execute(sa.text("SELECT current_database()")).scalar_one())
         cur.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(ident))
         cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(ident))
         # PUBLIC may create in schema public on servers before PostgreSQL 15.

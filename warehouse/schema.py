@@ -1,7 +1,6 @@
 """Alembic from Python: upgrade, the current and head revisions, and the schema check.
 
-The migrations live in the repository's top-level ``alembic/`` folder; the CLI and
-``alembic`` itself use the same ``env.py``.
+The CLI, the Python API and the ``alembic`` command use the same migrations and ``env.py``.
 """
 
 from __future__ import annotations
@@ -9,27 +8,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from warehouse.errors import ConfigError, SchemaError
+from alembic import command
+from layerbase.warehouse.errors import ConfigError, SchemaError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The migrations install as `layerbase/migrations/` beside this package; in a source
+# checkout (an editable install) they are the repository's top-level `alembic/` folder.
+# They are found as files, not imported: `alembic/` has no `__init__.py`, so that it never
+# shadows the alembic library for code run from the repository root.
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+MIGRATION_DIRS = (_PACKAGE_ROOT / "migrations", _PACKAGE_ROOT / "alembic")
+
+
+def migrations_dir() -> Path:
+    """The folder holding env.py and versions/."""
+    for candidate in MIGRATION_DIRS:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise ConfigError(
+        f"the Layerbase migrations are missing (looked in {', '.join(map(str, MIGRATION_DIRS))}); "
+        "reinstall Layerbase (`pip install --force-reinstall layerbase`, or `pip install -e .` in a checkout)"
+    )
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     """An Alembic config for the project's migrations, optionally bound to a connection."""
-    ini = REPO_ROOT / "alembic.ini"
-    scripts = REPO_ROOT / "alembic"
-    if not scripts.is_dir():
-        raise ConfigError(
-            f"the migrations folder {scripts} is missing; install Layerbase from its "
-            "repository with `pip install -e .`"
-        )
-    cfg = Config(str(ini)) if ini.exists() else Config()
-    cfg.set_main_option("script_location", str(scripts))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
@@ -62,8 +70,7 @@ def require_current_schema(conn: sa.Connection) -> None:
             "does not know (it is newer than the code); upgrade Layerbase"
         )
     raise SchemaError(
-        f"the database schema is at revision {current}, behind the code's {head}; "
-        "run `layerbase db upgrade`"
+        f"the database schema is at revision {current}, behind the code's {head}; run `layerbase db upgrade`"
     )
 
 

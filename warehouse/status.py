@@ -6,15 +6,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from warehouse.engine import connect, pgvector_version, translate_errors
-from warehouse.models import Base
-from warehouse.schema import current_revision, head_revision, upgrade
-from warehouse.storage import HALF_COLUMN_EXISTS
+from layerbase.warehouse.engine import Warehouse, pgvector_version, translate_errors
+from layerbase.warehouse.models import Base
+from layerbase.warehouse.schema import current_revision, head_revision, upgrade
+from layerbase.warehouse.storage import HALF_COLUMN_EXISTS
 
 
-def upgrade_schema(url: str | None = None) -> tuple[str | None, str, str]:
-    """Migrate to head; return (revision before, revision after, display URL)."""
-    wh = connect(url, check_schema=False)  # checks reachability and that pgvector exists
+def upgrade_schema(wh: Warehouse) -> tuple[str | None, str, str]:
+    """Migrate to head; return (revision before, revision after, display URL). ``wh`` comes
+    from ``connect(check_schema=False)``, which checked reachability and pgvector."""
     with translate_errors(wh), wh.engine.begin() as conn:
         before = current_revision(conn)
         upgrade(conn)
@@ -23,9 +23,8 @@ def upgrade_schema(url: str | None = None) -> tuple[str | None, str, str]:
     return before, after, wh.display_url
 
 
-def database_status(url: str | None = None) -> dict[str, Any]:
+def database_status(wh: Warehouse) -> dict[str, Any]:
     """Server, pgvector version, schema revision and exact row counts."""
-    wh = connect(url, check_schema=False)
     with translate_errors(wh), wh.engine.connect() as conn:
         revision = current_revision(conn)
         counts: dict[str, Any] = {}
@@ -39,9 +38,11 @@ def database_status(url: str | None = None) -> dict[str, Any]:
             "server": conn.execute(sa.text("SHOW server_version")).scalar(),
             "pgvector": pgvector_version(conn) or "available, not yet created (run `layerbase db upgrade`)",
             "schema_revision": revision or "none (run `layerbase db upgrade`)",
-            "activation_storage": ("float32, float16 (`ingest --storage float16`)"
-                                   if revision is not None and conn.execute(sa.text(HALF_COLUMN_EXISTS)).scalar()
-                                   else "float32 only (no halfvec column: float16 needs pgvector 0.7 or later)"),
+            "activation_storage": (
+                "float32, float16 (`ingest --storage float16`)"
+                if revision is not None and conn.execute(sa.text(HALF_COLUMN_EXISTS)).scalar()
+                else "float32 only (no halfvec column: float16 needs pgvector 0.7 or later)"
+            ),
             "code_revision": head_revision(),
             "row_counts": counts,
         }

@@ -1,6 +1,6 @@
 """How a model's activations are stored: float32 in ``activation.vec`` (pgvector's
 ``vector``), or half precision in ``activation.vec_half`` (``halfvec``, pgvector 0.7 and
-later) where the user asks for it (DESIGN.md §3).
+later) where the user asks for it (docs/design.md §3).
 
 A model stores all its activations one way (``model.storage``), so every reader picks
 one column for a model. ``vec_half`` exists only on a server that had ``halfvec`` when
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import sqlalchemy as sa
 
-from warehouse.engine import pgvector_version, version_tuple
-from warehouse.errors import InputError
+from layerbase.warehouse.engine import pgvector_version, version_tuple
+from layerbase.warehouse.errors import InputError
 
 HALF_COLUMN_EXISTS = """
 SELECT EXISTS (SELECT 1 FROM information_schema.columns
@@ -67,11 +67,16 @@ def require_storage(conn: sa.Connection, name: str) -> Storage:
     if storage is FLOAT16 and not conn.execute(sa.text(HALF_COLUMN_EXISTS)).scalar():
         version = pgvector_version(conn)
         if version_tuple(version) >= (0, 7):
-            fix = (f"the server has pgvector {version} now, but had an older one when this warehouse was migrated; "
-                   "re-run its last migration (`alembic downgrade 0004` then `layerbase db upgrade`) to add it")
+            fix = (
+                f"the server has pgvector {version} now, but had an older one when this warehouse was migrated; "
+                "re-run its last migration (`alembic downgrade 0004` then `layerbase db upgrade`) to add it"
+            )
         else:
-            fix = (f"this server has pgvector {version or 'not installed'}; use a server with pgvector 0.7 or later "
-                   "(DATABASE_URL, e.g. the docker-compose.yml one), or store float32")
-        raise InputError(f"float16 storage needs the halfvec column activation.vec_half, which this warehouse lacks: "
-                         f"{fix}")
+            fix = (
+                f"this server has pgvector {version or 'not installed'}; use a server with pgvector 0.7 or later "
+                "(DATABASE_URL, e.g. the docker-compose.yml one), or store float32"
+            )
+        raise InputError(
+            f"float16 storage needs the halfvec column activation.vec_half, which this warehouse lacks: {fix}"
+        )
     return storage

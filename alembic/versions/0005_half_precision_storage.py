@@ -12,13 +12,15 @@ Create Date: 2026-11-22
 Downgrading converts half-precision rows to float32 (exactly: every half value is a
 float32 value) and drops the column.
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
+
 from alembic import op
 
-revision = '0005'
-down_revision = '0004'
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -30,23 +32,30 @@ def _has_halfvec() -> bool:
 
 
 def upgrade() -> None:
-    op.add_column('model', sa.Column('storage', sa.Text(), server_default='float32', nullable=False, comment=STORAGE))
-    op.create_check_constraint(op.f('ck_model_storage'), 'model', "storage IN ('float32', 'float16')")
-    op.alter_column('activation', 'vec', existing_nullable=False, nullable=True)
+    op.add_column("model", sa.Column("storage", sa.Text(), server_default="float32", nullable=False, comment=STORAGE))
+    op.create_check_constraint(op.f("ck_model_storage"), "model", "storage IN ('float32', 'float16')")
+    op.alter_column("activation", "vec", existing_nullable=False, nullable=True)
     if _has_halfvec():
         op.execute("ALTER TABLE activation ADD COLUMN vec_half halfvec")
-        op.create_check_constraint(op.f('ck_activation_one_vector'), 'activation', "num_nonnulls(vec, vec_half) = 1")
+        op.create_check_constraint(op.f("ck_activation_one_vector"), "activation", "num_nonnulls(vec, vec_half) = 1")
     else:
-        op.create_check_constraint(op.f('ck_activation_one_vector'), 'activation', "vec IS NOT NULL")
+        op.create_check_constraint(op.f("ck_activation_one_vector"), "activation", "vec IS NOT NULL")
 
 
 def downgrade() -> None:
-    op.drop_constraint(op.f('ck_activation_one_vector'), 'activation', type_='check')
-    if op.get_bind().execute(sa.text(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = 'activation' AND column_name = 'vec_half')")).scalar():
+    op.drop_constraint(op.f("ck_activation_one_vector"), "activation", type_="check")
+    if (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'activation' AND column_name = 'vec_half')"
+            )
+        )
+        .scalar()
+    ):
         op.execute("UPDATE activation SET vec = vec_half::vector, vec_half = NULL WHERE vec IS NULL")
-        op.drop_column('activation', 'vec_half')
-    op.alter_column('activation', 'vec', existing_nullable=True, nullable=False)
-    op.drop_constraint(op.f('ck_model_storage'), 'model', type_='check')
-    op.drop_column('model', 'storage')
+        op.drop_column("activation", "vec_half")
+    op.alter_column("activation", "vec", existing_nullable=True, nullable=False)
+    op.drop_constraint(op.f("ck_model_storage"), "model", type_="check")
+    op.drop_column("model", "storage")

@@ -10,18 +10,24 @@ an exact scan otherwise. The answer says which path it took.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.vector_index import EF_SEARCH_LIMIT, ef_search_for, index_name, plan_index
-from analysis.knn import EXACT_ENGINES, RECALL_K, Search
-from analysis.resolve import get_dataset, get_model, ingested_layers
-from warehouse.engine import Warehouse, raw_connection
-from warehouse.errors import InputError
-from warehouse.storage import HALF_MAX, STORAGES, Storage
+from layerbase.analysis.knn.index import EF_SEARCH_LIMIT, ef_search_for, index_name, plan_index
+from layerbase.analysis.knn.materialize import EXACT_ENGINES, RECALL_K
+from layerbase.analysis.knn.search import Search
+from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.storage import HALF_MAX, STORAGES, Storage
+
+if TYPE_CHECKING:
+    from layerbase.ingest.model_cache import ModelCache
+    from layerbase.warehouse.models import Model
 
 LOOKUP_SQL = """
 SELECT p.position, p.text, round((c.vec <=> {query})::numeric, 6)::real AS distance
@@ -69,15 +75,21 @@ class Neighbors:
         return [r["position"] for r in self.rows]
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "layer": self.layer, "dataset": self.dataset, "query": self.query,
-                "path": self.path, "neighbors": self.rows}
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "dataset": self.dataset,
+            "query": self.query,
+            "path": self.path,
+            "neighbors": self.rows,
+        }
 
 
 # Everything a lookup needs to know, in one round trip (a lookup takes milliseconds, and
 # each extra statement cost about 0.2 ms): the ids and sizes, the query prompt's text, the
 # stored exact k-NN set with the most neighbours (k_max >= k), whether the layer's HNSW
 # index exists, and the ef_search that `layerbase knn --engine hnsw` tuned for lookups of
-# 10 (``knn._calibrate_lookups``) with its recall. No row when a piece is missing: the
+# 10 (``knn.calibrate_lookups``) with its recall. No row when a piece is missing: the
 # slow path below then finds which one and says what to run.
 LOOKUP_META = """
 SELECT m.id, m.width, m.storage, d.id, d.n_prompts, j.include_layer0, m.n_layers, e.extversion,
@@ -130,20 +142,44 @@ class _Target:
     tuned: tuple[int, float, int] | None  # (ef_search, recall@10, sample size) tuned for lookups
 
 
-def _target(conn: sa.Connection, model_name: str, dataset_name: str, layer: int, k: int,
-            position: int | None) -> _Target:
+def _target(
+    conn: sa.Connection, model_name: str, dataset_name: str, layer: int, k: int, position: int | None
+) -> _Target:
     """The lookup's target, or the error that explains what is missing."""
-    row = conn.execute(sa.text(LOOKUP_META), {
-        "model": model_name, "dataset": dataset_name, "layer": layer, "k": k, "position": position,
-        "exact_engines": list(EXACT_ENGINES), "index_name": index_name("hnsw", "%s", layer, "%s"),  # type: ignore[arg-type]
-    }).first()
+    row = conn.execute(
+        sa.text(LOOKUP_META),
+        {
+            "model": model_name,
+            "dataset": dataset_name,
+            "layer": layer,
+            "k": k,
+            "position": position,
+            "exact_engines": list(EXACT_ENGINES),
+            # A format() template for the SQL: the two ids are filled in there.
+            "index_name": index_name("hnsw", "%s", layer, "%s"),  # type: ignore[arg-type]
+        },
+    ).first()
     if row is None:
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             dataset = get_dataset(session, dataset_name)
             ingested_layers(session, model, dataset)  # raises: not (fully) ingested
         raise InputError(f"model {model_name!r} cannot be looked up on {dataset_name!r}")  # pragma: no cover
-    model_id, width, storage, dataset_id, n_prompts, layer0, n_layers, version, text, run_id, engine, indexed, *tuned = row
+    (
+        model_id,
+        width,
+        storage,
+        dataset_id,
+        n_prompts,
+        layer0,
+        n_layers,
+        version,
+        text,
+        run_id,
+        engine,
+        indexed,
+        *tuned,
+    ) = row
     layers = ([0] if layer0 else []) + list(range(1, n_layers + 1))
     if layer not in layers:
         raise InputError(f"layer {layer} is not stored for {model_name}; stored layers are {layers[0]}..{layers[-1]}")
@@ -151,9 +187,18 @@ def _target(conn: sa.Connection, model_name: str, dataset_name: str, layer: int,
         raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n_prompts})")
     if position is not None and not 0 <= position < n_prompts:
         raise InputError(f"--prompt {position} is outside {dataset_name!r} (positions 0..{n_prompts - 1})")
-    return _Target(model_id, width, STORAGES[storage], dataset_id, n_prompts, version, text,
-                   (run_id, engine) if run_id is not None else None, bool(indexed),
-                   tuple(tuned) if tuned[0] is not None else None)  # type: ignore[arg-type]
+    return _Target(
+        model_id,
+        width,
+        STORAGES[storage],
+        dataset_id,
+        n_prompts,
+        version,
+        text,
+        (run_id, engine) if run_id is not None else None,
+        bool(indexed),
+        (int(tuned[0]), float(tuned[1]), int(tuned[2])) if tuned[0] is not None else None,
+    )
 
 
 def nearest(
@@ -167,6 +212,7 @@ def nearest(
     k: int = 10,
     ef_search: int | None = None,
     exact: bool = False,
+    models: ModelCache | None = None,
 ) -> Neighbors:
     """The k nearest prompts (self excluded for a stored prompt) of a prompt or a new text."""
     if (position is None) == (text is None):
@@ -177,21 +223,32 @@ def nearest(
     with wh.engine.begin() as conn:
         target = _target(conn, model_name, dataset_name, layer, k, position)
         if position is not None:
-            query = sql.SQL(STORED_QUERY).format(column=sql.Identifier(target.storage.column),
-                                                 model=sql.Literal(target.model_id), layer=sql.Literal(layer),
-                                                 dataset=sql.Literal(target.dataset_id), position=sql.Literal(position))
-            path, rows = (_stored_set(conn, target, position, k) if target.exact_run
-                          else _lookup(conn, target, layer, query, position, k, ef_search, exact))
+            query = sql.SQL(STORED_QUERY).format(
+                column=sql.Identifier(target.storage.column),
+                model=sql.Literal(target.model_id),
+                layer=sql.Literal(layer),
+                dataset=sql.Literal(target.dataset_id),
+                position=sql.Literal(position),
+            )
+            path, rows = (
+                _stored_set(conn, target, position, k)
+                if target.exact_run
+                else _lookup(conn, target, layer, query, position, k, ef_search, exact)
+            )
             return Neighbors(model_name, layer, dataset_name, f"prompt {position}: {target.prompt_text}", path, rows)
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             session.expunge(model)
-    vector = _embed_text(model, layer, text)  # type: ignore[arg-type]
+    assert text is not None  # exactly one of position and text, checked above
+    vector = _embed_text(model, layer, text, models)
     if target.storage.encode(vector[None])[1] is not None:
-        raise InputError(f"the text's activation at layer {layer} exceeds float16's range ({HALF_MAX:.0f}), in which "
-                         f"{model_name} is stored; it has no neighbours there")
-    query = sql.SQL("{}::{}").format(sql.Literal("[" + ",".join(repr(float(v)) for v in vector) + "]"),
-                                     sql.SQL(target.storage.type))
+        raise InputError(
+            f"the text's activation at layer {layer} exceeds float16's range ({HALF_MAX:.0f}), in which "
+            f"{model_name} is stored; it has no neighbours there"
+        )
+    query = sql.SQL("{}::{}").format(
+        sql.Literal("[" + ",".join(repr(float(v)) for v in vector) + "]"), sql.SQL(target.storage.type)
+    )
     with wh.engine.begin() as conn:
         path, rows = _lookup(conn, target, layer, query, None, k, ef_search, exact)
     return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows)
@@ -202,17 +259,32 @@ def _stored_set(conn: sa.Connection, target: _Target, position: int, k: int) -> 
     assert target.exact_run is not None
     run_id, engine = target.exact_run
     cur = raw_connection(conn).cursor()
-    cur.execute(sql.SQL(STORED_SET_SQL).format(dataset=sql.Literal(target.dataset_id), run=sql.Literal(run_id),
-                                               position=sql.Literal(position), k=sql.Literal(k)))
-    return (f"stored k-NN set (run {run_id}, {engine} engine, exact)",
-            [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()])
+    cur.execute(
+        sql.SQL(STORED_SET_SQL).format(
+            dataset=sql.Literal(target.dataset_id),
+            run=sql.Literal(run_id),
+            position=sql.Literal(position),
+            k=sql.Literal(k),
+        )
+    )
+    return (
+        f"stored k-NN set (run {run_id}, {engine} engine, exact)",
+        [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()],
+    )
 
 
-def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composable, position: int | None, k: int,
-            ef_search: int | None, exact: bool) -> tuple[str, list[dict]]:
+def _lookup(
+    conn: sa.Connection,
+    target: _Target,
+    layer: int,
+    query: sql.Composable,
+    position: int | None,
+    k: int,
+    ef_search: int | None,
+    exact: bool,
+) -> tuple[str, list[dict]]:
     """(the path that answered, neighbour rows) for a query vector expression."""
-    plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector,
-                      target.storage)
+    plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector, target.storage)
     cur = raw_connection(conn).cursor()
     limit = k + 1
     if target.indexed and not exact:
@@ -234,20 +306,27 @@ def _lookup(conn: sa.Connection, target: _Target, layer: int, query: sql.Composa
         order = sql.SQL("a.{} <=> {}, a.prompt_id").format(plan.column, query)
         path = "exact scan" + ("" if exact else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
     exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
-    statement = sql.SQL(LOOKUP_SQL).format(query=query, column=plan.column, model=sql.Literal(target.model_id),
-                                           layer=sql.Literal(layer),
-                                           dataset=sql.Literal(target.dataset_id), order=order,
-                                           limit=sql.Literal(limit), exclude=exclude, k=sql.Literal(k))
+    statement = sql.SQL(LOOKUP_SQL).format(
+        query=query,
+        column=plan.column,
+        model=sql.Literal(target.model_id),
+        layer=sql.Literal(layer),
+        dataset=sql.Literal(target.dataset_id),
+        order=order,
+        limit=sql.Literal(limit),
+        exclude=exclude,
+        k=sql.Literal(k),
+    )
     cur.execute(statement)
     return path, [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
 
 
-def _embed_text(model, layer: int, text: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _embed_text(model: Model, layer: int, text: str, models: ModelCache | None) -> np.ndarray:
     """A new text's activation at a layer, extracted with the model's stored settings."""
-    from ingest.extract import Extractor
-    from ingest.runner import open_stored_model, stored_settings
+    from layerbase.ingest.extract import Extractor
+    from layerbase.ingest.runner import open_stored_model, stored_settings
 
-    lm = open_stored_model(model)
+    lm = open_stored_model(model, models=models)
     batch = Extractor(lm, stored_settings(model), include_layer0=layer == 0)([text])
     return np.asarray(batch.vectors[0, batch.layers.index(layer)], dtype=np.float32)
 
@@ -264,11 +343,17 @@ class Overlap:
         return sorted(set(self.first.positions) & set(self.second.positions))
 
     def as_dict(self) -> dict:
-        return {"first": self.first.as_dict(), "second": self.second.as_dict(), "shared": self.shared,
-                "overlap": len(self.shared) / max(1, len(self.first.rows))}
+        return {
+            "first": self.first.as_dict(),
+            "second": self.second.as_dict(),
+            "shared": self.shared,
+            "overlap": len(self.shared) / max(1, len(self.first.rows)),
+        }
 
 
-def overlap(wh: Warehouse, position: int, first: tuple[str, int, str], second: tuple[str, int, str], k: int = 10) -> Overlap:
+def overlap(
+    wh: Warehouse, position: int, first: tuple[str, int, str], second: tuple[str, int, str], k: int = 10
+) -> Overlap:
     """N_k(prompt, model A layer i) vs N_k(prompt, model B layer j); datasets may be parallel."""
     a = nearest(wh, first[0], first[1], first[2], position=position, k=k)
     b = nearest(wh, second[0], second[1], second[2], position=position, k=k)

@@ -1,4 +1,4 @@
-"""Statistics of affinity matrices (Wolfram & Schein 2025; DESIGN.md §4).
+"""Statistics of affinity matrices (Wolfram & Schein 2025; docs/design.md §4).
 
 Matrices are indexed [row layer, column layer], layers 1-based in order, the embedding
 layer already removed.

@@ -1,38 +1,46 @@
 """Figures for reports: affinity heatmaps (rectangular and relative-depth square), the
 mean square matrix, on- vs off-diagonal means, within-model matrices and neighbour lists.
 
-Every function returns a matplotlib Figure; ``save`` writes it as PNG.
+Every function returns a matplotlib Figure; ``save`` writes it as PNG. Figures are made
+without pyplot, so that this module selects no backend and keeps no global figure
+registry: in a notebook a returned Figure shows inline, and a script's figures are freed
+when dropped.
 """
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any, Literal
 
-import matplotlib
+import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from analysis.stats import generalized_diagonal, max_similarity_path  # noqa: E402
+from layerbase.analysis.similarity.stats import generalized_diagonal, max_similarity_path
 
 CMAP = "viridis"
 DPI = 110
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write a figure as PNG and free it."""
+    """Write a figure as PNG."""
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def mask_outline(mask: np.ndarray, x0: float, y0: float, dx: float = 1.0, dy: float = 1.0, **style) -> LineCollection:  # type: ignore[no-untyped-def]
+def _subplots(
+    *grid: int, figsize: tuple[float, float], layout: Literal["constrained", "tight"] | None = None
+) -> tuple[Figure, Any]:
+    """pyplot.subplots without pyplot: a new Figure and its axes."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid)
+
+
+def mask_outline(
+    mask: np.ndarray, x0: float, y0: float, dx: float = 1.0, dy: float = 1.0, **style: Any
+) -> LineCollection:
     """Line segments along the border of the True cells of a [row, col] mask.
 
     Cell (r, c) spans x in [x0 + c dx, x0 + (c + 1) dx] and y in [y0 + r dy, y0 + (r + 1) dy].
@@ -84,19 +92,35 @@ def affinity_heatmap(
     A layer) is drawn. Top and right axes give relative depth.
     """
     n_a, n_b = len(layers_a), len(layers_b)
-    fig, ax = plt.subplots(figsize=heatmap_size(n_a, n_b), layout="constrained")
+    fig, ax = _subplots(figsize=heatmap_size(n_a, n_b), layout="constrained")
     extent = (layers_b[0] - 0.5, layers_b[-1] + 0.5, layers_a[0] - 0.5, layers_a[-1] + 0.5)
-    image = ax.imshow(scores, origin="lower", extent=extent, cmap=CMAP, aspect="auto", vmin=0, vmax=vmax,
-                      interpolation="nearest")
+    image = ax.imshow(
+        scores, origin="lower", extent=extent, cmap=CMAP, aspect="auto", vmin=0, vmax=vmax, interpolation="nearest"
+    )
     bar = fig.colorbar(image, ax=ax, pad=0.02)
     bar.set_label(f"mutual k-NN, k = {k}  (chance {chance:.3f})")
     if diagonal and n_a > 1 and n_b > 1:
-        ax.add_collection(mask_outline(diagonal_mask_for(scores), layers_b[0] - 0.5, layers_a[0] - 0.5,
-                                       colors="white", linewidths=1.2, linestyles="--"))
+        ax.add_collection(
+            mask_outline(
+                diagonal_mask_for(scores),
+                layers_b[0] - 0.5,
+                layers_a[0] - 0.5,
+                colors="white",
+                linewidths=1.2,
+                linestyles="--",
+            )
+        )
     if path:
         best = max_similarity_path(scores)
-        ax.plot([layers_b[j] for j in best], layers_a, color="#ff5a36", marker="o", markersize=3.5, linewidth=1.2,
-                label="max-similarity path")
+        ax.plot(
+            [layers_b[j] for j in best],
+            layers_a,
+            color="#ff5a36",
+            marker="o",
+            markersize=3.5,
+            linewidth=1.2,
+            label="max-similarity path",
+        )
         ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xlabel(f"{name_b} layer")
     ax.set_ylabel(f"{name_a} layer")
@@ -114,18 +138,33 @@ def affinity_heatmap(
     return fig
 
 
-def square_heatmap(square: np.ndarray, title: str, *, label: str = "mutual k-NN", vmax: float | None = None,
-                   name_a: str = "model A", name_b: str = "model B") -> Figure:
+def square_heatmap(
+    square: np.ndarray,
+    title: str,
+    *,
+    label: str = "mutual k-NN",
+    vmax: float | None = None,
+    name_a: str = "model A",
+    name_b: str = "model B",
+) -> Figure:
     """A matrix on a relative-depth grid (0..1 on both axes) with the y = x line and the path."""
     size = square.shape[0]
-    fig, ax = plt.subplots(figsize=(5.4, 4.4))
-    image = ax.imshow(square, origin="lower", extent=(0, 1, 0, 1), cmap=CMAP, vmin=0, vmax=vmax,
-                      interpolation="nearest")
+    fig, ax = _subplots(figsize=(5.4, 4.4))
+    image = ax.imshow(
+        square, origin="lower", extent=(0, 1, 0, 1), cmap=CMAP, vmin=0, vmax=vmax, interpolation="nearest"
+    )
     fig.colorbar(image, ax=ax).set_label(label)
     ax.plot([0, 1], [0, 1], color="white", linestyle="--", linewidth=1, label="equal relative depth")
     centres = (np.arange(size) + 0.5) / size
-    ax.plot(centres[max_similarity_path(square)], centres, color="#ff5a36", marker="o", markersize=2.5,
-            linewidth=1, label="max-similarity path")
+    ax.plot(
+        centres[max_similarity_path(square)],
+        centres,
+        color="#ff5a36",
+        marker="o",
+        markersize=2.5,
+        linewidth=1,
+        label="max-similarity path",
+    )
     ax.set_xlabel(f"{name_b} relative depth")
     ax.set_ylabel(f"{name_a} relative depth")
     ax.set_title(title, fontsize=10)
@@ -135,7 +174,7 @@ def square_heatmap(square: np.ndarray, title: str, *, label: str = "mutual k-NN"
 
 def on_off_scatter(points: list[tuple[str, float, float]], chance: float | None = None) -> Figure:
     """One point per model pair: off-diagonal mean (x) vs on-diagonal mean (y)."""
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, ax = _subplots(figsize=(5.2, 4.6))
     xs = [p[1] for p in points]
     ys = [p[2] for p in points]
     top = max(xs + ys + [chance or 0]) * 1.15 or 1.0
@@ -162,7 +201,7 @@ def neighbour_lists(query: str, panels: list[tuple[str, list[tuple[int, str]], s
     ``panels``: (title, [(position, text)], shared positions).
     """
     rows = max(len(p[1]) for p in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 1.3 + 0.36 * rows))
+    fig, axes = _subplots(1, len(panels), figsize=(5.6 * len(panels), 1.3 + 0.36 * rows))
     axes = np.atleast_1d(axes)
     fig.suptitle(textwrap.shorten("Prompt: " + query.replace("\n", " "), 150), fontsize=9, y=0.995)
     for ax, (title, items, shared) in zip(axes, panels):
@@ -170,9 +209,16 @@ def neighbour_lists(query: str, panels: list[tuple[str, list[tuple[int, str]], s
         ax.set_title(title, fontsize=9)
         for i, (position, text) in enumerate(items):
             hit = position in shared
-            ax.text(0.0, 1 - (i + 0.8) / rows, f"{i + 1:>2}. [{position}] " + textwrap.shorten(text.replace("\n", " "), 60),
-                    fontsize=7.5, family="monospace", transform=ax.transAxes,
-                    color="#b3261e" if hit else "#222222", weight="bold" if hit else "normal")
+            ax.text(
+                0.0,
+                1 - (i + 0.8) / rows,
+                f"{i + 1:>2}. [{position}] " + textwrap.shorten(text.replace("\n", " "), 60),
+                fontsize=7.5,
+                family="monospace",
+                transform=ax.transAxes,
+                color="#b3261e" if hit else "#222222",
+                weight="bold" if hit else "normal",
+            )
     fig.text(0.5, 0.005, "red, bold: in both neighbour sets", ha="center", fontsize=7, color="#b3261e")
     return fig
 
@@ -180,24 +226,32 @@ def neighbour_lists(query: str, panels: list[tuple[str, list[tuple[int, str]], s
 def model_matrix(matrix: np.ndarray, names: list[str], title: str, label: str = "Pearson r") -> Figure:
     """A symmetric model x model matrix with the values written in the cells."""
     size = len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * size, 1.2 + 0.9 * size))
+    fig, ax = _subplots(figsize=(1.6 + 1.1 * size, 1.2 + 0.9 * size))
     image = ax.imshow(matrix, cmap=CMAP, vmin=min(0.0, float(matrix.min())), vmax=1.0)
     fig.colorbar(image, ax=ax).set_label(label)
     ax.set_xticks(range(size), names, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(size), names, fontsize=8)
     for i in range(size):
         for j in range(size):
-            ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=8,
-                    color="black" if matrix[i, j] > 0.6 else "white")
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]:.3f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if matrix[i, j] > 0.6 else "white",
+            )
     ax.set_title(title, fontsize=10)
     return fig
 
 
-def local_geometry(id_a: np.ndarray, id_b: np.ndarray, errors: dict[str, np.ndarray], name_a: str, name_b: str,
-                   title: str) -> Figure:
+def local_geometry(
+    id_a: np.ndarray, id_b: np.ndarray, errors: dict[str, np.ndarray], name_a: str, name_b: str, title: str
+) -> Figure:
     """Left: intrinsic dimension of each token in A vs B. Right: distributions of the
     relative reconstruction error of B's tokens under each choice of weights."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.3))
+    fig, (left, right) = _subplots(1, 2, figsize=(10.5, 4.3))
     rng = np.random.default_rng(0)
     jitter = lambda n: rng.uniform(-0.3, 0.3, n)  # noqa: E731 - integer IDs overlap without it
     left.scatter(id_a + jitter(len(id_a)), id_b + jitter(len(id_b)), s=4, alpha=0.35, color="#3b6fb6")
@@ -208,8 +262,14 @@ def local_geometry(id_a: np.ndarray, id_b: np.ndarray, errors: dict[str, np.ndar
     left.set_title("Per-token intrinsic dimension", fontsize=9)
     bins = np.linspace(0, max(float(np.percentile(np.concatenate(list(errors.values())), 99.5)), 1e-6), 60)
     for (label, values), colour in zip(errors.items(), ["#2e7d32", "#3b6fb6", "#ff5a36", "#888888"]):
-        right.hist(values, bins=bins, histtype="step", linewidth=1.4, color=colour,
-                   label=f"{label} (median {np.median(values):.3f})")
+        right.hist(
+            values,
+            bins=bins,
+            histtype="step",
+            linewidth=1.4,
+            color=colour,
+            label=f"{label} (median {np.median(values):.3f})",
+        )
     right.set_xlabel(f"relative error reconstructing {name_b}'s token")
     right.set_ylabel("tokens")
     right.set_title("LLE reconstruction in B", fontsize=9)
@@ -223,17 +283,23 @@ def steering_sweep(rows: list[dict], title: str) -> Figure:
     """Mean log-odds shift against the coefficient: the vector, and the random controls'
     mean and range."""
     coefficients = np.array([r["coefficient"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = _subplots(figsize=(6.2, 4.2))
     ax.axhline(0, color="grey", linewidth=0.8)
     shift = np.array([r["vector_shift"] for r in rows])
     sd = np.array([r["vector_sd"] for r in rows])
     ax.plot(coefficients, shift, marker="o", color="#b3261e", label="steering vector (± sd over prompts)")
     ax.fill_between(coefficients, shift - sd, shift + sd, color="#b3261e", alpha=0.12)
     if rows and rows[0]["random_mean"] is not None:
-        ax.plot(coefficients, [r["random_mean"] for r in rows], marker="s", color="#555555",
-                label="random vectors, same norm (mean, range)")
-        ax.fill_between(coefficients, [r["random_min"] for r in rows], [r["random_max"] for r in rows],
-                        color="#555555", alpha=0.15)
+        ax.plot(
+            coefficients,
+            [r["random_mean"] for r in rows],
+            marker="s",
+            color="#555555",
+            label="random vectors, same norm (mean, range)",
+        )
+        ax.fill_between(
+            coefficients, [r["random_min"] for r in rows], [r["random_max"] for r in rows], color="#555555", alpha=0.15
+        )
     ax.set_xlabel("coefficient")
     ax.set_ylabel("shift in log-odds, positive vs negative targets")
     ax.set_title(title, fontsize=10)

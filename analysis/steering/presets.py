@@ -67,10 +67,30 @@ EVALUATION_PROMPTS = [
     "This phone is",
 ]
 
-POSITIVE_WORDS = [" good", " great", " wonderful", " excellent", " amazing", " happy", " beautiful", " lovely",
-                  " fantastic", " perfect"]
-NEGATIVE_WORDS = [" bad", " terrible", " awful", " horrible", " poor", " sad", " ugly", " boring",
-                  " disappointing", " worst"]
+POSITIVE_WORDS = [
+    " good",
+    " great",
+    " wonderful",
+    " excellent",
+    " amazing",
+    " happy",
+    " beautiful",
+    " lovely",
+    " fantastic",
+    " perfect",
+]
+NEGATIVE_WORDS = [
+    " bad",
+    " terrible",
+    " awful",
+    " horrible",
+    " poor",
+    " sad",
+    " ugly",
+    " boring",
+    " disappointing",
+    " worst",
+]
 
 PRESETS = {
     "sentiment": (POSITIVE_PROMPTS, NEGATIVE_PROMPTS),

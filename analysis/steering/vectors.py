@@ -11,29 +11,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from analysis.steering_presets import EVALUATION_PROMPTS, NEGATIVE_WORDS, POSITIVE_WORDS, PRESETS
-from analysis.vectors import layer_vectors
-from ingest.datasets import dataset_prompts, validate_name
-from ingest.extract import Extractor
-from ingest.loading import LoadedModel
-from ingest.runner import open_stored_model, stored_settings
-from warehouse.engine import Warehouse
-from warehouse.errors import InputError
-from warehouse.lookup import get_dataset, get_model, get_vector
-from warehouse.models import Model, SteeringEval, SteeringEvalPoint, SteeringVector
+from layerbase.analysis.steering.presets import EVALUATION_PROMPTS, NEGATIVE_WORDS, POSITIVE_WORDS, PRESETS
+from layerbase.analysis.vectors import layer_vectors
+from layerbase.ingest.datasets import dataset_prompts, validate_name
+from layerbase.ingest.extract import Extractor
+from layerbase.ingest.loading import LoadedModel
+from layerbase.ingest.runner import open_stored_model, stored_settings
+from layerbase.warehouse.engine import Warehouse
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.lookup import get_dataset, get_model, get_vector
+from layerbase.warehouse.models import Model, SteeringEval, SteeringEvalPoint, SteeringVector
+
+if TYPE_CHECKING:
+    from layerbase.ingest.model_cache import ModelCache
 
 TOKEN_RULES = ("last", "mean")
 
 
 # ------------------------------------------------------------------- prompt sets
+
 
 @dataclass
 class PromptSource:
@@ -45,12 +50,23 @@ class PromptSource:
 
     def provenance(self) -> dict[str, Any]:
         digest = hashlib.sha256("\n".join(self.texts).encode()).hexdigest()
-        return {"source": self.label, "dataset": self.dataset, "count": len(self.texts), "sha256": digest,
-                "texts": self.texts}
+        return {
+            "source": self.label,
+            "dataset": self.dataset,
+            "count": len(self.texts),
+            "sha256": digest,
+            "texts": self.texts,
+        }
 
 
-def prompt_source(wh: Warehouse, *, dataset: str | None = None, file: Path | None = None,
-                  preset: str | None = None, what: str = "prompts") -> PromptSource:
+def prompt_source(
+    wh: Warehouse,
+    *,
+    dataset: str | None = None,
+    file: Path | None = None,
+    preset: str | None = None,
+    what: str = "prompts",
+) -> PromptSource:
     """Exactly one of a stored dataset, a text file (one prompt per line) or a built-in set."""
     given = [x is not None for x in (dataset, file, preset)]
     if sum(given) != 1:
@@ -69,7 +85,8 @@ def prompt_source(wh: Warehouse, *, dataset: str | None = None, file: Path | Non
         if not texts:
             raise InputError(f"the {what} file {file} holds no prompts (one per line)")
         return PromptSource(f"file {Path(file).name}", texts)
-    return PromptSource(f"preset {preset}", list(preset_texts(preset, what)))  # type: ignore[arg-type]
+    assert preset is not None  # exactly one of the three was given
+    return PromptSource(f"preset {preset}", list(preset_texts(preset, what)))
 
 
 def preset_texts(preset: str, what: str) -> list[str]:
@@ -85,17 +102,21 @@ def preset_texts(preset: str, what: str) -> list[str]:
 
 # ------------------------------------------------------------------ activations
 
-def extract_layer(lm: LoadedModel, model: Model, texts: list[str], layer: int, token_rule: str,
-                  batch_size: int = 16) -> np.ndarray:
+
+def extract_layer(
+    lm: LoadedModel, model: Model, texts: list[str], layer: int, token_rule: str, batch_size: int = 16
+) -> np.ndarray:
     """[n, width] activations of texts at a layer, pooled by the token rule, with the
     model's stored extraction settings otherwise."""
     extractor = Extractor(lm, stored_settings(model, pooling=token_rule))
     index = extractor.layers.index(layer)
-    out = [extractor(texts[i:i + batch_size]).vectors[:, index] for i in range(0, len(texts), batch_size)]
+    out = [extractor(texts[i : i + batch_size]).vectors[:, index] for i in range(0, len(texts), batch_size)]
     return np.concatenate(out).astype(np.float32)
 
 
-def _stored_activations(wh: Warehouse, model: Model, layer: int, source: PromptSource, token_rule: str) -> np.ndarray | None:
+def _stored_activations(
+    wh: Warehouse, model: Model, layer: int, source: PromptSource, token_rule: str
+) -> np.ndarray | None:
     """The dataset's stored activations at the layer, when they were pooled by the token rule."""
     if source.dataset is None or model.pooling != token_rule:
         return None
@@ -115,11 +136,14 @@ def check_layer(model: Model, layer: int) -> None:
 def check_width(vector: np.ndarray, model: Model, name: str, fix: str | None = None) -> None:
     if vector.shape[-1] != model.width:
         fix = fix or f"map it into {model.name} with `layerbase steer transfer {name} --to {model.name}`"
-        raise InputError(f"steering vector {name!r} is {vector.shape[-1]} wide but {model.name}'s residual stream is "
-                         f"{model.width} wide; {fix}")
+        raise InputError(
+            f"steering vector {name!r} is {vector.shape[-1]} wide but {model.name}'s residual stream is "
+            f"{model.width} wide; {fix}"
+        )
 
 
 # ------------------------------------------------------------------------ make
+
 
 @dataclass
 class VectorInfo:
@@ -145,8 +169,19 @@ def check_new_name(session: Session, name: str) -> None:
         raise InputError(f"a steering vector named {name!r} exists; vectors are immutable, so choose another --name")
 
 
-def make_vector(wh: Warehouse, model_name: str, layer: int, positive: PromptSource, negative: PromptSource, *,
-                name: str, token_rule: str = "last", device: str | None = None, batch_size: int = 16) -> VectorInfo:
+def make_vector(
+    wh: Warehouse,
+    model_name: str,
+    layer: int,
+    positive: PromptSource,
+    negative: PromptSource,
+    *,
+    name: str,
+    token_rule: str = "last",
+    device: str | None = None,
+    batch_size: int = 16,
+    models: ModelCache | None = None,
+) -> VectorInfo:
     """Mean difference of the positive and negative prompts' activations at a layer; stored."""
     if token_rule not in TOKEN_RULES:
         raise InputError(f"unknown token rule {token_rule!r}; use last or mean")
@@ -161,10 +196,13 @@ def make_vector(wh: Warehouse, model_name: str, layer: int, positive: PromptSour
     found = [_stored_activations(wh, model, layer, side, token_rule) for side in (positive, negative)]
     lm = None
     if any(f is None for f in found):
-        lm = open_stored_model(model, device=device)
-        found = [f if f is not None else extract_layer(lm, model, side.texts, layer, token_rule, batch_size)
-                 for f, side in zip(found, (positive, negative))]
+        lm = open_stored_model(model, device=device, models=models)
+        found = [
+            f if f is not None else extract_layer(lm, model, side.texts, layer, token_rule, batch_size)
+            for f, side in zip(found, (positive, negative))
+        ]
     pos, neg = found
+    assert pos is not None and neg is not None  # each side read from storage or extracted above
     vector = pos.mean(axis=0) - neg.mean(axis=0)
     if not np.isfinite(vector).all() or not np.linalg.norm(vector) > 0:
         raise InputError("the two prompt sets give the same mean activation; use sets that differ")
@@ -172,18 +210,41 @@ def make_vector(wh: Warehouse, model_name: str, layer: int, positive: PromptSour
     source = "model run" if lm is not None else "stored activations"
     hook_site = lm.hook_site if lm is not None else model.hook_site
     with wh.engine.begin() as conn:
-        vector_id = conn.execute(sa.insert(SteeringVector).values(
-            name=name, model_id=model.id, layer=layer, hook_site=hook_site, token_rule=token_rule,
-            method="mean-difference", positive=positive.provenance() | {"activations": source},
-            negative=negative.provenance() | {"activations": source}, norm=float(np.linalg.norm(vector)),
-            activation_norm=activation_norm, vec=vector.astype(np.float32),
-        ).returning(SteeringVector.id)).scalar_one()
-    return VectorInfo(vector_id, name, model_name, layer, "mean-difference", token_rule, float(np.linalg.norm(vector)),
-                      activation_norm, len(positive.texts), len(negative.texts), source)
+        vector_id = conn.execute(
+            sa.insert(SteeringVector)
+            .values(
+                name=name,
+                model_id=model.id,
+                layer=layer,
+                hook_site=hook_site,
+                token_rule=token_rule,
+                method="mean-difference",
+                positive=positive.provenance() | {"activations": source},
+                negative=negative.provenance() | {"activations": source},
+                norm=float(np.linalg.norm(vector)),
+                activation_norm=activation_norm,
+                vec=vector.astype(np.float32),
+            )
+            .returning(SteeringVector.id)
+        ).scalar_one()
+    return VectorInfo(
+        vector_id,
+        name,
+        model_name,
+        layer,
+        "mean-difference",
+        token_rule,
+        float(np.linalg.norm(vector)),
+        activation_norm,
+        len(positive.texts),
+        len(negative.texts),
+        source,
+    )
 
 
-def import_vector(wh: Warehouse, model_name: str, layer: int, path: Path, *, name: str,
-                  token_rule: str = "last") -> VectorInfo:
+def import_vector(
+    wh: Warehouse, model_name: str, layer: int, path: Path, *, name: str, token_rule: str = "last"
+) -> VectorInfo:
     """Store a vector from a .npy or .pt file (a researcher's own) for a model and layer."""
     try:
         if Path(path).suffix == ".npy":
@@ -206,11 +267,25 @@ def import_vector(wh: Warehouse, model_name: str, layer: int, path: Path, *, nam
         model = get_model(session, model_name)
         check_new_name(session, name)
         check_layer(model, layer)
-        check_width(vector, model, name, fix=f"import it for the model it was made in, then `layerbase steer transfer` "
-                                            f"it to {model_name}")
-        row = SteeringVector(name=name, model_id=model.id, layer=layer, hook_site=model.hook_site, token_rule=token_rule,
-                             method="imported", positive={"source": f"imported from {Path(path).name}"},
-                             negative=None, norm=float(np.linalg.norm(vector)), activation_norm=0.0, vec=vector)
+        check_width(
+            vector,
+            model,
+            name,
+            fix=f"import it for the model it was made in, then `layerbase steer transfer` it to {model_name}",
+        )
+        row = SteeringVector(
+            name=name,
+            model_id=model.id,
+            layer=layer,
+            hook_site=model.hook_site,
+            token_rule=token_rule,
+            method="imported",
+            positive={"source": f"imported from {Path(path).name}"},
+            negative=None,
+            norm=float(np.linalg.norm(vector)),
+            activation_norm=0.0,
+            vec=vector,
+        )
         session.add(row)
         session.commit()
         return VectorInfo(row.id, name, model_name, layer, row.method, token_rule, row.norm, 0.0, 0, 0, "file")
@@ -218,23 +293,35 @@ def import_vector(wh: Warehouse, model_name: str, layer: int, path: Path, *, nam
 
 def load_vector(session: Session, name: str) -> tuple[SteeringVector, Model, np.ndarray]:
     row = get_vector(session, name)
-    model = session.get(Model, row.model_id)
-    return row, model, np.asarray(row.vec, dtype=np.float32)  # type: ignore[return-value]
+    model = session.get_one(Model, row.model_id)
+    return row, model, np.asarray(row.vec, dtype=np.float32)
 
 
 def list_vectors(wh: Warehouse) -> list[dict[str, Any]]:
     with Session(wh.engine) as session:
         rows = session.execute(
-            sa.select(SteeringVector, Model.name).join(Model, Model.id == SteeringVector.model_id)
+            sa.select(SteeringVector, Model.name)
+            .join(Model, Model.id == SteeringVector.model_id)
             .order_by(SteeringVector.id)
         ).all()
-        return [{"name": v.name, "model": m, "layer": v.layer, "method": v.method, "token_rule": v.token_rule,
-                 "norm": round(v.norm, 3), "activation_norm": round(v.activation_norm, 3),
-                 "from": (v.positive or {}).get("source", ""), "created_at": v.created_at.isoformat(timespec="seconds")}
-                for v, m in rows]
+        return [
+            {
+                "name": v.name,
+                "model": m,
+                "layer": v.layer,
+                "method": v.method,
+                "token_rule": v.token_rule,
+                "norm": round(v.norm, 3),
+                "activation_norm": round(v.activation_norm, 3),
+                "from": (v.positive or {}).get("source", ""),
+                "created_at": v.created_at.isoformat(timespec="seconds"),
+            }
+            for v, m in rows
+        ]
 
 
 # -------------------------------------------------------------------- steering
+
 
 @contextlib.contextmanager
 def added_to_residual(lm: LoadedModel, layer: int, delta: np.ndarray | None) -> Iterator[None]:
@@ -248,7 +335,7 @@ def added_to_residual(lm: LoadedModel, layer: int, delta: np.ndarray | None) -> 
     param = next(lm.model.parameters())
     shift = torch.as_tensor(delta, dtype=param.dtype, device=param.device)
 
-    def hook(module, args, output):  # type: ignore[no-untyped-def]
+    def hook(module: Any, args: Any, output: Any) -> Any:
         if isinstance(output, tuple):
             return (output[0] + shift,) + output[1:]
         return output + shift
@@ -260,9 +347,21 @@ def added_to_residual(lm: LoadedModel, layer: int, delta: np.ndarray | None) -> 
         handle.remove()
 
 
-def generate(wh: Warehouse, vector_name: str, prompt: str, *, coefficient: float = 1.0, max_new_tokens: int = 40,
-             sample: bool = False, seed: int = 0, temperature: float = 1.0, model_name: str | None = None,
-             layer: int | None = None, device: str | None = None) -> dict[str, Any]:
+def generate(
+    wh: Warehouse,
+    vector_name: str,
+    prompt: str,
+    *,
+    coefficient: float = 1.0,
+    max_new_tokens: int = 40,
+    sample: bool = False,
+    seed: int = 0,
+    temperature: float = 1.0,
+    model_name: str | None = None,
+    layer: int | None = None,
+    device: str | None = None,
+    models: ModelCache | None = None,
+) -> dict[str, Any]:
     """The model's continuation of a prompt, unsteered and with the vector added."""
     import torch
 
@@ -278,28 +377,42 @@ def generate(wh: Warehouse, vector_name: str, prompt: str, *, coefficient: float
         session.expunge_all()
     if model.kind != "causal":
         raise InputError(f"{model.name} is an encoder; steering generation needs a causal language model")
-    lm = open_stored_model(model, device=device)
+    lm = open_stored_model(model, device=device, models=models)
     tok = lm.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True) \
-        if model.chat_template else prompt
+    text = (
+        tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        if model.chat_template
+        else prompt
+    )
     enc = tok(text, return_tensors="pt", add_special_tokens=not model.chat_template).to(lm.device)
     outputs = {}
     for label, delta in (("unsteered", None), ("steered", coefficient * vector)):
         torch.manual_seed(seed)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sample,
-                                  "pad_token_id": tok.pad_token_id or tok.eos_token_id}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sample,
+            "pad_token_id": tok.pad_token_id or tok.eos_token_id,
+        }
         if sample:
             kwargs["temperature"] = temperature
         else:  # greedy: clear sampling defaults a generation config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         with added_to_residual(lm, layer, delta), torch.inference_mode():
             out = lm.model.generate(**enc, **kwargs)
-        outputs[label] = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"vector": vector_name, "model": model.name, "layer": layer, "coefficient": coefficient,
-            "prompt": prompt, "decoding": "sampled" if sample else "greedy", **outputs}
+        outputs[label] = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return {
+        "vector": vector_name,
+        "model": model.name,
+        "layer": layer,
+        "coefficient": coefficient,
+        "prompt": prompt,
+        "decoding": "sampled" if sample else "greedy",
+        **outputs,
+    }
 
 
 # ------------------------------------------------------------------- evaluation
+
 
 def target_ids(tokenizer: Any, words: list[str]) -> list[int]:
     """The first token of each target word (as written, so ' good' keeps its space)."""
@@ -322,7 +435,7 @@ def next_token_logprobs(lm: LoadedModel, texts: list[str], batch_size: int = 16)
     tok.padding_side = "right"
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True).to(lm.device)
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True).to(lm.device)
         with torch.inference_mode():
             logits = lm.model(**enc, use_cache=False).logits
         last = enc["attention_mask"].sum(dim=1) - 1
@@ -350,6 +463,7 @@ class EvalResult:
     points: list[dict[str, Any]]
     targets: dict[str, Any]
     seconds: float
+    prompts_label: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -360,10 +474,16 @@ class EvalResult:
         for c in sorted({p["coefficient"] for p in self.points}):
             vec = [p for p in self.points if p["coefficient"] == c and p["control"] == "vector"][0]
             rand = [p["shift_logodds"] for p in self.points if p["coefficient"] == c and p["control"] == "random"]
-            rows.append({"coefficient": c, "vector_shift": vec["shift_logodds"], "vector_sd": vec["sd_logodds"],
-                         "random_mean": float(np.mean(rand)) if rand else None,
-                         "random_min": float(np.min(rand)) if rand else None,
-                         "random_max": float(np.max(rand)) if rand else None})
+            rows.append(
+                {
+                    "coefficient": c,
+                    "vector_shift": vec["shift_logodds"],
+                    "vector_sd": vec["sd_logodds"],
+                    "random_mean": float(np.mean(rand)) if rand else None,
+                    "random_min": float(np.min(rand)) if rand else None,
+                    "random_max": float(np.max(rand)) if rand else None,
+                }
+            )
         return rows
 
 
@@ -377,9 +497,21 @@ def parse_coefficients(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive_words: list[str] | None = None,
-             negative_words: list[str] | None = None, coefficients: list[float] | None = None, n_random: int = 3,
-             seed: int = 0, batch_size: int = 16, device: str | None = None, progress: bool = True) -> EvalResult:
+def evaluate(
+    wh: Warehouse,
+    vector_name: str,
+    prompts: PromptSource,
+    *,
+    positive_words: list[str] | None = None,
+    negative_words: list[str] | None = None,
+    coefficients: list[float] | None = None,
+    n_random: int = 3,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+    models: ModelCache | None = None,
+) -> EvalResult:
     """Mean log-odds shift of positive vs negative target tokens over a prompt set, per
     coefficient, for the vector and for ``n_random`` random vectors of the same norm."""
     started = time.perf_counter()
@@ -397,7 +529,7 @@ def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive
         session.expunge_all()
     if model.kind != "causal":
         raise InputError(f"{model.name} is an encoder; target-token log-probabilities need a causal language model")
-    lm = open_stored_model(model, device=device)
+    lm = open_stored_model(model, device=device, models=models)
     pos_ids, neg_ids = target_ids(lm.tokenizer, positive_words), target_ids(lm.tokenizer, negative_words)
     if set(pos_ids) & set(neg_ids):
         raise InputError("the positive and negative target words share a first token; choose distinct words")
@@ -409,12 +541,16 @@ def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive
         with added_to_residual(lm, layer, delta):
             return _logodds(next_token_logprobs(lm, prompts.texts, batch_size), pos_ids, neg_ids)
 
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
-    runs = [(c, control, replicate, direction) for c in coefficients
-            for control, replicate, direction in [("vector", 0, vector)] + [("random", i, r) for i, r in enumerate(randoms)]]
-    bar = tqdm(total=len(runs) + 1, desc=f"evaluate {vector_name}", unit="pass", disable=not progress,
-               dynamic_ncols=True)
+    runs = [
+        (c, control, replicate, direction)
+        for c in coefficients
+        for control, replicate, direction in [("vector", 0, vector)] + [("random", i, r) for i, r in enumerate(randoms)]
+    ]
+    bar = tqdm(
+        total=len(runs) + 1, desc=f"evaluate {vector_name}", unit="pass", disable=not progress, dynamic_ncols=True
+    )
     base, base_pos, base_neg = logodds(None)
     bar.update()
     points = []
@@ -422,20 +558,53 @@ def evaluate(wh: Warehouse, vector_name: str, prompts: PromptSource, *, positive
         lo, lp, ln = logodds(coefficient * direction)
         bar.update()
         shift = lo - base
-        points.append({"control": control, "replicate": replicate, "coefficient": coefficient,
-                       "shift_logodds": float(shift.mean()),
-                       "sd_logodds": float(shift.std(ddof=1)) if len(shift) > 1 else 0.0,
-                       "shift_positive": float((lp - base_pos).mean()),
-                       "shift_negative": float((ln - base_neg).mean()), "n_prompts": len(shift)})
+        points.append(
+            {
+                "control": control,
+                "replicate": replicate,
+                "coefficient": coefficient,
+                "shift_logodds": float(shift.mean()),
+                "sd_logodds": float(shift.std(ddof=1)) if len(shift) > 1 else 0.0,
+                "shift_positive": float((lp - base_pos).mean()),
+                "shift_negative": float((ln - base_neg).mean()),
+                "n_prompts": len(shift),
+            }
+        )
     bar.close()
-    targets = {"positive_words": positive_words, "negative_words": negative_words,
-               "positive_ids": pos_ids, "negative_ids": neg_ids, "rule": "first token of each word"}
+    targets = {
+        "positive_words": positive_words,
+        "negative_words": negative_words,
+        "positive_ids": pos_ids,
+        "negative_ids": neg_ids,
+        "rule": "first token of each word",
+    }
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
-        eval_id = conn.execute(sa.insert(SteeringEval).values(
-            vector_id=vector_id, layer=layer, prompts=prompts.provenance(), targets=targets, coefficients=coefficients,
-            n_random=n_random, seed=seed, baseline_logodds=float(base.mean()), seconds=seconds,
-        ).returning(SteeringEval.id)).scalar_one()
+        eval_id = conn.execute(
+            sa.insert(SteeringEval)
+            .values(
+                vector_id=vector_id,
+                layer=layer,
+                prompts=prompts.provenance(),
+                targets=targets,
+                coefficients=coefficients,
+                n_random=n_random,
+                seed=seed,
+                baseline_logodds=float(base.mean()),
+                seconds=seconds,
+            )
+            .returning(SteeringEval.id)
+        ).scalar_one()
         conn.execute(sa.insert(SteeringEvalPoint), [{"eval_id": eval_id, **p} for p in points])
-    return EvalResult(eval_id, vector_name, model.name, layer, len(prompts.texts), float(base.mean()), points, targets,
-                      seconds)
+    return EvalResult(
+        eval_id,
+        vector_name,
+        model.name,
+        layer,
+        len(prompts.texts),
+        float(base.mean()),
+        points,
+        targets,
+        seconds,
+        prompts.label,
+    )

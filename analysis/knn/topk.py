@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from warehouse.errors import InputError
+from layerbase.warehouse.errors import InputError
 
 BLOCK_BYTES = 64 << 20  # similarities held at once
 BLOCK_ROWS = 256  # query rows per block at most
@@ -50,8 +50,14 @@ def _similarities(queries: np.ndarray, data: np.ndarray, device: str | None) -> 
     return queries @ data.T
 
 
-def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None,
-               queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    x: np.ndarray,
+    k: int,
+    *,
+    device: str | None = None,
+    block_rows: int | None = None,
+    queries: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(indices [q, k], cosine distances [q, k]) of each query row's k nearest other rows.
 
     Queries are all rows, or the row indices given. Self is excluded; distances are
@@ -61,13 +67,19 @@ def exact_topk(x: np.ndarray, k: int, *, device: str | None = None, block_rows: 
     out_idx = np.empty((n_queries, k), dtype=np.int64)
     out_dist = np.empty((n_queries, k), dtype=np.float32)
     for start, idx, dist in topk_blocks(x, k, device=device, block_rows=block_rows, queries=queries):
-        out_idx[start:start + len(idx)] = idx
-        out_dist[start:start + len(idx)] = dist
+        out_idx[start : start + len(idx)] = idx
+        out_dist[start : start + len(idx)] = dist
     return out_idx, out_dist
 
 
-def topk_blocks(x: np.ndarray, k: int, *, device: str | None = None, block_rows: int | None = None,
-                queries: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def topk_blocks(
+    x: np.ndarray,
+    k: int,
+    *,
+    device: str | None = None,
+    block_rows: int | None = None,
+    queries: np.ndarray | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``exact_topk`` one block of query rows at a time: (first query row, indices, distances).
 
     Blocks hold at most BLOCK_ROWS rows, so that a consumer can store one block while the

@@ -8,7 +8,7 @@
   dimension (principal components of its neighbourhood needed to explain a variance
   share), correlated across models.
 
-Tokens are matched by their decoded text (DESIGN.md §4): a text that several ids of
+Tokens are matched by their decoded text (docs/design.md §4): a text that several ids of
 one vocabulary decode to is ambiguous and left out, as are special tokens and texts
 that do not decode alone (byte pieces decode to U+FFFD). Embeddings are read from the
 ``token_embedding`` table that ``layerbase embeddings export`` fills. LLE and the
@@ -27,12 +27,12 @@ import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from analysis.topk import exact_topk, normalize
-from warehouse.copy import read_positions_and_vectors
-from warehouse.engine import Warehouse, raw_connection
-from warehouse.errors import InputError, NotFoundError
-from warehouse.lookup import get_model
-from warehouse.models import GeometryGlobal, GeometryLocalRun, GeometryLocalToken, TokenEmbedding
+from layerbase.analysis.knn.topk import exact_topk, normalize
+from layerbase.warehouse.copy import read_positions_and_vectors
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.errors import InputError, NotFoundError
+from layerbase.warehouse.lookup import get_model
+from layerbase.warehouse.models import GeometryGlobal, GeometryLocalRun, GeometryLocalToken, TokenEmbedding
 
 MATRICES = ("input", "output")
 UNDECODABLE = "\ufffd"
@@ -67,13 +67,23 @@ def load_token_matrix(wh: Warehouse, model_name: str, matrix: str = "input") -> 
         if not rows:
             if matrix == "output" and tied:
                 raise InputError(f"{model_name}'s unembedding is tied to its input embedding; use --matrix input")
-            raise NotFoundError(f"no {matrix} token embeddings of {model_name} are stored; "
-                                f"run `layerbase embeddings export --model {model_name}` first")
-        query = sql.SQL("SELECT token_id, vec FROM token_embedding WHERE model_id = {} AND matrix = {} "
-                        "ORDER BY token_id").format(sql.Literal(model_id), sql.Literal(matrix))
+            raise NotFoundError(
+                f"no {matrix} token embeddings of {model_name} are stored; "
+                f"run `layerbase embeddings export --model {model_name}` first"
+            )
+        query = sql.SQL(
+            "SELECT token_id, vec FROM token_embedding WHERE model_id = {} AND matrix = {} ORDER BY token_id"
+        ).format(sql.Literal(model_id), sql.Literal(matrix))
         ids, vectors = read_positions_and_vectors(raw_connection(conn).cursor(), query)
-    return TokenMatrix(model_name, model_id, matrix, ids, [r.text for r in rows],
-                       np.array([r.special for r in rows], dtype=bool), vectors)
+    return TokenMatrix(
+        model_name,
+        model_id,
+        matrix,
+        ids,
+        [r.text for r in rows],
+        np.array([r.special for r in rows], dtype=bool),
+        vectors,
+    )
 
 
 @dataclass
@@ -119,9 +129,12 @@ def match_tokens(a: TokenMatrix, b: TokenMatrix) -> Matching:
     rows_b = np.array([unique_b[text] for _, text in shared], dtype=np.int64)
     stats = {
         "rule": "identical decoded text; special, empty, undecodable and ambiguous tokens left out",
-        "vocab_a": len(a.texts), "vocab_b": len(b.texts),
-        "usable_a": len(unique_a), "usable_b": len(unique_b),
-        "dropped_a": dropped_a, "dropped_b": dropped_b,
+        "vocab_a": len(a.texts),
+        "vocab_b": len(b.texts),
+        "usable_a": len(unique_a),
+        "usable_b": len(unique_b),
+        "dropped_a": dropped_a,
+        "dropped_b": dropped_b,
         "shared": len(shared),
     }
     if not shared:
@@ -148,11 +161,15 @@ def sample_rows(n: int, size: int | None, seed: int, rule: str = "uniform") -> n
 
 
 def sample_description(rule: str, seed: int) -> str:
-    return (f"uniform without replacement, seed {seed}" if rule == "uniform"
-            else "the lowest token ids of model A (the most frequent BPE pieces)")
+    return (
+        f"uniform without replacement, seed {seed}"
+        if rule == "uniform"
+        else "the lowest token ids of model A (the most frequent BPE pieces)"
+    )
 
 
 # ---------------------------------------------------------------- global geometry
+
 
 def cosine_similarity_upper(x: np.ndarray) -> np.ndarray:
     """The strict upper triangle of x's row-by-row cosine-similarity matrix, flattened."""
@@ -192,9 +209,18 @@ class GlobalResult:
         return dict(self.__dict__)
 
 
-def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = "input", matrix_b: str = "input",
-                   sample: int | None = 4000, seed: int = 0, rule: str = "uniform",
-                   center: bool = False) -> GlobalResult:
+def compute_global(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    *,
+    matrix_a: str = "input",
+    matrix_b: str = "input",
+    sample: int | None = 4000,
+    seed: int = 0,
+    rule: str = "uniform",
+    center: bool = False,
+) -> GlobalResult:
     """Correlate two models' token-similarity structure over a matched token sample; store it.
 
     ``center`` subtracts each model's mean embedding over the matched tokens first: raw
@@ -204,8 +230,9 @@ def compute_global(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str =
     return _global_pair(wh, a, b, sample=sample, seed=seed, rule=rule, center=center)
 
 
-def _global_pair(wh: Warehouse, a: TokenMatrix, b: TokenMatrix, *, sample: int | None, seed: int, rule: str,
-                 center: bool) -> GlobalResult:
+def _global_pair(
+    wh: Warehouse, a: TokenMatrix, b: TokenMatrix, *, sample: int | None, seed: int, rule: str, center: bool
+) -> GlobalResult:
     """``compute_global`` on matrices already read (``seconds``: matching to storing)."""
     started = time.perf_counter()
     matching = match_tokens(a, b)
@@ -215,20 +242,34 @@ def _global_pair(wh: Warehouse, a: TokenMatrix, b: TokenMatrix, *, sample: int |
         xa, xb = xa - xa.mean(axis=0), xb - xb.mean(axis=0)
     pearson, spearman = global_correlation(xa[picked], xb[picked])
     rows_a, rows_b = matching.rows_a[picked], matching.rows_b[picked]
-    stats = matching.stats | {"sampled": len(picked), "sample_rule": sample_description(rule, seed),
-                              "centered": center}
+    stats = matching.stats | {"sampled": len(picked), "sample_rule": sample_description(rule, seed), "centered": center}
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
-        run_id = conn.execute(sa.insert(GeometryGlobal).values(
-            model_a_id=a.model_id, model_b_id=b.model_id, matrix_a=a.matrix, matrix_b=b.matrix, matching=stats,
-            n_tokens=len(picked), seed=seed, pearson=pearson, spearman=spearman,
-            token_ids_a=a.token_ids[rows_a].tolist(), token_ids_b=b.token_ids[rows_b].tolist(), seconds=seconds,
-        ).returning(GeometryGlobal.id)).scalar_one()
-    return GlobalResult(run_id, a.model, b.model, a.matrix, b.matrix, len(picked), seed, center, pearson, spearman,
-                        stats, seconds)
+        run_id = conn.execute(
+            sa.insert(GeometryGlobal)
+            .values(
+                model_a_id=a.model_id,
+                model_b_id=b.model_id,
+                matrix_a=a.matrix,
+                matrix_b=b.matrix,
+                matching=stats,
+                n_tokens=len(picked),
+                seed=seed,
+                pearson=pearson,
+                spearman=spearman,
+                token_ids_a=a.token_ids[rows_a].tolist(),
+                token_ids_b=b.token_ids[rows_b].tolist(),
+                seconds=seconds,
+            )
+            .returning(GeometryGlobal.id)
+        ).scalar_one()
+    return GlobalResult(
+        run_id, a.model, b.model, a.matrix, b.matrix, len(picked), seed, center, pearson, spearman, stats, seconds
+    )
 
 
 # ----------------------------------------------------------------- local geometry
+
 
 def lle_weights(points: np.ndarray, neighbors: np.ndarray, regularizer: float = 1e-3) -> np.ndarray:
     """LLE reconstruction weights (Roweis & Saul 2000) of each point from its neighbours.
@@ -301,16 +342,27 @@ class LocalResult:
         return dict(self.__dict__)
 
 
-def local_geometry(xa: np.ndarray, xb: np.ndarray, queries: np.ndarray, *, k: int = 10, id_k: int = 50,
-                   threshold: float = 0.9, regularizer: float = 1e-3, seed: int = 0) -> dict[str, np.ndarray]:
+def local_geometry(
+    xa: np.ndarray,
+    xb: np.ndarray,
+    queries: np.ndarray,
+    *,
+    k: int = 10,
+    id_k: int = 50,
+    threshold: float = 0.9,
+    regularizer: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Per query row of the paired matrices xa, xb (row i of both is one token): neighbours,
     LLE weights, reconstruction errors of B's token and intrinsic dimensions."""
     n = len(xa)
     if len(xb) != n:
         raise InputError("the two embedding matrices must pair row for row")
     if not 0 < k < n or not 0 < id_k < n:
-        raise InputError(f"k = {k} and the ID neighbourhood {id_k} must be between 1 and {n - 1} "
-                         "(the matched tokens minus one); lower them")
+        raise InputError(
+            f"k = {k} and the ID neighbourhood {id_k} must be between 1 and {n - 1} "
+            "(the matched tokens minus one); lower them"
+        )
     ua, ub = normalize(xa), normalize(xb)
     depth = max(k, id_k)
     nn_a, _ = exact_topk(ua, depth, queries=queries)
@@ -325,12 +377,16 @@ def local_geometry(xa: np.ndarray, xb: np.ndarray, queries: np.ndarray, *, k: in
     hood_a = np.concatenate([queries[:, None], nn_a[:, :id_k]], axis=1)
     hood_b = np.concatenate([queries[:, None], nn_b[:, :id_k]], axis=1)
     return {
-        "neighbors_a": lle_a, "weights_a": w_a, "neighbors_b": lle_b, "weights_b": w_b,
+        "neighbors_a": lle_a,
+        "weights_a": w_a,
+        "neighbors_b": lle_b,
+        "weights_b": w_b,
         "err_own": reconstruction_error(qb, ub[lle_b], w_b),
         "err_refit": reconstruction_error(qb, ub[lle_a], w_refit),
         "err_transfer": reconstruction_error(qb, ub[lle_a], w_a),
         "err_random": reconstruction_error(qb, ub[lle_a], w_rand),
-        "id_a": intrinsic_dimension(ua[hood_a], threshold), "id_b": intrinsic_dimension(ub[hood_b], threshold),
+        "id_a": intrinsic_dimension(ua[hood_a], threshold),
+        "id_b": intrinsic_dimension(ub[hood_b], threshold),
         "id_neighbors_a": nn_a[:, :id_k],
     }
 
@@ -343,9 +399,21 @@ def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float | None, float | N
     return float(pearsonr(x, y).statistic), float(spearmanr(x, y).statistic)
 
 
-def compute_local(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = "input", matrix_b: str = "input",
-                  sample: int | None = 2000, seed: int = 0, k: int = 10, id_k: int = 50, threshold: float = 0.9,
-                  regularizer: float = 1e-3, show: int = 10) -> LocalResult:
+def compute_local(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    *,
+    matrix_a: str = "input",
+    matrix_b: str = "input",
+    sample: int | None = 2000,
+    seed: int = 0,
+    k: int = 10,
+    id_k: int = 50,
+    threshold: float = 0.9,
+    regularizer: float = 1e-3,
+    show: int = 10,
+) -> LocalResult:
     """Local geometry of a token sample in two models; stored per token and as a summary."""
     if regularizer < 0:
         raise InputError(f"the regulariser must be >= 0, got {regularizer}")
@@ -358,42 +426,104 @@ def compute_local(wh: Warehouse, model_a: str, model_b: str, *, matrix_a: str = 
     id_pearson, id_spearman = _correlations(out["id_a"].astype(float), out["id_b"].astype(float))
     ids_a, ids_b = a.token_ids[matching.rows_a], b.token_ids[matching.rows_b]
     medians = {name: float(np.median(out[name])) for name in ("err_own", "err_refit", "err_transfer", "err_random")}
-    stats = matching.stats | {"sampled": len(queries), "sample_rule": sample_description("uniform", seed),
-                              "neighbours_from": "all matched tokens"}
+    stats = matching.stats | {
+        "sampled": len(queries),
+        "sample_rule": sample_description("uniform", seed),
+        "neighbours_from": "all matched tokens",
+    }
     seconds = time.perf_counter() - started
     with wh.engine.begin() as conn:
-        run_id = conn.execute(sa.insert(GeometryLocalRun).values(
-            model_a_id=a.model_id, model_b_id=b.model_id, matrix_a=matrix_a, matrix_b=matrix_b, matching=stats,
-            k=k, id_k=id_k, variance_threshold=threshold, regularizer=regularizer, n_tokens=len(queries),
-            n_candidates=len(matching), seed=seed, **medians, id_pearson=id_pearson, id_spearman=id_spearman,
-            mean_id_a=float(out["id_a"].mean()), mean_id_b=float(out["id_b"].mean()), seconds=seconds,
-        ).returning(GeometryLocalRun.id)).scalar_one()
-        conn.execute(sa.insert(GeometryLocalToken), [
-            {"run_id": run_id, "token_id_a": int(ids_a[q]), "token_id_b": int(ids_b[q]), "text": matching.texts[q],
-             "neighbors_a": ids_a[out["neighbors_a"][i]].tolist(), "weights_a": out["weights_a"][i].tolist(),
-             "neighbors_b": ids_b[out["neighbors_b"][i]].tolist(), "weights_b": out["weights_b"][i].tolist(),
-             "id_a": int(out["id_a"][i]), "id_b": int(out["id_b"][i]),
-             **{name: float(out[name][i]) for name in medians}}
-            for i, q in enumerate(queries)
-        ])
+        run_id = conn.execute(
+            sa.insert(GeometryLocalRun)
+            .values(
+                model_a_id=a.model_id,
+                model_b_id=b.model_id,
+                matrix_a=matrix_a,
+                matrix_b=matrix_b,
+                matching=stats,
+                k=k,
+                id_k=id_k,
+                variance_threshold=threshold,
+                regularizer=regularizer,
+                n_tokens=len(queries),
+                n_candidates=len(matching),
+                seed=seed,
+                **medians,
+                id_pearson=id_pearson,
+                id_spearman=id_spearman,
+                mean_id_a=float(out["id_a"].mean()),
+                mean_id_b=float(out["id_b"].mean()),
+                seconds=seconds,
+            )
+            .returning(GeometryLocalRun.id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(GeometryLocalToken),
+            [
+                {
+                    "run_id": run_id,
+                    "token_id_a": int(ids_a[q]),
+                    "token_id_b": int(ids_b[q]),
+                    "text": matching.texts[q],
+                    "neighbors_a": ids_a[out["neighbors_a"][i]].tolist(),
+                    "weights_a": out["weights_a"][i].tolist(),
+                    "neighbors_b": ids_b[out["neighbors_b"][i]].tolist(),
+                    "weights_b": out["weights_b"][i].tolist(),
+                    "id_a": int(out["id_a"][i]),
+                    "id_b": int(out["id_b"][i]),
+                    **{name: float(out[name][i]) for name in medians},
+                }
+                for i, q in enumerate(queries)
+            ],
+        )
     order = np.lexsort((queries, out["id_a"]))
 
     def listing(rows: np.ndarray) -> list[dict[str, Any]]:
-        return [{"text": matching.texts[queries[i]], "id_a": int(out["id_a"][i]), "id_b": int(out["id_b"][i]),
-                 "neighbors": [matching.texts[j] for j in out["neighbors_a"][i]]} for i in rows]
+        return [
+            {
+                "text": matching.texts[queries[i]],
+                "id_a": int(out["id_a"][i]),
+                "id_b": int(out["id_b"][i]),
+                "neighbors": [matching.texts[j] for j in out["neighbors_a"][i]],
+            }
+            for i in rows
+        ]
 
-    return LocalResult(run_id, model_a, model_b, len(queries), len(matching), k, id_k, threshold, regularizer,
-                       **medians, id_pearson=id_pearson, id_spearman=id_spearman,
-                       mean_id_a=float(out["id_a"].mean()), mean_id_b=float(out["id_b"].mean()),
-                       lowest=listing(order[:show]), highest=listing(order[::-1][:show]), matching=stats,
-                       seconds=seconds)
+    return LocalResult(
+        run_id,
+        model_a,
+        model_b,
+        len(queries),
+        len(matching),
+        k,
+        id_k,
+        threshold,
+        regularizer,
+        **medians,
+        id_pearson=id_pearson,
+        id_spearman=id_spearman,
+        mean_id_a=float(out["id_a"].mean()),
+        mean_id_b=float(out["id_b"].mean()),
+        lowest=listing(order[:show]),
+        highest=listing(order[::-1][:show]),
+        matching=stats,
+        seconds=seconds,
+    )
 
 
-def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sample: int | None = 4000,
-                  seed: int = 0, rule: str = "uniform", center: bool = False,
-                  progress: bool = True) -> tuple[np.ndarray, list[GlobalResult]]:
+def global_matrix(
+    wh: Warehouse,
+    models: list[str],
+    *,
+    matrix: str = "input",
+    sample: int | None = 4000,
+    seed: int = 0,
+    rule: str = "uniform",
+    center: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[GlobalResult]]:
     """The Pearson matrix over every pair of models (1 on the diagonal), each pair stored."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     if len(set(models)) < 2:
         raise InputError("name at least two different models")
@@ -404,10 +534,10 @@ def global_matrix(wh: Warehouse, models: list[str], *, matrix: str = "input", sa
     # Each model's matrix is read once, not once per pair (Gemma's 262k rows take seconds to
     # read); all of them are held at once, a few hundred MB to a few GB for a handful of models.
     matrices = [load_token_matrix(wh, name, matrix) for name in models]
-    for i, j in tqdm(pairs, desc="global geometry", unit="pair", disable=not progress or len(pairs) < 2,
-                     dynamic_ncols=True):
+    for i, j in tqdm(
+        pairs, desc="global geometry", unit="pair", disable=not progress or len(pairs) < 2, dynamic_ncols=True
+    ):
         r = _global_pair(wh, matrices[i], matrices[j], sample=sample, seed=seed, rule=rule, center=center)
         out[i, j] = out[j, i] = r.pearson
         results.append(r)
     return out, results
-

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from psycopg import sql
 
-from warehouse.engine import Warehouse, pgvector_version, raw_connection, version_tuple
-from warehouse.errors import InputError
-from warehouse.models import RUNTIME_INDEX_PREFIXES
-from warehouse.storage import FLOAT16, FLOAT32, Storage
+from layerbase.warehouse.engine import Warehouse, pgvector_version, raw_connection, version_tuple
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.storage import FLOAT16, FLOAT32, Storage
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,9 @@ def ef_search_for(k: int, asked: int | None = None, floor: int = 0) -> int:
     return int(max(asked or 0, 2 * (k + 1), floor))
 
 
-def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | None = None,
-                  kept: Mapping[str, int] | None = None) -> dict[str, int]:
+def build_options(
+    method: str, n_rows: int, asked: Mapping[str, int | None] | None = None, kept: Mapping[str, int] | None = None
+) -> dict[str, int]:
     """An index's build parameters: pgvector's m 16 and ef_construction 64 for HNSW,
     ``ivfflat_lists(n_rows)`` lists for IVFFlat, then those ``kept`` from an existing
     index, then what was asked, checked against what pgvector accepts."""
@@ -126,12 +126,15 @@ def build_options(method: str, n_rows: int, asked: Mapping[str, int | None] | No
     options.update(kept or {})
     options.update(given)
     if method == "hnsw" and options["ef_construction"] < 2 * options["m"]:
+
         def shown(key: str) -> str:  # say which value the user did not give
             carried = key in (kept or {}) and key not in given
             return f"{options[key]}, kept from the existing index" if carried else str(options[key])
 
-        raise InputError(f"pgvector needs ef_construction ({shown('ef_construction')}) >= 2 x m ({shown('m')}); "
-                         "raise --ef-construction or lower --hnsw-m")
+        raise InputError(
+            f"pgvector needs ef_construction ({shown('ef_construction')}) >= 2 x m ({shown('m')}); "
+            "raise --ef-construction or lower --hnsw-m"
+        )
     if method == "ivfflat" and options["lists"] > n_rows:
         raise InputError(f"--lists {options['lists']} is more than the {n_rows} rows to index; lower it")
     return options
@@ -151,8 +154,15 @@ def index_name(method: str, model_id: int, layer: int, dataset_id: int) -> str:
     return f"{method}_activation_m{model_id}_l{layer}_d{dataset_id}"
 
 
-def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: int, pgvector: str | None,
-               storage: Storage = FLOAT32) -> IndexPlan:
+def plan_index(
+    method: str,
+    model_id: int,
+    layer: int,
+    dataset_id: int,
+    width: int,
+    pgvector: str | None,
+    storage: Storage = FLOAT32,
+) -> IndexPlan:
     """The index a layer of this width and storage gets on this pgvector version."""
     name = index_name(method, model_id, layer, dataset_id)
     if storage is FLOAT32 and width <= VECTOR_LIMIT:
@@ -160,14 +170,30 @@ def plan_index(method: str, model_id: int, layer: int, dataset_id: int, width: i
     if storage is FLOAT16 or version_tuple(pgvector) >= (0, 7, 0):  # halfvec rows exist from pgvector 0.7 only
         rows = " of half-precision rows" if storage is FLOAT16 else ""
         if width <= HALFVEC_LIMIT:
-            return IndexPlan(name, method, f"halfvec({width})", None,
-                             f"{method} on halfvec({width}){rows}, re-ranked exactly", storage)
-        return IndexPlan(name, method, f"halfvec({HALFVEC_LIMIT})", HALFVEC_LIMIT,
-                         f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec){rows}, "
-                         "re-ranked exactly", storage)
-    return IndexPlan(name, method, f"vector({VECTOR_LIMIT})", VECTOR_LIMIT,
-                     f"{method} on the first {VECTOR_LIMIT} of {width} dimensions (pgvector {pgvector} indexes at "
-                     f"most {VECTOR_LIMIT}), re-ranked exactly")
+            return IndexPlan(
+                name,
+                method,
+                f"halfvec({width})",
+                None,
+                f"{method} on halfvec({width}){rows}, re-ranked exactly",
+                storage,
+            )
+        return IndexPlan(
+            name,
+            method,
+            f"halfvec({HALFVEC_LIMIT})",
+            HALFVEC_LIMIT,
+            f"{method} on the first {HALFVEC_LIMIT} of {width} dimensions (halfvec){rows}, re-ranked exactly",
+            storage,
+        )
+    return IndexPlan(
+        name,
+        method,
+        f"vector({VECTOR_LIMIT})",
+        VECTOR_LIMIT,
+        f"{method} on the first {VECTOR_LIMIT} of {width} dimensions (pgvector {pgvector} indexes at "
+        f"most {VECTOR_LIMIT}), re-ranked exactly",
+    )
 
 
 def parallel_build_unsafe(pgvector: str | None) -> bool:
@@ -179,8 +205,13 @@ def parallel_build_unsafe(pgvector: str | None) -> bool:
 def index_options(conn: sa.Connection, name: str) -> dict[str, int] | None:
     """The build parameters of an existing index (pgvector's defaults where it was built
     without them), or None when there is no such index."""
-    row = conn.execute(sa.text("SELECT c.reloptions, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
-                               "WHERE c.oid = to_regclass(:n)"), {"n": name}).first()
+    row = conn.execute(
+        sa.text(
+            "SELECT c.reloptions, a.amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+            "WHERE c.oid = to_regclass(:n)"
+        ),
+        {"n": name},
+    ).first()
     if row is None:
         return None
     stored = dict(option.split("=", 1) for option in row[0] or [])
@@ -198,7 +229,8 @@ def build_settings(conn: sa.Connection, method: str) -> None:
             if not _warned_parallel:
                 log.warning(
                     "pgvector %s has a bug in parallel HNSW index builds (CVE-2026-3172, fixed in 0.8.2): "
-                    "building HNSW indexes without parallel workers", version,
+                    "building HNSW indexes without parallel workers",
+                    version,
                 )
                 _warned_parallel = True
     conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
@@ -212,8 +244,15 @@ class IndexState:
     options: dict[str, int]  # its build parameters
 
 
-def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, dataset_id: int, n_rows: int,
-                 asked: Mapping[str, int | None] | None = None) -> IndexState:
+def ensure_index(
+    wh: Warehouse,
+    plan: IndexPlan,
+    model_id: int,
+    layer: int,
+    dataset_id: int,
+    n_rows: int,
+    asked: Mapping[str, int | None] | None = None,
+) -> IndexState:
     """The layer's partial index of ``plan.method``: an existing one is kept when it has the
     build parameters asked (any, when none are asked), else it is built (``build_options``),
     replacing the other method's index, or one with other parameters (whose parameters not
@@ -222,12 +261,15 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
     Drops commit before the build starts: a transaction that drops an index locks the whole
     table (reads included) until it ends, and a build can take minutes.
     """
-    asked = {key: value for key, value in (asked or {}).items() if value is not None}
+    given: dict[str, int] = {}
+    for key, value in (asked or {}).items():
+        if value is not None:
+            given[key] = value
     with wh.engine.connect() as conn:
         existing = index_options(conn, plan.name)
-    if existing is not None and built_with(existing, asked):
+    if existing is not None and built_with(existing, given):
         return IndexState(False, existing)
-    wanted = build_options(plan.method, n_rows, asked, kept=existing)
+    wanted = build_options(plan.method, n_rows, given, kept=existing)
     # Both methods index the same expression under the same predicate, so the planner could
     # answer a query tuned for one method with the other's index (measured: recall 0.55 when
     # an HNSW-tuned search ran on an IVFFlat index at its default probes). One method's index
@@ -248,8 +290,9 @@ def ensure_index(wh: Warehouse, plan: IndexPlan, model_id: int, layer: int, data
             method=sql.SQL(plan.method),  # one of METHODS, never from input
             expr=plan.expression(plan.column),
             opclass=sql.SQL(plan.opclass),
-            options=sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.SQL(key), sql.Literal(value))
-                                       for key, value in wanted.items()),  # keys from BUILD_DEFAULTS
+            options=sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.SQL(key), sql.Literal(value)) for key, value in wanted.items()
+            ),  # keys from BUILD_DEFAULTS
             model=sql.Literal(model_id),
             layer=sql.Literal(layer),
             dataset=sql.Literal(dataset_id),

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from analysis import plots
-from analysis.affinity import AffinityMatrix, compute_affinity, compute_study
-from analysis.neighbors import overlap
-from analysis.stats import max_similarity_path, mean_square, resize_square
-from warehouse.engine import Warehouse
-from warehouse.errors import InputError
+from layerbase.analysis.knn.lookup import overlap
+from layerbase.analysis.reporting import plots
+from layerbase.analysis.similarity.affinity import AffinityMatrix, compute_affinity, compute_study
+from layerbase.analysis.similarity.stats import max_similarity_path, mean_square, resize_square
+from layerbase.warehouse.engine import Warehouse
+from layerbase.warehouse.errors import InputError
 
 EXPORT_FORMATS = ("csv", "parquet", "json")
 TRUNCATION_WARNING_SHARE = 0.10
@@ -54,9 +54,13 @@ class Report:
     matrices: list[AffinityMatrix] = field(default_factory=list)  # the cross-model pairs shown
 
     def as_dict(self) -> dict[str, Any]:
-        return {"html": str(self.html), "images": [str(p) for p in self.images],
-                "exported": [str(p) for p in self.exported], "warnings": self.warnings,
-                "tests": self.tables["diagonal_tests"]}
+        return {
+            "html": str(self.html),
+            "images": [str(p) for p in self.images],
+            "exported": [str(p) for p in self.exported],
+            "warnings": self.warnings,
+            "tests": self.tables["diagonal_tests"],
+        }
 
 
 def _slug(text: str) -> str:
@@ -99,7 +103,8 @@ def build_report(
         f"{t['truncated']} of {t['prompts']} prompts of {t['dataset']} ({t['truncated'] / t['prompts']:.0%}) were "
         f"truncated for {t['model']}: with last-token pooling the last token is then an arbitrary sub-word, "
         "which can hide the structure the report looks for"
-        for t in truncation if t["prompts"] and t["truncated"] / t["prompts"] > TRUNCATION_WARNING_SHARE
+        for t in truncation
+        if t["prompts"] and t["truncated"] / t["prompts"] > TRUNCATION_WARNING_SHARE
     ]
 
     for dataset in datasets:
@@ -109,51 +114,119 @@ def build_report(
         chance = pairs[0].chance
         chance_levels.append(chance)
         vmax = max(float(m.scores.max()) for m in pairs)
-        part = [f"<h2>Dataset {html.escape(dataset)}</h2>",
-                f"<p>{pairs[0].n_prompts} prompts, k = {k}, chance level k/(|D|−1) = {chance:.4f}.</p>"]
+        part = [
+            f"<h2>Dataset {html.escape(dataset)}</h2>",
+            f"<p>{pairs[0].n_prompts} prompts, k = {k}, chance level k/(|D|−1) = {chance:.4f}.</p>",
+        ]
         for m in pairs:
             label = f"{m.model_a} × {m.model_b} @ {dataset}"
             sub = _test_line(m)
-            rect = plots.save(plots.affinity_heatmap(m.scores, m.layers_a, m.layers_b, m.model_a, m.model_b, k=k,
-                                                     chance=m.chance, subtitle=f"{dataset}; {sub}", vmax=vmax),
-                              out_dir / f"affinity_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png")
+            rect = plots.save(
+                plots.affinity_heatmap(
+                    m.scores,
+                    m.layers_a,
+                    m.layers_b,
+                    m.model_a,
+                    m.model_b,
+                    k=k,
+                    chance=m.chance,
+                    subtitle=f"{dataset}; {sub}",
+                    vmax=vmax,
+                ),
+                out_dir / f"affinity_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png",
+            )
             square = resize_square(m.scores, square_size)
-            sq = plots.save(plots.square_heatmap(square, f"{m.model_a} × {m.model_b} on {dataset}\n"
-                                                 f"relative depth, {square_size}×{square_size}",
-                                                 vmax=vmax, name_a=m.model_a, name_b=m.model_b),
-                            out_dir / f"square_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png")
+            sq = plots.save(
+                plots.square_heatmap(
+                    square,
+                    f"{m.model_a} × {m.model_b} on {dataset}\nrelative depth, {square_size}×{square_size}",
+                    vmax=vmax,
+                    name_a=m.model_a,
+                    name_b=m.model_b,
+                ),
+                out_dir / f"square_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png",
+            )
             images += [rect, sq]
-            part.append(f"<h3>{html.escape(label)}</h3><p>{html.escape(sub)}</p>"
-                        f"<div class='row'>{_img(rect)}{_img(sq)}</div>")
+            part.append(
+                f"<h3>{html.escape(label)}</h3><p>{html.escape(sub)}</p><div class='row'>{_img(rect)}{_img(sq)}</div>"
+            )
             if m.test:
                 scatter.append((label, m.test.mean_off, m.test.mean_on))
-                tests.append({"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k,
-                              **m.test.as_dict()})
-            cells += [{"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k, "layer_a": la,
-                       "layer_b": lb, "depth_a": la / max(m.layers_a), "depth_b": lb / max(m.layers_b),
-                       "score": float(m.scores[i, j]), "chance": m.chance}
-                      for i, la in enumerate(m.layers_a) for j, lb in enumerate(m.layers_b)]
+                tests.append(
+                    {"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k, **m.test.as_dict()}
+                )
+            cells += [
+                {
+                    "model_a": m.model_a,
+                    "model_b": m.model_b,
+                    "dataset": dataset,
+                    "k": k,
+                    "layer_a": la,
+                    "layer_b": lb,
+                    "depth_a": la / max(m.layers_a),
+                    "depth_b": lb / max(m.layers_b),
+                    "score": float(m.scores[i, j]),
+                    "chance": m.chance,
+                }
+                for i, la in enumerate(m.layers_a)
+                for j, lb in enumerate(m.layers_b)
+            ]
             best = max_similarity_path(m.scores)
-            paths += [{"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "layer_a": la,
-                       "depth_a": la / max(m.layers_a), "best_layer_b": m.layers_b[int(j)],
-                       "best_depth_b": m.layers_b[int(j)] / max(m.layers_b), "score": float(m.scores[i, int(j)])}
-                      for i, (la, j) in enumerate(zip(m.layers_a, best))]
+            paths += [
+                {
+                    "model_a": m.model_a,
+                    "model_b": m.model_b,
+                    "dataset": dataset,
+                    "layer_a": la,
+                    "depth_a": la / max(m.layers_a),
+                    "best_layer_b": m.layers_b[int(j)],
+                    "best_depth_b": m.layers_b[int(j)] / max(m.layers_b),
+                    "score": float(m.scores[i, int(j)]),
+                }
+                for i, (la, j) in enumerate(zip(m.layers_a, best))
+            ]
         mean = mean_square([m.scores for m in pairs], square_size)
-        mean_png = plots.save(plots.square_heatmap(mean, f"Mean over {len(pairs)} model pair(s) on {dataset}",
-                                                   label="mean mutual k-NN", name_a="row model",
-                                                   name_b="column model"),
-                              out_dir / f"mean_square__{_slug(dataset)}.png")
+        mean_png = plots.save(
+            plots.square_heatmap(
+                mean,
+                f"Mean over {len(pairs)} model pair(s) on {dataset}",
+                label="mean mutual k-NN",
+                name_a="row model",
+                name_b="column model",
+            ),
+            out_dir / f"mean_square__{_slug(dataset)}.png",
+        )
         images.append(mean_png)
-        squares += [{"dataset": dataset, "row": r, "col": c, "depth_row": (r + 1) / square_size,
-                     "depth_col": (c + 1) / square_size, "mean_score": float(mean[r, c])}
-                    for r in range(square_size) for c in range(square_size)]
+        squares += [
+            {
+                "dataset": dataset,
+                "row": r,
+                "col": c,
+                "depth_row": (r + 1) / square_size,
+                "depth_col": (c + 1) / square_size,
+                "mean_score": float(mean[r, c]),
+            }
+            for r in range(square_size)
+            for c in range(square_size)
+        ]
         part.append(f"<h3>Mean square affinity matrix</h3>{_img(mean_png)}")
         part.append("<h3>Within each model (Claim 1: nearby layers are similar)</h3><div class='row'>")
         for w in within:
-            png = plots.save(plots.affinity_heatmap(w.scores, w.layers_a, w.layers_b, w.model_a, w.model_a, k=k,
-                                                    chance=w.chance, subtitle=f"{dataset}, within-model",
-                                                    diagonal=False, path=False),
-                             out_dir / f"within_{_slug(w.model_a)}__{_slug(dataset)}.png")
+            png = plots.save(
+                plots.affinity_heatmap(
+                    w.scores,
+                    w.layers_a,
+                    w.layers_b,
+                    w.model_a,
+                    w.model_a,
+                    k=k,
+                    chance=w.chance,
+                    subtitle=f"{dataset}, within-model",
+                    diagonal=False,
+                    path=False,
+                ),
+                out_dir / f"within_{_slug(w.model_a)}__{_slug(dataset)}.png",
+            )
             images.append(png)
             part.append(_img(png))
         part.append("</div>")
@@ -165,11 +238,18 @@ def build_report(
 
     # one chance line only when every dataset has the same size
     chances = {round(m, 12) for m in chance_levels}
-    scatter_png = plots.save(plots.on_off_scatter(scatter, chances.pop() if len(chances) == 1 else None),
-                             out_dir / "on_vs_off_diagonal.png")
+    scatter_png = plots.save(
+        plots.on_off_scatter(scatter, chances.pop() if len(chances) == 1 else None), out_dir / "on_vs_off_diagonal.png"
+    )
     images.append(scatter_png)
-    tables = {"diagonal_tests": tests, "affinity_cells": cells, "max_similarity_paths": paths,
-              "mean_square": squares, "neighbours": neighbour_rows, "truncation": truncation}
+    tables = {
+        "diagonal_tests": tests,
+        "affinity_cells": cells,
+        "max_similarity_paths": paths,
+        "mean_square": squares,
+        "neighbours": neighbour_rows,
+        "truncation": truncation,
+    }
     page = _page(models, datasets, k, sections, tests, scatter_png, truncation, warnings)
     html_path = out_dir / "report.html"
     html_path.write_text(page, encoding="utf-8")
@@ -183,17 +263,22 @@ def _test_line(m: AffinityMatrix) -> str:
     t = m.test
     if t is None:
         return "no diagonal test (matrix too small)"
-    return (f"on-diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}, t = {t.t:.1f}, "
-            f"log10 p = {t.log10_p:.1f} (Bonferroni, {t.n_pairs} pair(s): {t.log10_p_bonferroni:.1f})")
+    return (
+        f"on-diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}, t = {t.t:.1f}, "
+        f"log10 p = {t.log10_p:.1f} (Bonferroni, {t.n_pairs} pair(s): {t.log10_p_bonferroni:.1f})"
+    )
 
 
 def _truncation(wh: Warehouse, models: list[str], datasets: list[str]) -> list[dict[str, Any]]:
     with wh.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(sa.text(TRUNCATION_SQL), {"models": models, "datasets": datasets})]
+        return [
+            dict(r._mapping) for r in conn.execute(sa.text(TRUNCATION_SQL), {"models": models, "datasets": datasets})
+        ]
 
 
-def _neighbour_figure(wh: Warehouse, m: AffinityMatrix, dataset: str, prompt: int, k: int,
-                      out_dir: Path) -> tuple[Path, list[dict[str, Any]]]:
+def _neighbour_figure(
+    wh: Warehouse, m: AffinityMatrix, dataset: str, prompt: int, k: int, out_dir: Path
+) -> tuple[Path, list[dict[str, Any]]]:
     """Neighbours of one prompt at an early and a late layer of model A, each next to the
     most similar layer of model B (from the max-similarity path)."""
     path = max_similarity_path(m.scores)
@@ -205,17 +290,34 @@ def _neighbour_figure(wh: Warehouse, m: AffinityMatrix, dataset: str, prompt: in
         query = o.first.query
         shared = set(o.shared)
         for side in (o.first, o.second):
-            panels.append((f"{side.model} layer {side.layer} — {len(shared)}/{k} shared",
-                           [(r["position"], r["text"]) for r in side.rows], shared))
-            rows += [{"dataset": dataset, "prompt": prompt, "model": side.model, "layer": side.layer,
-                      "rank": rank, "neighbor_position": r["position"], "distance": r["distance"],
-                      "shared": r["position"] in shared, "text": r["text"]}
-                     for rank, r in enumerate(side.rows, start=1)]
+            panels.append(
+                (
+                    f"{side.model} layer {side.layer} — {len(shared)}/{k} shared",
+                    [(r["position"], r["text"]) for r in side.rows],
+                    shared,
+                )
+            )
+            rows += [
+                {
+                    "dataset": dataset,
+                    "prompt": prompt,
+                    "model": side.model,
+                    "layer": side.layer,
+                    "rank": rank,
+                    "neighbor_position": r["position"],
+                    "distance": r["distance"],
+                    "shared": r["position"] in shared,
+                    "text": r["text"],
+                }
+                for rank, r in enumerate(side.rows, start=1)
+            ]
     fig = plots.neighbour_lists(query.split(": ", 1)[-1], panels[:2])
     png = plots.save(fig, out_dir / f"neighbours_prompt{prompt}__{_slug(dataset)}.png")
     if len(panels) > 2:
-        extra = plots.save(plots.neighbour_lists(query.split(": ", 1)[-1], panels[2:]),
-                           out_dir / f"neighbours_prompt{prompt}__{_slug(dataset)}_late.png")
+        extra = plots.save(
+            plots.neighbour_lists(query.split(": ", 1)[-1], panels[2:]),
+            out_dir / f"neighbours_prompt{prompt}__{_slug(dataset)}_late.png",
+        )
         png = _stack_vertically(png, extra)
     return png, rows
 
@@ -254,18 +356,46 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _page(models: list[str], datasets: list[str], k: int, sections: list[str], tests: list[dict[str, Any]],
-          scatter_png: Path, truncation: list[dict[str, Any]], warnings: list[str]) -> str:
+def _page(
+    models: list[str],
+    datasets: list[str],
+    k: int,
+    sections: list[str],
+    tests: list[dict[str, Any]],
+    scatter_png: Path,
+    truncation: list[dict[str, Any]],
+    warnings: list[str],
+) -> str:
     warn = "".join(f"<p class='warn'>Warning: {html.escape(w)}</p>" for w in warnings)
-    test_table = _table(tests, [("model_a", "model A"), ("model_b", "model B"), ("dataset", "dataset"),
-                                ("n_on", "on cells"), ("n_off", "off cells"), ("mean_on", "mean on"),
-                                ("mean_off", "mean off"), ("t", "t"), ("log10_p", "log10 p"),
-                                ("n_pairs", "pairs"), ("log10_p_bonferroni", "log10 p (Bonferroni)")])
-    trunc_table = _table(truncation, [("model", "model"), ("dataset", "dataset"), ("prompts", "prompts"),
-                                      ("truncated", "truncated"), ("mean_tokens", "mean tokens")])
+    test_table = _table(
+        tests,
+        [
+            ("model_a", "model A"),
+            ("model_b", "model B"),
+            ("dataset", "dataset"),
+            ("n_on", "on cells"),
+            ("n_off", "off cells"),
+            ("mean_on", "mean on"),
+            ("mean_off", "mean off"),
+            ("t", "t"),
+            ("log10_p", "log10 p"),
+            ("n_pairs", "pairs"),
+            ("log10_p_bonferroni", "log10 p (Bonferroni)"),
+        ],
+    )
+    trunc_table = _table(
+        truncation,
+        [
+            ("model", "model"),
+            ("dataset", "dataset"),
+            ("prompts", "prompts"),
+            ("truncated", "truncated"),
+            ("mean_tokens", "mean tokens"),
+        ],
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<title>Layerbase report: {html.escape(', '.join(models))}</title>
+<title>Layerbase report: {html.escape(", ".join(models))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }}
 img {{ max-width: 100%; margin: 0.4em; border: 1px solid #ddd; }}
@@ -276,7 +406,7 @@ th {{ background: #f3f3f3; }}
 .warn {{ background: #fff3cd; border: 1px solid #e0c36a; padding: 0.5em 0.8em; }}
 </style></head><body>
 <h1>Layer affinity across models</h1>
-<p>Models: {html.escape(', '.join(models))}. Datasets: {html.escape(', '.join(datasets))}. Mutual k-NN with k = {k}
+<p>Models: {html.escape(", ".join(models))}. Datasets: {html.escape(", ".join(datasets))}. Mutual k-NN with k = {k}
 (Wolfram &amp; Schein 2025): A[i, j] is the mean share of the k nearest prompts that layer i of one model and layer j
 of the other agree on. The generalized diagonal (dashed outline) holds the cells with 0 ≤ i − j ≤ n − m (rows = the
 deeper model); the test is a one-sided pooled-variance t-test of on- vs off-diagonal cells.</p>
@@ -284,7 +414,7 @@ deeper model); the test is a one-sided pooled-variance t-test of on- vs off-diag
 <h2>Diagonal tests</h2>{test_table}
 {_img(scatter_png)}
 <h2>Prompts and truncation</h2>{trunc_table}
-{''.join(sections)}
+{"".join(sections)}
 </body></html>
 """
 

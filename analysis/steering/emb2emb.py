@@ -7,28 +7,31 @@ corresponding layers. A steering vector is a *difference* of activations, so it 
 through the linear part only: T(x + v) - T(x) = v·W, whatever the bias.
 
 Residual-stream norms differ by orders of magnitude between models, so a mapped vector's
-norm is calibrated (DESIGN.md §4); the rule and the numbers used are stored with it.
+norm is calibrated (docs/design.md §4); the rule and the numbers used are stored with it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from analysis.geometry import load_token_matrix, match_tokens
-from analysis.stats import max_similarity_path
-from analysis.steering import VectorInfo, check_layer, check_new_name, extract_layer, load_vector
-from analysis.vectors import layer_vectors
-from ingest.runner import open_stored_model
-from warehouse.engine import Warehouse
-from warehouse.errors import InputError
-from warehouse.lookup import get_dataset, get_model, get_vector
-from warehouse.models import AffinityCell, AffinityRun, Dataset, Emb2EmbMap, Model, SteeringVector
+from layerbase.analysis.geometry.tokens import load_token_matrix, match_tokens
+from layerbase.analysis.similarity.stats import max_similarity_path
+from layerbase.analysis.steering.vectors import VectorInfo, check_layer, check_new_name, extract_layer, load_vector
+from layerbase.analysis.vectors import layer_vectors
+from layerbase.ingest.runner import open_stored_model
+from layerbase.warehouse.engine import Warehouse
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.lookup import get_dataset, get_model, get_vector
+from layerbase.warehouse.models import AffinityCell, AffinityRun, Dataset, Emb2EmbMap, Model, SteeringVector
+
+if TYPE_CHECKING:
+    from layerbase.ingest.model_cache import ModelCache
 
 PAIRS = ("tokens-input", "tokens-output", "prompts")
 CALIBRATIONS = ("relative", "none")
@@ -98,8 +101,9 @@ class MapInfo:
         return dict(self.__dict__)
 
 
-def _paired_vectors(wh: Warehouse, a: Model, b: Model, pairs: str, layer_a: int | None, layer_b: int | None,
-                    dataset: str | None) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _paired_vectors(
+    wh: Warehouse, a: Model, b: Model, pairs: str, layer_a: int | None, layer_b: int | None, dataset: str | None
+) -> tuple[np.ndarray, np.ndarray, int | None]:
     if pairs.startswith("tokens-"):
         matrix = pairs.split("-", 1)[1]
         ta, tb = load_token_matrix(wh, a.name, matrix), load_token_matrix(wh, b.name, matrix)
@@ -107,23 +111,38 @@ def _paired_vectors(wh: Warehouse, a: Model, b: Model, pairs: str, layer_a: int 
         return ta.vectors[matching.rows_a], tb.vectors[matching.rows_b], None
     if dataset is None:
         raise InputError("--pairs prompts needs --dataset: a dataset both models have ingested")
+    if layer_a is None or layer_b is None:
+        raise InputError("--pairs prompts pairs hidden states of one layer of each model; give both layers")
     with Session(wh.engine) as session:
         ds = get_dataset(session, dataset)
         dataset_id = ds.id
     with wh.engine.connect() as conn:
-        pos_a, xa = layer_vectors(conn, a.id, layer_a, dataset_id)  # type: ignore[arg-type]
-        pos_b, xb = layer_vectors(conn, b.id, layer_b, dataset_id)  # type: ignore[arg-type]
+        pos_a, xa = layer_vectors(conn, a.id, layer_a, dataset_id)
+        pos_b, xb = layer_vectors(conn, b.id, layer_b, dataset_id)
     if len(pos_a) == 0 or len(pos_b) == 0:
         missing = a.name if len(pos_a) == 0 else b.name
-        raise InputError(f"{missing} has no stored activations of {dataset!r} at the layer asked; "
-                         f"run `layerbase ingest --model {missing} --dataset {dataset}` first")
+        raise InputError(
+            f"{missing} has no stored activations of {dataset!r} at the layer asked; "
+            f"run `layerbase ingest --model {missing} --dataset {dataset}` first"
+        )
     common, ia, ib = np.intersect1d(pos_a, pos_b, return_indices=True)
     return xa[ia], xb[ib], dataset_id
 
 
-def fit_map(wh: Warehouse, model_a: str, model_b: str, *, pairs: str = "tokens-input", layer_a: int | None = None,
-            layer_b: int | None = None, layer_rule: str | None = None, dataset: str | None = None, bias: bool = True,
-            ridge: float = 0.0, seed: int = 0) -> tuple[MapInfo, LinearMap]:
+def fit_map(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    *,
+    pairs: str = "tokens-input",
+    layer_a: int | None = None,
+    layer_b: int | None = None,
+    layer_rule: str | None = None,
+    dataset: str | None = None,
+    bias: bool = True,
+    ridge: float = 0.0,
+    seed: int = 0,
+) -> tuple[MapInfo, LinearMap]:
     """Fit (or reuse the stored) map with these settings; store it with its fit quality."""
     if pairs not in PAIRS:
         raise InputError(f"unknown --pairs {pairs!r}; use one of {', '.join(PAIRS)}")
@@ -133,11 +152,22 @@ def fit_map(wh: Warehouse, model_a: str, model_b: str, *, pairs: str = "tokens-i
         if pairs != "prompts":
             layer_a = layer_b = None
             layer_rule = None  # a token map serves every layer
-        found = session.scalar(sa.select(Emb2EmbMap).where(
-            Emb2EmbMap.model_a_id == a.id, Emb2EmbMap.model_b_id == b.id, Emb2EmbMap.pairs == pairs,
-            Emb2EmbMap.layer_a.is_not_distinct_from(layer_a), Emb2EmbMap.layer_b.is_not_distinct_from(layer_b),
-            Emb2EmbMap.dataset_id.is_not_distinct_from(dataset_id), Emb2EmbMap.bias == bias,
-            Emb2EmbMap.ridge == ridge, Emb2EmbMap.seed == seed).order_by(Emb2EmbMap.id.desc()).limit(1))
+        found = session.scalar(
+            sa.select(Emb2EmbMap)
+            .where(
+                Emb2EmbMap.model_a_id == a.id,
+                Emb2EmbMap.model_b_id == b.id,
+                Emb2EmbMap.pairs == pairs,
+                Emb2EmbMap.layer_a.is_not_distinct_from(layer_a),
+                Emb2EmbMap.layer_b.is_not_distinct_from(layer_b),
+                Emb2EmbMap.dataset_id.is_not_distinct_from(dataset_id),
+                Emb2EmbMap.bias == bias,
+                Emb2EmbMap.ridge == ridge,
+                Emb2EmbMap.seed == seed,
+            )
+            .order_by(Emb2EmbMap.id.desc())
+            .limit(1)
+        )
         if found is not None:
             linear = stored_map(found)
             return _map_info(found, model_a, model_b, reused=True), linear
@@ -154,11 +184,27 @@ def fit_map(wh: Warehouse, model_a: str, model_b: str, *, pairs: str = "tokens-i
     r2_train, r2_test = r_squared(y[train], linear(x[train])), r_squared(y[test], linear(x[test]))
     cosine_test = mean_cosine(linear(x[test]), y[test])
     row = Emb2EmbMap(
-        model_a_id=a.id, model_b_id=b.id, pairs=pairs, layer_a=layer_a, layer_b=layer_b, dataset_id=dataset_id,
-        layer_rule=layer_rule, bias=bias, ridge=ridge, seed=seed, n_pairs=n, n_train=len(train), n_test=n_test,
-        r2_train=r2_train, r2_test=r2_test, cosine_test=cosine_test, width_a=x.shape[1], width_b=y.shape[1],
+        model_a_id=a.id,
+        model_b_id=b.id,
+        pairs=pairs,
+        layer_a=layer_a,
+        layer_b=layer_b,
+        dataset_id=dataset_id,
+        layer_rule=layer_rule,
+        bias=bias,
+        ridge=ridge,
+        seed=seed,
+        n_pairs=n,
+        n_train=len(train),
+        n_test=n_test,
+        r2_train=r2_train,
+        r2_test=r2_test,
+        cosine_test=cosine_test,
+        width_a=x.shape[1],
+        width_b=y.shape[1],
         weights=linear.weights.ravel().tolist(),
-        bias_vec=linear.bias.tolist() if linear.bias is not None else None, seconds=time.perf_counter() - started,
+        bias_vec=linear.bias.tolist() if linear.bias is not None else None,
+        seconds=time.perf_counter() - started,
     )
     with Session(wh.engine) as session, session.begin():
         session.add(row)
@@ -173,50 +219,89 @@ def stored_map(row: Emb2EmbMap) -> LinearMap:
 
 
 def _map_info(row: Emb2EmbMap, model_a: str, model_b: str, *, reused: bool) -> MapInfo:
-    return MapInfo(row.id, model_a, model_b, row.pairs, row.layer_a, row.layer_b, row.layer_rule, row.bias, row.ridge,
-                   row.n_pairs, row.n_train, row.n_test, row.r2_train, row.r2_test, row.cosine_test, reused)
+    return MapInfo(
+        row.id,
+        model_a,
+        model_b,
+        row.pairs,
+        row.layer_a,
+        row.layer_b,
+        row.layer_rule,
+        row.bias,
+        row.ridge,
+        row.n_pairs,
+        row.n_train,
+        row.n_test,
+        row.r2_train,
+        row.r2_test,
+        row.cosine_test,
+        reused,
+    )
 
 
-def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int,
-                        dataset: str | None = None) -> tuple[int, str]:
+def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int, dataset: str | None = None) -> tuple[int, str]:
     """B's layer for A's layer: the max-similarity path of the newest stored affinity
     matrix of the pair (on ``dataset`` when given) if there is one, else the same relative depth."""
     with Session(wh.engine) as session:
         dataset_id = get_dataset(session, dataset).id if dataset else None
         for first, second, flipped in ((a, b, False), (b, a, True)):
             query = sa.select(AffinityRun).where(
-                AffinityRun.model_a_id == first.id, AffinityRun.model_b_id == second.id,
-                AffinityRun.include_layer0.is_(False))
+                AffinityRun.model_a_id == first.id,
+                AffinityRun.model_b_id == second.id,
+                AffinityRun.include_layer0.is_(False),
+            )
             if dataset_id is not None:
                 query = query.where(AffinityRun.dataset_a_id == dataset_id)
             run = session.scalar(query.order_by(AffinityRun.id.desc()).limit(1))
             if run is None:
                 continue
-            cells = session.execute(sa.select(AffinityCell.layer_a, AffinityCell.layer_b, AffinityCell.score)
-                                    .where(AffinityCell.run_id == run.id)).all()
+            cells = session.execute(
+                sa.select(AffinityCell.layer_a, AffinityCell.layer_b, AffinityCell.score).where(
+                    AffinityCell.run_id == run.id
+                )
+            ).all()
             matrix = np.zeros((run.n_layers_a, run.n_layers_b))
             for la, lb, score in cells:
                 matrix[la - 1, lb - 1] = score
             if flipped:
                 matrix = matrix.T  # rows are A's layers
             best = int(max_similarity_path(matrix)[layer_a - 1]) + 1
-            on = session.get(Dataset, run.dataset_a_id).name  # type: ignore[union-attr]
+            on = session.get_one(Dataset, run.dataset_a_id).name
             return best, f"max-similarity path of affinity run {run.id} (k = {run.k}, on {on})"
     proportional = max(1, min(b.n_layers, int(round(layer_a / a.n_layers * b.n_layers))))
     return proportional, "same relative depth (no affinity run of the pair is stored)"
 
 
-def typical_norm(wh: Warehouse, model: Model, layer: int, texts: list[str], token_rule: str,
-                 device: str | None = None) -> float:
+def typical_norm(
+    wh: Warehouse,
+    model: Model,
+    layer: int,
+    texts: list[str],
+    token_rule: str,
+    device: str | None = None,
+    models: ModelCache | None = None,
+) -> float:
     """Median activation norm of a model at a layer over the given prompts."""
-    lm = open_stored_model(model, device=device)
+    lm = open_stored_model(model, device=device, models=models)
     return float(np.median(np.linalg.norm(extract_layer(lm, model, texts, layer, token_rule), axis=1)))
 
 
-def transfer(wh: Warehouse, vector_name: str, target: str, *, layer: int | None = None, pairs: str = "tokens-input",
-             dataset: str | None = None, bias: bool = True, ridge: float = 0.0, seed: int = 0,
-             calibration: str = "relative", name: str | None = None,
-             device: str | None = None) -> tuple[VectorInfo, MapInfo, dict[str, Any]]:
+def transfer(
+    wh: Warehouse,
+    vector_name: str,
+    target: str,
+    *,
+    layer: int | None = None,
+    pairs: str = "tokens-input",
+    dataset: str | None = None,
+    bias: bool = True,
+    ridge: float = 0.0,
+    seed: int = 0,
+    calibration: str = "relative",
+    name: str | None = None,
+    device: str | None = None,
+    models: ModelCache | None = None,
+) -> tuple[VectorInfo, MapInfo, dict[str, Any]]:
     """Map a steering vector of model A into model B through a fitted Emb2Emb map and store it."""
     if calibration not in CALIBRATIONS and not calibration.startswith("native:"):
         raise InputError(f"unknown --calibrate {calibration!r}; use relative, none or native:VECTOR")
@@ -239,11 +324,23 @@ def transfer(wh: Warehouse, vector_name: str, target: str, *, layer: int | None 
     else:
         rule = "given"
     check_layer(b, layer)
-    map_info, linear = fit_map(wh, a.name, b.name, pairs=pairs, layer_a=source.layer, layer_b=layer, layer_rule=rule,
-                               dataset=dataset, bias=bias, ridge=ridge, seed=seed)
+    map_info, linear = fit_map(
+        wh,
+        a.name,
+        b.name,
+        pairs=pairs,
+        layer_a=source.layer,
+        layer_b=layer,
+        layer_rule=rule,
+        dataset=dataset,
+        bias=bias,
+        ridge=ridge,
+        seed=seed,
+    )
     if linear.weights.shape[0] != vector.shape[0]:
-        raise InputError(f"the map takes {linear.weights.shape[0]}-wide vectors but {vector_name} is "
-                         f"{vector.shape[0]} wide")
+        raise InputError(
+            f"the map takes {linear.weights.shape[0]}-wide vectors but {vector_name} is {vector.shape[0]} wide"
+        )
     mapped = vector @ linear.weights  # a difference of activations: the bias cancels
     mapped_norm = float(np.linalg.norm(mapped))
     if not mapped_norm > 0:
@@ -252,13 +349,18 @@ def transfer(wh: Warehouse, vector_name: str, target: str, *, layer: int | None 
     target_activation_norm = 0.0
     if calibration == "relative":
         if not texts or not source.activation_norm:
-            raise InputError(f"{vector_name} records no contrast prompts to calibrate on; use --calibrate none "
-                             "or native:VECTOR")
-        target_activation_norm = typical_norm(wh, b, layer, texts, source.token_rule, device)
+            raise InputError(
+                f"{vector_name} records no contrast prompts to calibrate on; use --calibrate none or native:VECTOR"
+            )
+        target_activation_norm = typical_norm(wh, b, layer, texts, source.token_rule, device, models)
         wanted = source.norm / source.activation_norm * target_activation_norm
-        detail = {"rule": "relative", "source_norm": source.norm, "source_activation_norm": source.activation_norm,
-                  "target_activation_norm": target_activation_norm,
-                  "explanation": "||v_B|| / median ||h_B|| = ||v_A|| / median ||h_A|| over the same contrast prompts"}
+        detail = {
+            "rule": "relative",
+            "source_norm": source.norm,
+            "source_activation_norm": source.activation_norm,
+            "target_activation_norm": target_activation_norm,
+            "explanation": "||v_B|| / median ||h_B|| = ||v_A|| / median ||h_A|| over the same contrast prompts",
+        }
     elif native is not None:
         wanted = native
         detail = {"rule": calibration, "native_norm": native}
@@ -269,15 +371,39 @@ def transfer(wh: Warehouse, vector_name: str, target: str, *, layer: int | None 
     detail |= {"mapped_norm": mapped_norm, "scale": scale}
     final = (mapped * scale).astype(np.float32)
     with wh.engine.begin() as conn:
-        vector_id = conn.execute(sa.insert(SteeringVector).values(
-            name=name, model_id=b.id, layer=layer, hook_site=b.hook_site, token_rule=source.token_rule,
-            method="emb2emb", positive=source.positive, negative=source.negative, norm=float(np.linalg.norm(final)),
-            activation_norm=target_activation_norm, source_vector_id=source.id, map_id=map_info.id,
-            calibration=detail, vec=final,
-        ).returning(SteeringVector.id)).scalar_one()
-    info = VectorInfo(vector_id, name, b.name, layer, "emb2emb", source.token_rule, float(np.linalg.norm(final)),
-                      target_activation_norm, len((source.positive or {}).get("texts", [])),
-                      len((source.negative or {}).get("texts", [])), f"mapped from {vector_name}")
+        vector_id = conn.execute(
+            sa.insert(SteeringVector)
+            .values(
+                name=name,
+                model_id=b.id,
+                layer=layer,
+                hook_site=b.hook_site,
+                token_rule=source.token_rule,
+                method="emb2emb",
+                positive=source.positive,
+                negative=source.negative,
+                norm=float(np.linalg.norm(final)),
+                activation_norm=target_activation_norm,
+                source_vector_id=source.id,
+                map_id=map_info.id,
+                calibration=detail,
+                vec=final,
+            )
+            .returning(SteeringVector.id)
+        ).scalar_one()
+    info = VectorInfo(
+        vector_id,
+        name,
+        b.name,
+        layer,
+        "emb2emb",
+        source.token_rule,
+        float(np.linalg.norm(final)),
+        target_activation_norm,
+        len((source.positive or {}).get("texts", [])),
+        len((source.negative or {}).get("texts", [])),
+        f"mapped from {vector_name}",
+    )
     return info, map_info, detail | {"layer_rule": rule}
 
 
@@ -289,4 +415,3 @@ def compare_vectors(wh: Warehouse, first: str, second: str) -> float:
     if m1.id != m2.id or len(v1) != len(v2):
         raise InputError(f"{first} and {second} live in different models; compare vectors of one model")
     return float(v1 @ v2 / (np.linalg.norm(v1) * np.linalg.norm(v2)))
-

@@ -1,0 +1,556 @@
+"""Cross-model layer affinity: A[i, j] = M_k(f_A^(i), f_B^(j)) (Wolfram & Schein 2025),
+computed in SQL from the materialized neighbour lists, stored with its statistics.
+
+The overlap counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one join of the
+unnested neighbour arrays on (position, neighbour position); positions make parallel
+datasets (prompt i of D1 <-> prompt i of D2) intersect directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psycopg
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.orm import Session
+
+from layerbase.analysis.knn.materialize import DERIVED_DATA_COMMIT, EXACT_ENGINES, lock_key, materialize
+from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
+from layerbase.analysis.similarity.stats import (
+    DiagonalTest,
+    diagonal_test,
+    log10_p_null,
+    max_similarity_path,
+    null_model,
+    relative_depths,
+)
+from layerbase.warehouse.copy import copy_columns
+from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.models import AffinityRun, KnnRun
+from layerbase.warehouse.models import DiagonalTest as DiagonalTestRow
+from layerbase.warehouse.parallel import default_workers, run_in_parallel
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+OVERLAP_SQL = """
+WITH a AS (
+    SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(%(k)s AS int)]) AS neighbor_position
+    FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+    WHERE n.run_id = ANY(%(runs_a)s) AND n.position BETWEEN %(first)s AND %(last)s
+), b AS (
+    SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(%(k)s AS int)]) AS neighbor_position
+    FROM knn_neighbor n JOIN knn_run r ON r.id = n.run_id
+    WHERE n.run_id = ANY(%(runs_b)s) AND n.position BETWEEN %(first)s AND %(last)s
+)
+SELECT a.layer AS layer_a, b.layer AS layer_b, count(*) AS shared
+FROM a JOIN b ON a.position = b.position AND a.neighbor_position = b.neighbor_position
+GROUP BY a.layer, b.layer
+"""
+
+
+@dataclass
+class AffinityMatrix:
+    """A stored affinity matrix with its test (rows = model A's layers)."""
+
+    run_id: int
+    model_a: str
+    model_b: str
+    dataset_a: str
+    dataset_b: str
+    k: int
+    n_prompts: int
+    layers_a: list[int]
+    layers_b: list[int]
+    scores: np.ndarray
+    chance: float
+    null_sd: float
+    test: DiagonalTest | None
+    seconds: float
+    knn_engine: str
+    n_layers_a: int
+    n_layers_b: int
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The scores, [model A's layers, model B's layers]."""
+        return self.scores
+
+    @property
+    def path(self) -> pd.DataFrame:
+        """The path of maximum similarity: for each of model A's layers, model B's most similar
+        layer, with both relative depths and the score."""
+        import pandas as pd
+
+        best = max_similarity_path(self.scores)
+        return pd.DataFrame(
+            {
+                "layer_a": self.layers_a,
+                "layer_b": [self.layers_b[j] for j in best],
+                "depth_a": np.array(self.layers_a) / self.n_layers_a,
+                "depth_b": np.array([self.layers_b[j] for j in best]) / self.n_layers_b,
+                "score": self.scores[np.arange(len(self.layers_a)), best],
+            }
+        )
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per cell: both layers, their relative depths, the score, and whether the cell
+        lies on the generalized diagonal."""
+        import pandas as pd
+
+        from layerbase.analysis.reporting.plots import diagonal_mask_for
+
+        la = np.repeat(self.layers_a, len(self.layers_b))
+        lb = np.tile(self.layers_b, len(self.layers_a))
+        return pd.DataFrame(
+            {
+                "layer_a": la,
+                "layer_b": lb,
+                "depth_a": la / self.n_layers_a,
+                "depth_b": lb / self.n_layers_b,
+                "score": self.scores.ravel(),
+                "on_diagonal": diagonal_mask_for(self.scores).ravel(),
+            }
+        )
+
+    def plot(self, *, diagonal: bool = True, path: bool = True, vmax: float | None = None) -> Figure:
+        """The heatmap (a matplotlib Figure; it shows inline in a notebook): the generalized
+        diagonal outlined, the max-similarity path drawn, relative depths on the far axes."""
+        from layerbase.analysis.reporting.plots import affinity_heatmap
+
+        dataset = self.dataset_a if self.dataset_b == self.dataset_a else f"{self.dataset_a} | {self.dataset_b}"
+        return affinity_heatmap(
+            self.scores,
+            self.layers_a,
+            self.layers_b,
+            self.model_a,
+            self.model_b,
+            k=self.k,
+            chance=self.chance,
+            subtitle=f"{dataset}, |D| = {self.n_prompts}",
+            diagonal=diagonal,
+            path=path,
+            vmax=vmax,
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        t = self.test
+        test = (
+            f"diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}, t = {t.t:.2f}, log10 p = {t.log10_p:.1f}"
+            if t
+            else "no diagonal test"
+        )
+        return (
+            f"<p><b>{html.escape(self.model_a)} × {html.escape(self.model_b)}</b> on "
+            f"{html.escape(self.dataset_a)}: {len(self.layers_a)}×{len(self.layers_b)} layers, k = {self.k}, "
+            f"|D| = {self.n_prompts}, chance {self.chance:.4f}; {test} (affinity run {self.run_id})</p>"
+        )
+
+    def summary(self) -> dict:
+        t = self.test
+        return {
+            "run_id": self.run_id,
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "dataset_a": self.dataset_a,
+            "dataset_b": self.dataset_b,
+            "k": self.k,
+            "n_prompts": self.n_prompts,
+            "shape": list(self.scores.shape),
+            "chance": self.chance,
+            "max_score": float(self.scores.max()),
+            "test": t.as_dict() if t else None,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _knn_runs(
+    conn: sa.Connection, model_id: int, dataset_id: int, layers: list[int], k: int, engine: str
+) -> dict[int, int]:
+    """run id per layer, preferring the requested engine, then exact ones; only runs with k_max >= k."""
+    rows = conn.execute(
+        sa.select(KnnRun.layer, KnnRun.id, KnnRun.engine).where(
+            KnnRun.model_id == model_id, KnnRun.dataset_id == dataset_id, KnnRun.layer.in_(layers), KnnRun.k_max >= k
+        )
+    ).all()
+    preference = [engine] + [e for e in EXACT_ENGINES if e != engine]
+    best: dict[int, tuple[int, int]] = {}
+    for layer, run_id, eng in rows:
+        if eng not in preference:
+            continue
+        rank = preference.index(eng)
+        if layer not in best or rank < best[layer][0]:
+            best[layer] = (rank, run_id)
+    return {layer: rid for layer, (_, rid) in best.items()}
+
+
+def compute_affinity(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    dataset_a: str,
+    dataset_b: str | None = None,
+    *,
+    k: int = 10,
+    include_layer0: bool = False,
+    engine: str = "blas",
+    study: str | None = None,
+    n_pairs: int = 1,
+    workers: int | None = None,
+    progress: bool = True,
+) -> AffinityMatrix:
+    """Compute (materializing missing k-NN sets first) and store one affinity matrix."""
+    dataset_b = dataset_b or dataset_a
+    with Session(wh.engine) as session:
+        ma, mb = get_model(session, model_a), get_model(session, model_b)
+        da, db = get_dataset(session, dataset_a), get_dataset(session, dataset_b)
+        if da.n_prompts != db.n_prompts:
+            raise InputError(
+                f"datasets {dataset_a!r} ({da.n_prompts} prompts) and {dataset_b!r} ({db.n_prompts}) differ in size; "
+                "a parallel affinity pairs prompt i with prompt i, so use parallel datasets (`dataset add-pairs`)"
+            )
+        if da.id != db.id and da.parallel_to_id != db.id and db.parallel_to_id != da.id:
+            raise InputError(
+                f"datasets {dataset_a!r} and {dataset_b!r} are not parallel; register them as a pair "
+                "(`layerbase dataset add-pairs`, or `dataset add --parallel-to`)"
+            )
+        layers_a = [x for x in ingested_layers(session, ma, da) if x > 0 or include_layer0]
+        layers_b = [x for x in ingested_layers(session, mb, db) if x > 0 or include_layer0]
+        if include_layer0 and (0 not in layers_a or 0 not in layers_b):
+            raise InputError("--layer0 needs both models ingested with --layer0")
+        ids = (ma.id, mb.id, da.id, db.id, ma.n_layers, mb.n_layers)
+        n = da.n_prompts
+    if not 0 < k < n:
+        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n}); lower -k")
+    sides = ((model_a, ids[0], dataset_a, ids[2], layers_a), (model_b, ids[1], dataset_b, ids[3], layers_b))
+    for model, model_id, dataset, dataset_id, layers in sides:
+        with wh.engine.connect() as conn:
+            have = _knn_runs(conn, model_id, dataset_id, layers, k, engine)
+        missing = [layer for layer in layers if layer not in have]
+        if missing:  # stored up to K_max (100 by default) so that later k up to it need no recompute
+            materialize(
+                wh, model, dataset, layers=missing, k_max=max(k, min(100, n - 1)), engine=engine, progress=progress
+            )
+    started = time.perf_counter()
+    mean, sd = null_model(k, n)
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key("affinity", *ids[:4], k)})
+        conn.execute(sa.text(DERIVED_DATA_COMMIT))
+        runs_a = _knn_runs(conn, ids[0], ids[2], layers_a, k, engine)
+        runs_b = _knn_runs(conn, ids[1], ids[3], layers_b, k, engine)
+        engines = set(
+            conn.execute(
+                sa.select(KnnRun.engine).where(KnnRun.id.in_(list(runs_a.values()) + list(runs_b.values())))
+            ).scalars()
+        )
+        counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, n, workers)
+        scores = np.zeros((len(layers_a), len(layers_b)))
+        row = {layer: i for i, layer in enumerate(layers_a)}
+        col = {layer: j for j, layer in enumerate(layers_b)}
+        for (layer_a, layer_b), shared in counts.items():
+            scores[row[layer_a], col[layer_b]] = shared / (k * n)
+        # The diagonal test never includes the embedding layer (docs/design.md §4).
+        block = scores[np.array(layers_a) > 0][:, np.array(layers_b) > 0]
+        # Within one model on one dataset the diagonal is 1 by construction: no test.
+        same = ids[0] == ids[1] and ids[2] == ids[3]
+        test = diagonal_test(block, n_pairs) if block.size - min(block.shape) >= 2 and not same else None
+        elapsed = time.perf_counter() - started
+        conn.execute(
+            sa.delete(AffinityRun).where(
+                AffinityRun.model_a_id == ids[0],
+                AffinityRun.model_b_id == ids[1],
+                AffinityRun.dataset_a_id == ids[2],
+                AffinityRun.dataset_b_id == ids[3],
+                AffinityRun.k == k,
+                AffinityRun.include_layer0 == include_layer0,
+            )
+        )
+        run_id = conn.execute(
+            sa.insert(AffinityRun)
+            .values(
+                model_a_id=ids[0],
+                model_b_id=ids[1],
+                dataset_a_id=ids[2],
+                dataset_b_id=ids[3],
+                k=k,
+                include_layer0=include_layer0,
+                n_prompts=n,
+                n_layers_a=ids[4],
+                n_layers_b=ids[5],
+                chance=mean,
+                null_sd=sd,
+                knn_engine="+".join(sorted(engines)),
+                study=study,
+                seconds=elapsed,
+            )
+            .returning(AffinityRun.id)
+        ).scalar_one()
+        _store_cells(conn, run_id, scores, layers_a, layers_b, ids[4], ids[5], k, n, mean)
+        if test is not None:
+            conn.execute(
+                sa.insert(DiagonalTestRow).values(
+                    run_id=run_id,
+                    rows_model="b" if test.transposed else "a",
+                    n_on=test.n_on,
+                    n_off=test.n_off,
+                    mean_on=test.mean_on,
+                    mean_off=test.mean_off,
+                    t=test.t,
+                    p=test.p,
+                    log10_p=test.log10_p,
+                    n_pairs=n_pairs,
+                    p_bonferroni=test.p_bonferroni,
+                    log10_p_bonferroni=test.log10_p_bonferroni,
+                )
+            )
+    return AffinityMatrix(
+        run_id,
+        model_a,
+        model_b,
+        dataset_a,
+        dataset_b,
+        k,
+        n,
+        layers_a,
+        layers_b,
+        scores,
+        mean,
+        sd,
+        test,
+        elapsed,
+        "+".join(sorted(engines)),
+        ids[4],
+        ids[5],
+    )
+
+
+# The planner cannot estimate the join of unnested arrays (it guesses thousands of rows
+# where there are millions) and then picks sort-based plans; hashing is about 2x faster at
+# 30 x 18 layers (measured), so sorts and merge joins are ruled out.
+OVERLAP_SETTINGS = ("SET LOCAL enable_sort = off", "SET LOCAL enable_mergejoin = off")
+# With the prompts split over several connections each already has a core: parallel
+# workers of its own would only contend (measured at 30 x 18 on 2 cores: 0.26 s with
+# them, 0.18 s without; one connection with its parallel workers: 0.31 s).
+NO_PARALLEL_WORKERS = "SET LOCAL max_parallel_workers_per_gather = 0"
+
+
+def _overlap_counts(
+    wh: Warehouse, runs_a: list[int], runs_b: list[int], k: int, n: int, workers: int | None
+) -> Counter[tuple[int, int]]:
+    """Shared (prompt, neighbour) pairs per layer pair, the prompts split into one range per
+    worker connection (the join is per prompt, so the ranges add up)."""
+    workers = workers or default_workers()
+    step = -(-n // workers)
+    ranges = [(first, min(n, first + step) - 1) for first in range(0, n, step)]
+
+    def count(cur: psycopg.Cursor, positions: tuple[int, int]) -> list[tuple[int, int, int]]:
+        cur.execute(
+            OVERLAP_SQL, {"runs_a": runs_a, "runs_b": runs_b, "k": k, "first": positions[0], "last": positions[1]}
+        )
+        return cur.fetchall()
+
+    counts: Counter[tuple[int, int]] = Counter()
+    settings = OVERLAP_SETTINGS + ((NO_PARALLEL_WORKERS,) if len(ranges) > 1 else ())
+    for rows in run_in_parallel(
+        wh, ranges, count, workers=workers, settings=[sql.SQL(statement) for statement in settings]
+    ):
+        for layer_a, layer_b, shared in rows:
+            counts[(layer_a, layer_b)] += shared
+    return counts
+
+
+def _store_cells(
+    conn: sa.Connection,
+    run_id: int,
+    scores: np.ndarray,
+    layers_a: list[int],
+    layers_b: list[int],
+    n_layers_a: int,
+    n_layers_b: int,
+    k: int,
+    n: int,
+    chance: float,
+) -> None:
+    la = np.repeat(np.array(layers_a, dtype=np.int16), len(layers_b))
+    lb = np.tile(np.array(layers_b, dtype=np.int16), len(layers_a))
+    flat = scores.ravel()
+    copy_columns(
+        raw_connection(conn).cursor(),
+        "affinity_cell",
+        ("run_id", "layer_a", "layer_b", "depth_a", "depth_b", "score", "chance", "log10_p_null"),
+        [
+            ("int4", np.full(flat.size, run_id, dtype=np.int32)),
+            ("int2", la),
+            ("int2", lb),
+            ("float8", la / n_layers_a),
+            ("float8", lb / n_layers_b),
+            ("float8", flat),
+            ("float8", np.full(flat.size, chance)),
+            ("float8", log10_p_null(flat, k, n)),
+        ],
+    )
+
+
+def compute_study(
+    wh: Warehouse,
+    models: list[str],
+    dataset: str,
+    dataset_b: str | None = None,
+    *,
+    k: int = 10,
+    include_layer0: bool = False,
+    engine: str = "blas",
+    study: str | None = None,
+    progress: bool = True,
+) -> list[AffinityMatrix]:
+    """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs.
+
+    With one dataset, pairs are unordered (A, B) for A before B in the list. With a
+    parallel pair of datasets, the first model reads ``dataset`` and the second ``dataset_b``.
+    """
+    if len(set(models)) < 2:
+        raise InputError("give at least two different models (e.g. --models A,B)")
+    pairs = list(itertools.combinations(models, 2))
+    study = study or "+".join(models) + f"@{dataset}" + (f"|{dataset_b}" if dataset_b else "")
+    return [
+        compute_affinity(
+            wh,
+            a,
+            b,
+            dataset,
+            dataset_b,
+            k=k,
+            include_layer0=include_layer0,
+            engine=engine,
+            study=study,
+            n_pairs=len(pairs),
+            progress=progress,
+        )
+        for a, b in pairs
+    ]
+
+
+RUNS_SQL = """
+SELECT r.id AS run_id, ma.name AS model_a, mb.name AS model_b, da.name AS dataset_a, db.name AS dataset_b, r.k,
+       r.include_layer0, r.n_prompts, r.n_layers_a, r.n_layers_b, r.chance, r.null_sd, r.knn_engine, r.study,
+       r.seconds, r.created_at, t.mean_on, t.mean_off, t.t, t.log10_p, t.n_pairs, t.log10_p_bonferroni,
+       t.rows_model
+FROM affinity_run r
+JOIN model ma ON ma.id = r.model_a_id
+JOIN model mb ON mb.id = r.model_b_id
+JOIN dataset da ON da.id = r.dataset_a_id
+JOIN dataset db ON db.id = r.dataset_b_id
+LEFT JOIN diagonal_test t ON t.run_id = r.id
+"""
+
+
+def list_runs(wh: Warehouse) -> list[dict[str, Any]]:
+    """Every stored affinity run with its models, datasets, k and diagonal test."""
+    with wh.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.text(RUNS_SQL + " ORDER BY r.id"))]
+
+
+def stored_affinity(
+    wh: Warehouse,
+    model_a: str,
+    model_b: str,
+    dataset_a: str,
+    dataset_b: str | None = None,
+    *,
+    k: int = 10,
+    include_layer0: bool = False,
+) -> AffinityMatrix | None:
+    """The stored matrix of exactly this (model A, model B, datasets, k, layer 0), or None."""
+    where = (
+        " WHERE ma.name = :a AND mb.name = :b AND da.name = :da AND db.name = :db AND r.k = :k"
+        " AND r.include_layer0 = :l0"
+    )
+    with wh.engine.connect() as conn:
+        run = (
+            conn.execute(
+                sa.text(RUNS_SQL + where),
+                {
+                    "a": model_a,
+                    "b": model_b,
+                    "da": dataset_a,
+                    "db": dataset_b or dataset_a,
+                    "k": k,
+                    "l0": include_layer0,
+                },
+            )
+            .mappings()
+            .first()
+        )
+        if run is None:
+            return None
+        test_row = (
+            conn.execute(sa.select(DiagonalTestRow.__table__).where(DiagonalTestRow.run_id == run["run_id"]))
+            .mappings()
+            .first()
+        )
+    scores, layers_a, layers_b = load_matrix(wh, run["run_id"])
+    test = None
+    if test_row is not None:
+        stored = {
+            f: test_row[f] for f in ("mean_on", "mean_off", "t", "p", "p_bonferroni", "log10_p", "log10_p_bonferroni")
+        }
+        test = DiagonalTest(
+            n_on=test_row["n_on"],
+            n_off=test_row["n_off"],
+            n_pairs=test_row["n_pairs"],
+            transposed=test_row["rows_model"] == "b",
+            **stored,
+        )
+    return AffinityMatrix(
+        run["run_id"],
+        model_a,
+        model_b,
+        dataset_a,
+        dataset_b or dataset_a,
+        k,
+        run["n_prompts"],
+        layers_a,
+        layers_b,
+        scores,
+        run["chance"],
+        run["null_sd"],
+        test,
+        run["seconds"],
+        run["knn_engine"],
+        run["n_layers_a"],
+        run["n_layers_b"],
+    )
+
+
+def load_matrix(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """(scores, layers_a, layers_b) of a stored affinity run."""
+    with wh.engine.connect() as conn:
+        cells = conn.execute(
+            sa.text("SELECT layer_a, layer_b, score FROM affinity_cell WHERE run_id = :r ORDER BY layer_a, layer_b"),
+            {"r": run_id},
+        ).all()
+    layers_a = sorted({c[0] for c in cells})
+    layers_b = sorted({c[1] for c in cells})
+    scores = np.array([c[2] for c in cells]).reshape(len(layers_a), len(layers_b))
+    return scores, layers_a, layers_b
+
+
+__all__ = [
+    "AffinityMatrix",
+    "compute_affinity",
+    "compute_study",
+    "list_runs",
+    "load_matrix",
+    "relative_depths",
+    "stored_affinity",
+]

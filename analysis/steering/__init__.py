@@ -1,0 +1,1 @@
+"""Steering vectors, their evaluation, and their transfer between models (Emb2Emb)."""

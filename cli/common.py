@@ -1,0 +1,81 @@
+"""What every command shares: the context object (how to reach the warehouse), the
+options that several commands take, and printing results as text or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from layerbase.api import Layerbase
+    from layerbase.warehouse.engine import Warehouse
+
+
+@dataclass
+class Context:
+    """The root group's options, passed to every command."""
+
+    database_url: str | None
+    traceback: bool
+    _api: Layerbase | None = field(default=None, repr=False)
+
+    def api(self) -> Layerbase:
+        """The Python API over the configured warehouse (whose schema must be current)."""
+        if self._api is None:
+            from layerbase.api import connect
+
+            self._api = connect(self.database_url, upgrade=False)
+        return self._api
+
+    def warehouse(self, *, check_schema: bool = True) -> Warehouse:
+        """The warehouse itself, for the commands below the API (``db``)."""
+        from layerbase.warehouse.engine import connect
+
+        return connect(self.database_url, check_schema=check_schema)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
+plot_option = click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG figure here.")
+
+
+def emit(data: Any, as_json: bool, text: str | None = None) -> None:
+    """Print a result as JSON or as text."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A DataFrame's rows as plain Python dicts (numpy scalars unwrapped, NaN as None)."""
+    rows = frame.to_dict("records")
+    for row in rows:
+        for key, value in row.items():
+            if hasattr(value, "item"):
+                value = value.item()
+            row[key] = None if isinstance(value, float) and math.isnan(value) else value
+    return rows
+
+
+def names(text: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c']."""
+    return [n.strip() for n in text.split(",") if n.strip()]
