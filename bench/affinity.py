@@ -3,6 +3,7 @@ against (a) an in-memory scipy.sparse computation of all pairs at once and (b) t
 per-pair approach (for each layer pair, recompute both k-NN sets from the features and
 intersect them).
 
+\b
     python -m bench.affinity                          # 30x18 and 32x42 layers, n = 2048, k = 10
     python -m bench.affinity --shapes 4x3 --n 256 --pairs 4 --repeats 1   # a quick run
 
@@ -12,13 +13,15 @@ is the same for every pair); everything else is timed whole.
 
 from __future__ import annotations
 
-import argparse
 import random
+from types import SimpleNamespace
+from typing import Any
 
+import click
 import numpy as np
 import scipy.sparse as sp
 
-from bench.common import add_server_option, bench_warehouse, median_time, print_table
+from bench.common import bench_warehouse, median_time, print_table, server_option
 
 
 def sparse_all_pairs(sets_a: list[np.ndarray], sets_b: list[np.ndarray], n: int, k: int) -> np.ndarray:
@@ -41,16 +44,16 @@ def per_pair(fa: np.ndarray, fb: np.ndarray, k: int) -> float:
     return mutual_knn(exact_topk(fa, k)[0], exact_topk(fb, k)[0], k)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="30x18,32x42", help="comma-separated LAxLB layer counts")
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--d", type=int, default=576)
-    parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--pairs", type=int, default=20, help="layer pairs timed for the per-pair approach")
-    parser.add_argument("--repeats", type=int, default=3)
-    add_server_option(parser)
-    args = parser.parse_args(argv)
+@click.command(help=__doc__)
+@click.option("--shapes", default="30x18,32x42", show_default=True, help="comma-separated LAxLB layer counts")
+@click.option("--n", type=int, default=2048, show_default=True)
+@click.option("--d", type=int, default=576, show_default=True)
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--pairs", type=int, default=20, show_default=True, help="layer pairs timed for the per-pair approach")
+@click.option("--repeats", type=int, default=3, show_default=True)
+@server_option
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
 
     from layerbase.analysis.knn.materialize import materialize
     from layerbase.analysis.knn.topk import exact_topk

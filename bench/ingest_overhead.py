@@ -2,6 +2,7 @@
 pass (tokenization, claiming chunks, COPY, commits), with a real packaged model on the
 BBC news leads; and the stored bytes per activation against its raw float32 size.
 
+\b
     python -m bench.ingest_overhead                  # SmolLM2, 128 news leads, 3 runs
     python -m bench.ingest_overhead --corpus random --prompts 512   # short prompts: overhead weighs more
     python -m bench.ingest_overhead --model all-MiniLM-L6-v2 --prompts 32 --repeats 1   # a quick run
@@ -15,30 +16,34 @@ one-time cost and is reported apart.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
+from types import SimpleNamespace
+from typing import Any
 
-from bench.common import add_server_option, add_storage_option, bench_warehouse, print_table
+import click
+
+from bench.common import bench_warehouse, print_table, server_option, storage_option
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument(
-        "--corpus",
-        choices=["news", "random"],
-        default="news",
-        help="news leads (about 170 tokens) or 32-character random strings",
-    )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", help="cuda or cpu (default: the best available)")
-    add_server_option(parser)
-    add_storage_option(parser)
-    args = parser.parse_args(argv)
+@click.command(help=__doc__)
+@click.option("--model", default="SmolLM2-135M-Instruct", show_default=True)
+@click.option("--prompts", type=int, default=128, show_default=True)
+@click.option(
+    "--corpus",
+    type=click.Choice(["news", "random"]),
+    default="news",
+    show_default=True,
+    help="news leads (about 170 tokens) or 32-character random strings",
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--device", help="cuda or cpu (default: the best available)")
+@server_option
+@storage_option
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
 
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     from layerbase.ingest.datasets import add_datasets
     from layerbase.ingest.demo import LEAD_PARAGRAPHS, bbc_dir
     from layerbase.ingest.extract import ExtractionSettings, Extractor
-    from layerbase.ingest.runner import ensure_job, ensure_model, open_model, run_job
+    from layerbase.ingest.loading import open_model
+    from layerbase.ingest.runner import ensure_job, ensure_model, run_job
     from layerbase.ingest.sources import generate_random, read_txt_dir
     from layerbase.warehouse.lookup import get_dataset
     from layerbase.warehouse.storage import require_storage

@@ -2,31 +2,35 @@
 COPY of the neighbour lists back) against an in-memory numpy reference that computes the
 same sets from arrays already in RAM.
 
+\b
     python -m bench.knn_blas                      # n in {2048, 10000}, d in {576, 2048, 4096}
     python -m bench.knn_blas --sizes 512x64 --repeats 1    # a quick run
 """
 
 from __future__ import annotations
 
-import argparse
+from types import SimpleNamespace
+from typing import Any
 
+import click
 import sqlalchemy as sa
 
-from bench.common import add_server_option, add_storage_option, as_stored, bench_warehouse, median_time, print_table
+from bench.common import as_stored, bench_warehouse, median_time, print_table, server_option, storage_option
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--sizes",
-        default="2048x576,2048x2048,2048x4096,10000x576,10000x2048,10000x4096",
-        help="comma-separated NxD shapes",
-    )
-    parser.add_argument("--k-max", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    add_server_option(parser)
-    add_storage_option(parser)
-    args = parser.parse_args(argv)
+@click.command(help=__doc__)
+@click.option(
+    "--sizes",
+    default="2048x576,2048x2048,2048x4096,10000x576,10000x2048,10000x4096",
+    show_default=True,
+    help="comma-separated NxD shapes",
+)
+@click.option("--k-max", type=int, default=100, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@server_option
+@storage_option
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
 
     from layerbase.analysis.knn.materialize import materialize, neighbor_array
     from layerbase.analysis.knn.topk import exact_topk

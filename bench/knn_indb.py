@@ -5,6 +5,7 @@ computes the same sets from arrays already in RAM, with recall@k of each against
   widens its search until recall@10 on a 200-prompt sample reaches ``--min-recall``);
 * ``sql``: the exact pgvector scan.
 
+\b
     python -m bench.knn_indb                         # n = 10000, d in {576, 2048}, k = 10
     python -m bench.knn_indb --sizes 1000x64 --repeats 1 --sample 128   # a quick run
 
@@ -17,21 +18,23 @@ the reference ``--repeats``.
 
 from __future__ import annotations
 
-import argparse
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import click
 import numpy as np
 import sqlalchemy as sa
 
 from bench.common import (
-    add_data_option,
-    add_server_option,
-    add_storage_option,
     as_stored,
     bench_vectors,
     bench_warehouse,
+    data_option,
     median_time,
     print_table,
+    server_option,
+    storage_option,
 )
 
 
@@ -41,23 +44,23 @@ def recall_at(stored: np.ndarray, reference: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000x576,10000x2048", help="comma-separated NxD shapes")
-    parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--engines", default="ivfflat,hnsw,sql")
-    parser.add_argument("--min-recall", type=float, default=0.99)
-    parser.add_argument("--workers", type=int, help="connections per in-database engine (default: the engine's)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of the reference")
-    parser.add_argument("--db-repeats", type=int, default=1, help="runs of each in-database engine")
-    parser.add_argument("--sample", type=int, default=640, help="query prompts timed for the exact scan")
-    parser.add_argument("--hnsw-m", type=int, help="hnsw: the index's m (default: pgvector's 16)")
-    parser.add_argument("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: 64)")
-    parser.add_argument("--lists", type=int, help="ivfflat: the index's lists (default: sqrt(n))")
-    add_server_option(parser)
-    add_data_option(parser)
-    add_storage_option(parser)
-    args = parser.parse_args(argv)
+@click.command(help=__doc__)
+@click.option("--sizes", default="10000x576,10000x2048", show_default=True, help="comma-separated NxD shapes")
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--engines", default="ivfflat,hnsw,sql", show_default=True)
+@click.option("--min-recall", type=float, default=0.99, show_default=True)
+@click.option("--workers", type=int, help="connections per in-database engine (default: the engine's)")
+@click.option("--repeats", type=int, default=3, show_default=True, help="runs of the reference")
+@click.option("--db-repeats", type=int, default=1, show_default=True, help="runs of each in-database engine")
+@click.option("--sample", type=int, default=640, show_default=True, help="query prompts timed for the exact scan")
+@click.option("--hnsw-m", type=int, help="hnsw: the index's m (default: pgvector's 16)")
+@click.option("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: 64)")
+@click.option("--lists", type=int, help="ivfflat: the index's lists (default: sqrt(n))")
+@server_option
+@data_option
+@storage_option
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
 
     from layerbase.analysis.knn.in_database import dataset_prompt_ids, neighbors_in_db
     from layerbase.analysis.knn.index import METHODS, index_name

@@ -9,39 +9,42 @@ as the reference. Two paths are timed on the same queries:
 * the stored exact k-NN set, once ``layerbase knn`` has materialized the layer (here with
   the blas engine and K_max = k; its time is printed too).
 
+\b
     python -m bench.lookup                            # n = 100000, d = 576, 200 queries
     python -m bench.lookup --n 5000 --d 64 --queries 20   # a quick run
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from types import SimpleNamespace
+from typing import Any
 
+import click
 import numpy as np
 
 from bench.common import (
-    add_data_option,
-    add_server_option,
-    add_storage_option,
     as_stored,
     bench_vectors,
     bench_warehouse,
+    data_option,
     print_table,
+    server_option,
+    storage_option,
 )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--d", type=int, default=576)
-    parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--ef-search", type=int, help="HNSW ef_search (default: the CLI's)")
-    add_server_option(parser)
-    add_data_option(parser)
-    add_storage_option(parser)
-    args = parser.parse_args(argv)
+@click.command(help=__doc__)
+@click.option("--n", type=int, default=100_000, show_default=True)
+@click.option("--d", type=int, default=576, show_default=True)
+@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--queries", type=int, default=200, show_default=True)
+@click.option("--ef-search", type=int, help="HNSW ef_search (default: the CLI's)")
+@server_option
+@data_option
+@storage_option
+def main(**options: Any) -> None:
+    args = SimpleNamespace(**options)
 
     from layerbase.analysis.knn.lookup import nearest
     from layerbase.analysis.knn.materialize import materialize

@@ -14,12 +14,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from layerbase.ingest.loading import LoadedModel
 from layerbase.warehouse.errors import InputError
+
+if TYPE_CHECKING:
+    from layerbase.warehouse.models import Model
 
 POOLINGS = ("last", "mean")
 PADDING_SIDES = ("right", "left")
@@ -176,3 +179,8 @@ class Extractor:
             raise NonFiniteActivation(int(index), self.layers[int(layer_index)])
         n_tokens = mask.sum(dim=1).cpu().numpy().astype(np.int32)
         return ExtractedBatch(self.layers, vectors.astype(np.float32, copy=False), n_tokens, n_full)
+
+
+def stored_settings(model: Model, pooling: str | None = None) -> ExtractionSettings:
+    """The extraction settings a stored model row records (optionally with another pooling)."""
+    return ExtractionSettings(pooling or model.pooling, model.padding_side, model.max_tokens, model.chat_template)

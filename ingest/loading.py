@@ -17,10 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerbase.warehouse.config import data_dir
 from layerbase.warehouse.errors import InputError
+
+if TYPE_CHECKING:
+    from layerbase.ingest.model_cache import ModelCache
+    from layerbase.warehouse.models import Model
 
 DTYPES = ("float32", "float16", "bfloat16")
 ENCODER_TYPES = {
@@ -169,31 +173,45 @@ def load_model(
     ``progress`` shows the one bar loading can need: a GGUF file's conversion (about 30 s the
     first time, before the converted model is cached)."""
     import transformers
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()  # our own bars say what runs
-    torch_dtype = _torch_dtype(dtype)
     device = pick_device(device)
-    where = source
+    where, gguf_file = _locate(source, gguf_file)
+    model, tokenizer, causal, from_cache = _load_weights(source, where, gguf_file, revision, dtype, progress)
+    model.to(device).eval()
+    return _describe(model, tokenizer, causal, source, revision, gguf_file, dtype, device, from_cache)
+
+
+def _locate(source: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Where to load from (a resolved local directory, or the hub id as given) and the GGUF
+    file in it, if any; a path that is neither a model directory nor a .gguf file is refused."""
     path = Path(source).expanduser()
-    if path.exists():
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise InputError(f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file")
-            path, gguf_file = path.parent, path.name
-        elif gguf_file is None and not (path / "config.json").exists():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                gguf_file = ggufs[0].name
-            else:
-                raise InputError(
-                    f"{source} is not a model directory (no config.json"
-                    + (f", and {len(ggufs)} .gguf files: pick one by passing its path" if ggufs else "")
-                    + "); point at a Hugging Face model directory or a .gguf file"
-                )
-        where = str(path.resolve())
-    elif _looks_like_path(source):
-        raise InputError(f"model path {source} does not exist; check the path")
+    if not path.exists():
+        if _looks_like_path(source):
+            raise InputError(f"model path {source} does not exist; check the path")
+        return source, gguf_file
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file")
+        path, gguf_file = path.parent, path.name
+    elif gguf_file is None and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise InputError(
+                f"{source} is not a model directory (no config.json"
+                + (f", and {len(ggufs)} .gguf files: pick one by passing its path" if ggufs else "")
+                + "); point at a Hugging Face model directory or a .gguf file"
+            )
+        gguf_file = ggufs[0].name
+    return str(path.resolve()), gguf_file
+
+
+def _load_weights(
+    source: str, where: str, gguf_file: str | None, revision: str | None, dtype: str, progress: bool
+) -> tuple[Any, Any, bool, bool]:
+    """(model, tokenizer, whether it is a causal LM, whether a cached conversion was used). A GGUF file is read from its
+    safetensors cache when one is complete, else de-quantized and then cached."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from_cache = False
     load_from, load_gguf = where, gguf_file
@@ -201,31 +219,41 @@ def load_model(
         cache = gguf_cache_dir(Path(where) / gguf_file, dtype)
         if (cache / "complete").exists():
             load_from, load_gguf, from_cache = str(cache), None, True
-
     config = _load_config(load_from, revision if not gguf_file else None, load_gguf, source)
     causal = is_causal(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    options: dict[str, Any] = {}
     if load_gguf:
-        kwargs["gguf_file"] = load_gguf
+        options["gguf_file"] = load_gguf
     elif revision and not gguf_file:
-        kwargs["revision"] = revision
+        options["revision"] = revision
     try:
-        tokenizer = _from_pretrained(AutoTokenizer, load_from, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        tokenizer = _from_pretrained(AutoTokenizer, load_from, **options)
         with _gguf_conversion_bar(shown=progress):
-            model = _from_pretrained(cls, load_from, **kwargs)
+            model = _from_pretrained(cls, load_from, dtype=_torch_dtype(dtype), **options)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise InputError(f"cannot load model {source!r}: {reason[:300]}") from None
-
     if load_gguf:
-        assert gguf_file is not None  # load_gguf means a .gguf file was given
-        model = _cache_gguf(model, tokenizer, Path(where) / gguf_file, dtype)
+        model = _cache_gguf(model, tokenizer, Path(where) / load_gguf, dtype)
+    return model, tokenizer, causal, from_cache
 
+
+def _describe(
+    model: Any,
+    tokenizer: Any,
+    causal: bool,
+    source: str,
+    revision: str | None,
+    gguf_file: str | None,
+    dtype: str,
+    device: str,
+    from_cache: bool,
+) -> LoadedModel:
+    """The loaded model with its blocks, width, vocabulary, context and embedding tying."""
     text_config = model.config.get_text_config()
     n_layers = int(text_config.num_hidden_layers)
     hook_site, blocks = find_blocks(model, n_layers)
-    model.to(device).eval()
     inp = model.get_input_embeddings()
     out = model.get_output_embeddings() if causal else None
     tied = out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
@@ -298,3 +326,62 @@ def _cache_gguf(model: Any, tokenizer: Any, gguf_path: Path, dtype: str) -> Any:
         warnings.warn(f"could not cache the converted GGUF model in {cache}: {exc}", stacklevel=2)
         shutil.rmtree(tmp, ignore_errors=True)
     return plain.eval()
+
+
+def source_identity(source: str) -> str:
+    """What the model row's ``source`` holds for a --model value: a packaged name, or as given."""
+    from layerbase.ingest.packaged import ALIASES
+
+    return ALIASES.get(source.lower(), source)
+
+
+def default_model_name(source: str) -> str:
+    """The name a model is stored under when the user gives none.
+
+    Packaged names are looked up, not resolved: resolving Gemma assembles its GGUF file.
+    """
+    from pathlib import Path
+
+    from layerbase.ingest.packaged import ALIASES
+
+    if source.lower() in ALIASES:
+        return ALIASES[source.lower()]
+    path = Path(source)
+    if path.exists():
+        return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return source
+
+
+def open_model(
+    source: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a model by packaged name, hub id, directory or GGUF path."""
+    from layerbase.ingest.loading import load_model
+    from layerbase.ingest.packaged import resolve_packaged
+
+    packaged = resolve_packaged(source)
+    if packaged:
+        _, path = packaged
+        lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress)
+        lm.source = source_identity(source)
+        return lm
+    return load_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
+
+
+def open_stored_model(model: Model, *, device: str | None = None, models: ModelCache | None = None) -> LoadedModel:
+    """Reload the weights a stored model row was ingested with; from ``models`` when it
+    holds them already (it keeps what is loaded here)."""
+    if model.source == "synthetic":
+        raise InputError(f"model {model.name!r} is synthetic: it has no weights to run")
+
+    def load() -> LoadedModel:
+        return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
+
+    if models is None:
+        return load()
+    return models.get((model.source, model.revision, model.dtype, device), load)

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -24,15 +24,12 @@ from sqlalchemy.orm import Session
 
 from layerbase.ingest.datasets import dataset_prompts, validate_name
 from layerbase.ingest.extract import ExtractionSettings, Extractor, NonFiniteActivation
-from layerbase.ingest.loading import LoadedModel
+from layerbase.ingest.loading import LoadedModel, default_model_name, open_model, source_identity
 from layerbase.warehouse.copy import copy_columns
 from layerbase.warehouse.engine import Warehouse, raw_connection
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.models import Activation, Dataset, IngestChunk, IngestJob, Model
 from layerbase.warehouse.storage import FLOAT32, HALF_MAX, STORAGES, Storage, require_storage
-
-if TYPE_CHECKING:
-    from layerbase.ingest.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -365,70 +362,6 @@ def _process_one_chunk(
             .values(done=True, worker=worker, done_at=sa.func.now())
         )
     return n_prompts, int(batch.truncated.sum())
-
-
-def source_identity(source: str) -> str:
-    """What the model row's ``source`` holds for a --model value: a packaged name, or as given."""
-    from layerbase.ingest.packaged import ALIASES
-
-    return ALIASES.get(source.lower(), source)
-
-
-def default_model_name(source: str) -> str:
-    """The name a model is stored under when the user gives none.
-
-    Packaged names are looked up, not resolved: resolving Gemma assembles its GGUF file.
-    """
-    from pathlib import Path
-
-    from layerbase.ingest.packaged import ALIASES
-
-    if source.lower() in ALIASES:
-        return ALIASES[source.lower()]
-    path = Path(source)
-    if path.exists():
-        return path.stem if path.suffix == ".gguf" else path.resolve().name
-    return source
-
-
-def open_model(
-    source: str,
-    *,
-    revision: str | None = None,
-    dtype: str = "float32",
-    device: str | None = None,
-    progress: bool = True,
-) -> LoadedModel:
-    """Load a model by packaged name, hub id, directory or GGUF path."""
-    from layerbase.ingest.loading import load_model
-    from layerbase.ingest.packaged import resolve_packaged
-
-    packaged = resolve_packaged(source)
-    if packaged:
-        _, path = packaged
-        lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress)
-        lm.source = source_identity(source)
-        return lm
-    return load_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
-
-
-def open_stored_model(model: Model, *, device: str | None = None, models: ModelCache | None = None) -> LoadedModel:
-    """Reload the weights a stored model row was ingested with; from ``models`` when it
-    holds them already (it keeps what is loaded here)."""
-    if model.source == "synthetic":
-        raise InputError(f"model {model.name!r} is synthetic: it has no weights to run")
-
-    def load() -> LoadedModel:
-        return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
-
-    if models is None:
-        return load()
-    return models.get((model.source, model.revision, model.dtype, device), load)
-
-
-def stored_settings(model: Model, pooling: str | None = None) -> ExtractionSettings:
-    """The extraction settings a stored model row records (optionally with another pooling)."""
-    return ExtractionSettings(pooling or model.pooling, model.padding_side, model.max_tokens, model.chat_template)
 
 
 def _finished_report(

@@ -295,7 +295,7 @@ class Layerbase:
     ) -> dict[str, Any]:
         """Store a model's input embeddings (and unembeddings, when untied), one row per token."""
         from layerbase.ingest.embeddings import export_token_embeddings
-        from layerbase.ingest.runner import default_model_name, open_model
+        from layerbase.ingest.loading import default_model_name, open_model
 
         lm = open_model(model, revision=revision, dtype=dtype, device=device, progress=self._progress(progress))
         stored_as = name or default_model_name(model)

@@ -315,3 +315,28 @@ except ImportError:
     assert "Schema upgraded (empty) ->" in upgrade.stdout
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT to_regclass('activation') IS NOT NULL").fetchone()[0]
+
+
+def test_connect_with_no_url_starts_the_embedded_server(tmp_path: Path) -> None:
+    """What a fresh notebook does: no URL, no server running, an empty data directory."""
+    import os
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "LAYERBASE_DATABASE_URL")}
+    env["LAYERBASE_HOME"] = str(home)
+    code = """
+import layerbase
+lb = layerbase.connect(progress=False)
+added = lb.add_dataset("d", ["one text", "another text"])
+print(lb.warehouse.embedded, added["prompts"], lb.datasets()["name"].tolist())
+lb.close()
+lb = layerbase.connect(progress=False)  # the server keeps running: the same warehouse again
+print(lb.datasets()["name"].tolist(), lb.status()["embedded"])
+"""
+    try:
+        result = _run(code, tmp_path, env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["True 2 ['d']", "['d'] True"]
+        assert (home / "pgdata").is_dir() and oct((home / "pgdata").stat().st_mode & 0o777) == "0o700"
+    finally:
+        subprocess.run([sys.executable, "-m", "layerbase", "db", "stop"], env=env, capture_output=True, timeout=120)

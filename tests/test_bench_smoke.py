@@ -18,7 +18,7 @@ MODULES = ["bench.knn_blas", "bench.knn_indb", "bench.affinity", "bench.ingest_o
 @pytest.mark.parametrize("module", MODULES)
 def test_bench_help(module: str) -> None:
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0 and "usage" in result.stdout
+    assert result.returncode == 0 and "Usage:" in result.stdout
 
 
 @pytest.mark.parametrize(

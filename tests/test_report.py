@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 def check_report(html_path: Path, images: list[Path]) -> None:
     """The HTML exists and inlines every image; each PNG decodes with a sensible size."""
     page = html_path.read_text()
-    inlined = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    inlined = re.findall(r"src=[\"']data:image/png;base64,([A-Za-z0-9+/=]+)[\"']", page)
     assert len(inlined) == len(images)
     assert "http://" not in page and "https://" not in page  # opens offline
     for data in inlined:
@@ -170,3 +170,15 @@ def test_compose_file_runs_pgvector_and_matches_the_docs() -> None:
     assert reader_url.startswith("postgresql://${LAYERBASE_READER_USER:-layerbase_reader}:")
     assert "@db:5432/" in reader_url
     assert "grant-reader layerbase_reader" in (REPO / "docker-compose.yml").read_text()
+
+
+def test_the_page_escapes_what_it_inserts(tmp_path: Path) -> None:
+    from layerbase.analysis.reporting.report import _render, _Tables
+
+    png = tmp_path / "x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    tables = _Tables(truncation=[{"model": "<b>m</b>", "dataset": "d&d", "prompts": 3, "truncated": 1}])
+    page = _render(["<script>alert(1)</script>", "b"], ["d&d"], 10, 0, [], tables, png, ["a <i>warning</i>"])
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>m</b>" not in page and "&lt;b&gt;m&lt;/b&gt;" in page
+    assert "d&amp;d" in page and "a &lt;i&gt;warning&lt;/i&gt;" in page

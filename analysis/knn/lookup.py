@@ -323,8 +323,8 @@ def _lookup(
 
 def _embed_text(model: Model, layer: int, text: str, models: ModelCache | None) -> np.ndarray:
     """A new text's activation at a layer, extracted with the model's stored settings."""
-    from layerbase.ingest.extract import Extractor
-    from layerbase.ingest.runner import open_stored_model, stored_settings
+    from layerbase.ingest.extract import Extractor, stored_settings
+    from layerbase.ingest.loading import open_stored_model
 
     lm = open_stored_model(model, models=models)
     batch = Extractor(lm, stored_settings(model), include_layer0=layer == 0)([text])

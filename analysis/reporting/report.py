@@ -11,9 +11,8 @@ layers of two models with their overlap (the paper's Figures 2 and 3).
 from __future__ import annotations
 
 import base64
-import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,41 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text)[:80]
 
 
+@dataclass
+class _PairFigures:
+    """One model pair on one dataset: its heatmap on layers and on the relative-depth square."""
+
+    label: str
+    test_line: str
+    heatmap: Path
+    square: Path
+
+
+@dataclass
+class _Section:
+    """What the report shows for one dataset."""
+
+    dataset: str
+    n_prompts: int
+    chance: float
+    pairs: list[_PairFigures]
+    mean_square: Path
+    within: list[Path]
+    neighbours: Path
+
+
+@dataclass
+class _Tables:
+    """The report's tables, as exported; each a list of rows."""
+
+    diagonal_tests: list[dict[str, Any]] = field(default_factory=list)
+    affinity_cells: list[dict[str, Any]] = field(default_factory=list)
+    max_similarity_paths: list[dict[str, Any]] = field(default_factory=list)
+    mean_square: list[dict[str, Any]] = field(default_factory=list)
+    neighbours: list[dict[str, Any]] = field(default_factory=list)
+    truncation: list[dict[str, Any]] = field(default_factory=list)
+
+
 def build_report(
     wh: Warehouse,
     models: list[str],
@@ -80,26 +114,46 @@ def build_report(
     progress: bool = True,
 ) -> Report:
     """Compute what is missing, draw every figure, and write the report into ``out_dir``."""
+    _check_options(models, datasets, export_format)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = _Tables(truncation=_truncation(wh, models, datasets))
+    warnings = _truncation_warnings(tables.truncation)
+    sections, shown, scatter = [], [], []
+    for dataset in datasets:
+        pairs = compute_study(wh, models, dataset, k=k, progress=progress)
+        shown += pairs
+        sections.append(_dataset_section(wh, models, dataset, pairs, k, prompt, square_size, out_dir, progress, tables))
+        scatter += [
+            (f"{m.model_a} × {m.model_b} @ {dataset}", m.test.mean_off, m.test.mean_on) for m in pairs if m.test
+        ]
+    chances = {round(s.chance, 12) for s in sections}  # one chance line only when every dataset has the same size
+    scatter_png = plots.save(
+        plots.on_off_scatter(scatter, chances.pop() if len(chances) == 1 else None), out_dir / "on_vs_off_diagonal.png"
+    )
+    html_path = out_dir / "report.html"
+    html_path.write_text(
+        _render(models, datasets, k, prompt, sections, tables, scatter_png, warnings), encoding="utf-8"
+    )
+    images = [p for s in sections for p in _section_images(s)] + [scatter_png]
+    report = Report(html_path, images, asdict(tables), warnings=warnings, matrices=shown)
+    if export_format:
+        report.exported = export_tables(report.tables, out_dir / "tables", export_format)
+    return report
+
+
+def _check_options(models: list[str], datasets: list[str], export_format: str | None) -> None:
     if len(set(models)) < 2:
         raise InputError("a report compares models: give at least two (e.g. --models A,B)")
     if not datasets:
         raise InputError("give at least one dataset (--datasets NAME[,NAME…])")
     if export_format is not None and export_format not in EXPORT_FORMATS:
         raise InputError(f"unknown --format {export_format!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images: list[Path] = []
-    sections: list[str] = []
-    tests: list[dict[str, Any]] = []
-    cells: list[dict[str, Any]] = []
-    paths: list[dict[str, Any]] = []
-    squares: list[dict[str, Any]] = []
-    scatter: list[tuple[str, float, float]] = []
-    neighbour_rows: list[dict[str, Any]] = []
-    shown: list[AffinityMatrix] = []
-    chance_levels: list[float] = []
 
-    truncation = _truncation(wh, models, datasets)
-    warnings = [
+
+def _truncation_warnings(truncation: list[dict[str, Any]]) -> list[str]:
+    """A warning for each (model, dataset) whose share of truncated prompts is large
+    (docs/design.md §3: a cut prompt's last token is an arbitrary sub-word)."""
+    return [
         f"{t['truncated']} of {t['prompts']} prompts of {t['dataset']} ({t['truncated'] / t['prompts']:.0%}) were "
         f"truncated for {t['model']}: with last-token pooling the last token is then an arbitrary sub-word, "
         "which can hide the structure the report looks for"
@@ -107,156 +161,186 @@ def build_report(
         if t["prompts"] and t["truncated"] / t["prompts"] > TRUNCATION_WARNING_SHARE
     ]
 
-    for dataset in datasets:
-        pairs = compute_study(wh, models, dataset, k=k, progress=progress)
-        shown += pairs
-        within = [compute_affinity(wh, m, m, dataset, k=k, progress=progress) for m in models]
-        chance = pairs[0].chance
-        chance_levels.append(chance)
-        vmax = max(float(m.scores.max()) for m in pairs)
-        part = [
-            f"<h2>Dataset {html.escape(dataset)}</h2>",
-            f"<p>{pairs[0].n_prompts} prompts, k = {k}, chance level k/(|D|−1) = {chance:.4f}.</p>",
-        ]
-        for m in pairs:
-            label = f"{m.model_a} × {m.model_b} @ {dataset}"
-            sub = _test_line(m)
-            rect = plots.save(
-                plots.affinity_heatmap(
-                    m.scores,
-                    m.layers_a,
-                    m.layers_b,
-                    m.model_a,
-                    m.model_b,
-                    k=k,
-                    chance=m.chance,
-                    subtitle=f"{dataset}; {sub}",
-                    vmax=vmax,
-                ),
-                out_dir / f"affinity_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png",
-            )
-            square = resize_square(m.scores, square_size)
-            sq = plots.save(
-                plots.square_heatmap(
-                    square,
-                    f"{m.model_a} × {m.model_b} on {dataset}\nrelative depth, {square_size}×{square_size}",
-                    vmax=vmax,
-                    name_a=m.model_a,
-                    name_b=m.model_b,
-                ),
-                out_dir / f"square_{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png",
-            )
-            images += [rect, sq]
-            part.append(
-                f"<h3>{html.escape(label)}</h3><p>{html.escape(sub)}</p><div class='row'>{_img(rect)}{_img(sq)}</div>"
-            )
-            if m.test:
-                scatter.append((label, m.test.mean_off, m.test.mean_on))
-                tests.append(
-                    {"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset, "k": k, **m.test.as_dict()}
-                )
-            cells += [
-                {
-                    "model_a": m.model_a,
-                    "model_b": m.model_b,
-                    "dataset": dataset,
-                    "k": k,
-                    "layer_a": la,
-                    "layer_b": lb,
-                    "depth_a": la / max(m.layers_a),
-                    "depth_b": lb / max(m.layers_b),
-                    "score": float(m.scores[i, j]),
-                    "chance": m.chance,
-                }
-                for i, la in enumerate(m.layers_a)
-                for j, lb in enumerate(m.layers_b)
-            ]
-            best = max_similarity_path(m.scores)
-            paths += [
-                {
-                    "model_a": m.model_a,
-                    "model_b": m.model_b,
-                    "dataset": dataset,
-                    "layer_a": la,
-                    "depth_a": la / max(m.layers_a),
-                    "best_layer_b": m.layers_b[int(j)],
-                    "best_depth_b": m.layers_b[int(j)] / max(m.layers_b),
-                    "score": float(m.scores[i, int(j)]),
-                }
-                for i, (la, j) in enumerate(zip(m.layers_a, best))
-            ]
-        mean = mean_square([m.scores for m in pairs], square_size)
-        mean_png = plots.save(
-            plots.square_heatmap(
-                mean,
-                f"Mean over {len(pairs)} model pair(s) on {dataset}",
-                label="mean mutual k-NN",
-                name_a="row model",
-                name_b="column model",
-            ),
-            out_dir / f"mean_square__{_slug(dataset)}.png",
-        )
-        images.append(mean_png)
-        squares += [
-            {
-                "dataset": dataset,
-                "row": r,
-                "col": c,
-                "depth_row": (r + 1) / square_size,
-                "depth_col": (c + 1) / square_size,
-                "mean_score": float(mean[r, c]),
-            }
-            for r in range(square_size)
-            for c in range(square_size)
-        ]
-        part.append(f"<h3>Mean square affinity matrix</h3>{_img(mean_png)}")
-        part.append("<h3>Within each model (Claim 1: nearby layers are similar)</h3><div class='row'>")
-        for w in within:
-            png = plots.save(
-                plots.affinity_heatmap(
-                    w.scores,
-                    w.layers_a,
-                    w.layers_b,
-                    w.model_a,
-                    w.model_a,
-                    k=k,
-                    chance=w.chance,
-                    subtitle=f"{dataset}, within-model",
-                    diagonal=False,
-                    path=False,
-                ),
-                out_dir / f"within_{_slug(w.model_a)}__{_slug(dataset)}.png",
-            )
-            images.append(png)
-            part.append(_img(png))
-        part.append("</div>")
-        neighbour_png, rows = _neighbour_figure(wh, pairs[0], dataset, prompt, k, out_dir)
-        images.append(neighbour_png)
-        neighbour_rows += rows
-        part.append(f"<h3>Neighbours of prompt {prompt} (as in the paper's Figures 2 and 3)</h3>{_img(neighbour_png)}")
-        sections.append("\n".join(part))
 
-    # one chance line only when every dataset has the same size
-    chances = {round(m, 12) for m in chance_levels}
-    scatter_png = plots.save(
-        plots.on_off_scatter(scatter, chances.pop() if len(chances) == 1 else None), out_dir / "on_vs_off_diagonal.png"
+def _dataset_section(
+    wh: Warehouse,
+    models: list[str],
+    dataset: str,
+    pairs: list[AffinityMatrix],
+    k: int,
+    prompt: int,
+    square_size: int,
+    out_dir: Path,
+    progress: bool,
+    tables: _Tables,
+) -> _Section:
+    """Every figure of one dataset, its rows added to ``tables``."""
+    vmax = max(float(m.scores.max()) for m in pairs)
+    figures = [_pair_figures(m, dataset, k, square_size, vmax, out_dir) for m in pairs]
+    for m in pairs:
+        _add_pair_rows(tables, m, dataset, k)
+    mean = mean_square([m.scores for m in pairs], square_size)
+    mean_png = plots.save(
+        plots.square_heatmap(
+            mean,
+            f"Mean over {len(pairs)} model pair(s) on {dataset}",
+            label="mean mutual k-NN",
+            name_a="row model",
+            name_b="column model",
+        ),
+        out_dir / f"mean_square__{_slug(dataset)}.png",
     )
-    images.append(scatter_png)
-    tables = {
-        "diagonal_tests": tests,
-        "affinity_cells": cells,
-        "max_similarity_paths": paths,
-        "mean_square": squares,
-        "neighbours": neighbour_rows,
-        "truncation": truncation,
-    }
-    page = _page(models, datasets, k, sections, tests, scatter_png, truncation, warnings)
-    html_path = out_dir / "report.html"
-    html_path.write_text(page, encoding="utf-8")
-    report = Report(html_path, images, tables, warnings=warnings, matrices=shown)
-    if export_format:
-        report.exported = export_tables(tables, out_dir / "tables", export_format)
-    return report
+    tables.mean_square += [
+        {
+            "dataset": dataset,
+            "row": r,
+            "col": c,
+            "depth_row": (r + 1) / square_size,
+            "depth_col": (c + 1) / square_size,
+            "mean_score": float(mean[r, c]),
+        }
+        for r in range(square_size)
+        for c in range(square_size)
+    ]
+    within = [
+        _within_figure(compute_affinity(wh, m, m, dataset, k=k, progress=progress), dataset, k, out_dir) for m in models
+    ]
+    neighbour_png, rows = _neighbour_figure(wh, pairs[0], dataset, prompt, k, out_dir)
+    tables.neighbours += rows
+    return _Section(dataset, pairs[0].n_prompts, pairs[0].chance, figures, mean_png, within, neighbour_png)
+
+
+def _pair_figures(
+    m: AffinityMatrix, dataset: str, k: int, square_size: int, vmax: float, out_dir: Path
+) -> _PairFigures:
+    sub = _test_line(m)
+    name = f"{_slug(m.model_a)}__{_slug(m.model_b)}__{_slug(dataset)}.png"
+    rect = plots.save(
+        plots.affinity_heatmap(
+            m.scores,
+            m.layers_a,
+            m.layers_b,
+            m.model_a,
+            m.model_b,
+            k=k,
+            chance=m.chance,
+            subtitle=f"{dataset}; {sub}",
+            vmax=vmax,
+        ),
+        out_dir / f"affinity_{name}",
+    )
+    square = plots.save(
+        plots.square_heatmap(
+            resize_square(m.scores, square_size),
+            f"{m.model_a} × {m.model_b} on {dataset}\nrelative depth, {square_size}×{square_size}",
+            vmax=vmax,
+            name_a=m.model_a,
+            name_b=m.model_b,
+        ),
+        out_dir / f"square_{name}",
+    )
+    return _PairFigures(f"{m.model_a} × {m.model_b} @ {dataset}", sub, rect, square)
+
+
+def _add_pair_rows(tables: _Tables, m: AffinityMatrix, dataset: str, k: int) -> None:
+    """The pair's test, cells and max-similarity path as table rows."""
+    about = {"model_a": m.model_a, "model_b": m.model_b, "dataset": dataset}
+    if m.test:
+        tables.diagonal_tests.append({**about, "k": k, **m.test.as_dict()})
+    tables.affinity_cells += [
+        {**about, "k": k, **cell, "chance": m.chance}
+        for cell in m.to_pandas().drop(columns="on_diagonal").to_dict("records")
+    ]
+    tables.max_similarity_paths += [
+        {
+            **about,
+            "layer_a": int(p.layer_a),
+            "depth_a": float(p.depth_a),
+            "best_layer_b": int(p.layer_b),
+            "best_depth_b": float(p.depth_b),
+            "score": float(p.score),
+        }
+        for p in m.path.itertuples()
+    ]
+
+
+def _within_figure(w: AffinityMatrix, dataset: str, k: int, out_dir: Path) -> Path:
+    return plots.save(
+        plots.affinity_heatmap(
+            w.scores,
+            w.layers_a,
+            w.layers_b,
+            w.model_a,
+            w.model_a,
+            k=k,
+            chance=w.chance,
+            subtitle=f"{dataset}, within-model",
+            diagonal=False,
+            path=False,
+        ),
+        out_dir / f"within_{_slug(w.model_a)}__{_slug(dataset)}.png",
+    )
+
+
+def _section_images(s: _Section) -> list[Path]:
+    return [p for pair in s.pairs for p in (pair.heatmap, pair.square)] + [s.mean_square, *s.within, s.neighbours]
+
+
+TEST_COLUMNS = [
+    ("model_a", "model A"),
+    ("model_b", "model B"),
+    ("dataset", "dataset"),
+    ("n_on", "on cells"),
+    ("n_off", "off cells"),
+    ("mean_on", "mean on"),
+    ("mean_off", "mean off"),
+    ("t", "t"),
+    ("log10_p", "log10 p"),
+    ("n_pairs", "pairs"),
+    ("log10_p_bonferroni", "log10 p (Bonferroni)"),
+]
+TRUNCATION_COLUMNS = [
+    ("model", "model"),
+    ("dataset", "dataset"),
+    ("prompts", "prompts"),
+    ("truncated", "truncated"),
+    ("mean_tokens", "mean tokens"),
+]
+
+
+def _render(
+    models: list[str],
+    datasets: list[str],
+    k: int,
+    prompt: int,
+    sections: list[_Section],
+    tables: _Tables,
+    scatter: Path,
+    warnings: list[str],
+) -> str:
+    """The page, from templates/report.html (Jinja2 escapes every value it inserts)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("layerbase.analysis.reporting", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["data_uri"] = _data_uri
+    env.filters["cell"] = lambda v: f"{v:.4g}" if isinstance(v, float) else v
+    return env.get_template("report.html").render(
+        models=models,
+        datasets=datasets,
+        k=k,
+        prompt=prompt,
+        sections=sections,
+        tests=tables.diagonal_tests,
+        test_columns=TEST_COLUMNS,
+        truncation=tables.truncation,
+        truncation_columns=TRUNCATION_COLUMNS,
+        scatter=scatter,
+        warnings=warnings,
+    )
 
 
 def _test_line(m: AffinityMatrix) -> str:
@@ -339,84 +423,9 @@ def _stack_vertically(top: Path, bottom: Path) -> Path:
     return top
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'>"
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = []
-    for r in rows:
-        cells = []
-        for key, _ in columns:
-            v = r.get(key, "")
-            cells.append(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _page(
-    models: list[str],
-    datasets: list[str],
-    k: int,
-    sections: list[str],
-    tests: list[dict[str, Any]],
-    scatter_png: Path,
-    truncation: list[dict[str, Any]],
-    warnings: list[str],
-) -> str:
-    warn = "".join(f"<p class='warn'>Warning: {html.escape(w)}</p>" for w in warnings)
-    test_table = _table(
-        tests,
-        [
-            ("model_a", "model A"),
-            ("model_b", "model B"),
-            ("dataset", "dataset"),
-            ("n_on", "on cells"),
-            ("n_off", "off cells"),
-            ("mean_on", "mean on"),
-            ("mean_off", "mean off"),
-            ("t", "t"),
-            ("log10_p", "log10 p"),
-            ("n_pairs", "pairs"),
-            ("log10_p_bonferroni", "log10 p (Bonferroni)"),
-        ],
-    )
-    trunc_table = _table(
-        truncation,
-        [
-            ("model", "model"),
-            ("dataset", "dataset"),
-            ("prompts", "prompts"),
-            ("truncated", "truncated"),
-            ("mean_tokens", "mean tokens"),
-        ],
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Layerbase report: {html.escape(", ".join(models))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }}
-img {{ max-width: 100%; margin: 0.4em; border: 1px solid #ddd; }}
-.row {{ display: flex; flex-wrap: wrap; align-items: flex-start; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
-th {{ background: #f3f3f3; }}
-.warn {{ background: #fff3cd; border: 1px solid #e0c36a; padding: 0.5em 0.8em; }}
-</style></head><body>
-<h1>Layer affinity across models</h1>
-<p>Models: {html.escape(", ".join(models))}. Datasets: {html.escape(", ".join(datasets))}. Mutual k-NN with k = {k}
-(Wolfram &amp; Schein 2025): A[i, j] is the mean share of the k nearest prompts that layer i of one model and layer j
-of the other agree on. The generalized diagonal (dashed outline) holds the cells with 0 ≤ i − j ≤ n − m (rows = the
-deeper model); the test is a one-sided pooled-variance t-test of on- vs off-diagonal cells.</p>
-{warn}
-<h2>Diagonal tests</h2>{test_table}
-{_img(scatter_png)}
-<h2>Prompts and truncation</h2>{trunc_table}
-{"".join(sections)}
-</body></html>
-"""
+def _data_uri(path: Path) -> str:
+    """A PNG file inlined, so that the page opens offline and travels as one file."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def export_tables(tables: dict[str, list[dict[str, Any]]], directory: Path, fmt: str) -> list[Path]:

@@ -194,6 +194,22 @@ def _knn_runs(
     return {layer: rid for layer, (_, rid) in best.items()}
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """Two (model, dataset) sides resolved to ids, with the layers the matrix covers."""
+
+    model_ids: tuple[int, int]
+    dataset_ids: tuple[int, int]
+    n_layers: tuple[int, int]
+    layers_a: list[int]
+    layers_b: list[int]
+    n_prompts: int
+
+    @property
+    def same_side(self) -> bool:
+        return self.model_ids[0] == self.model_ids[1] and self.dataset_ids[0] == self.dataset_ids[1]
+
+
 def compute_affinity(
     wh: Warehouse,
     model_a: str,
@@ -209,8 +225,53 @@ def compute_affinity(
     workers: int | None = None,
     progress: bool = True,
 ) -> AffinityMatrix:
-    """Compute (materializing missing k-NN sets first) and store one affinity matrix."""
+    """Compute (materializing missing k-NN sets first) and store one affinity matrix:
+    ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4), with its diagonal test."""
     dataset_b = dataset_b or dataset_a
+    pair = _resolve_pair(wh, model_a, model_b, dataset_a, dataset_b, include_layer0)
+    if not 0 < k < pair.n_prompts:
+        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({pair.n_prompts}); lower -k")
+    _ensure_knn_sets(wh, pair, (model_a, model_b), (dataset_a, dataset_b), k, engine, progress)
+    started = time.perf_counter()
+    with wh.engine.begin() as conn:
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"),
+            {"key": lock_key("affinity", *pair.model_ids, *pair.dataset_ids, k)},
+        )
+        conn.execute(sa.text(DERIVED_DATA_COMMIT))
+        scores, engines = _scores(wh, conn, pair, k, engine, workers)
+        # The diagonal test never includes the embedding layer (docs/design.md §4).
+        block = scores[np.array(pair.layers_a) > 0][:, np.array(pair.layers_b) > 0]
+        # Within one model on one dataset the diagonal is 1 by construction: no test.
+        testable = block.size - min(block.shape) >= 2 and not pair.same_side
+        test = diagonal_test(block, n_pairs) if testable else None
+        elapsed = time.perf_counter() - started
+        run_id = _store_run(conn, pair, k, include_layer0, scores, test, n_pairs, engines, study, elapsed)
+    chance, null_sd = null_model(k, pair.n_prompts)
+    return AffinityMatrix(
+        run_id,
+        model_a,
+        model_b,
+        dataset_a,
+        dataset_b,
+        k,
+        pair.n_prompts,
+        pair.layers_a,
+        pair.layers_b,
+        scores,
+        chance,
+        null_sd,
+        test,
+        elapsed,
+        engines,
+        *pair.n_layers,
+    )
+
+
+def _resolve_pair(
+    wh: Warehouse, model_a: str, model_b: str, dataset_a: str, dataset_b: str, include_layer0: bool
+) -> _Pair:
+    """Ids and layers of both sides; the datasets must be one, or a parallel pair."""
     with Session(wh.engine) as session:
         ma, mb = get_model(session, model_a), get_model(session, model_b)
         da, db = get_dataset(session, dataset_a), get_dataset(session, dataset_b)
@@ -228,110 +289,112 @@ def compute_affinity(
         layers_b = [x for x in ingested_layers(session, mb, db) if x > 0 or include_layer0]
         if include_layer0 and (0 not in layers_a or 0 not in layers_b):
             raise InputError("--layer0 needs both models ingested with --layer0")
-        ids = (ma.id, mb.id, da.id, db.id, ma.n_layers, mb.n_layers)
-        n = da.n_prompts
-    if not 0 < k < n:
-        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n}); lower -k")
-    sides = ((model_a, ids[0], dataset_a, ids[2], layers_a), (model_b, ids[1], dataset_b, ids[3], layers_b))
+        return _Pair((ma.id, mb.id), (da.id, db.id), (ma.n_layers, mb.n_layers), layers_a, layers_b, da.n_prompts)
+
+
+def _ensure_knn_sets(
+    wh: Warehouse,
+    pair: _Pair,
+    models: tuple[str, str],
+    datasets: tuple[str, str],
+    k: int,
+    engine: str,
+    progress: bool,
+) -> None:
+    """Materialize the k-NN sets of the layers that have none with at least k neighbours,
+    up to K_max (100 by default) so that a later k up to it needs no recompute."""
+    sides = zip(models, pair.model_ids, datasets, pair.dataset_ids, (pair.layers_a, pair.layers_b))
     for model, model_id, dataset, dataset_id, layers in sides:
         with wh.engine.connect() as conn:
             have = _knn_runs(conn, model_id, dataset_id, layers, k, engine)
         missing = [layer for layer in layers if layer not in have]
-        if missing:  # stored up to K_max (100 by default) so that later k up to it need no recompute
-            materialize(
-                wh, model, dataset, layers=missing, k_max=max(k, min(100, n - 1)), engine=engine, progress=progress
-            )
-    started = time.perf_counter()
-    mean, sd = null_model(k, n)
-    with wh.engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key("affinity", *ids[:4], k)})
-        conn.execute(sa.text(DERIVED_DATA_COMMIT))
-        runs_a = _knn_runs(conn, ids[0], ids[2], layers_a, k, engine)
-        runs_b = _knn_runs(conn, ids[1], ids[3], layers_b, k, engine)
-        engines = set(
-            conn.execute(
-                sa.select(KnnRun.engine).where(KnnRun.id.in_(list(runs_a.values()) + list(runs_b.values())))
-            ).scalars()
+        if missing:
+            k_max = max(k, min(100, pair.n_prompts - 1))
+            materialize(wh, model, dataset, layers=missing, k_max=k_max, engine=engine, progress=progress)
+
+
+def _scores(
+    wh: Warehouse, conn: sa.Connection, pair: _Pair, k: int, engine: str, workers: int | None
+) -> tuple[np.ndarray, str]:
+    """The matrix [A's layers, B's layers] of M_k from the stored sets, and the engines that
+    computed those sets ('blas', or e.g. 'blas+sql')."""
+    runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine)
+    runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
+    run_ids = list(runs_a.values()) + list(runs_b.values())
+    engines = set(conn.execute(sa.select(KnnRun.engine).where(KnnRun.id.in_(run_ids))).scalars())
+    counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, pair.n_prompts, workers)
+    scores = np.zeros((len(pair.layers_a), len(pair.layers_b)))
+    row = {layer: i for i, layer in enumerate(pair.layers_a)}
+    col = {layer: j for j, layer in enumerate(pair.layers_b)}
+    for (layer_a, layer_b), shared in counts.items():
+        scores[row[layer_a], col[layer_b]] = shared / (k * pair.n_prompts)
+    return scores, "+".join(sorted(engines))
+
+
+def _store_run(
+    conn: sa.Connection,
+    pair: _Pair,
+    k: int,
+    include_layer0: bool,
+    scores: np.ndarray,
+    test: DiagonalTest | None,
+    n_pairs: int,
+    engines: str,
+    study: str | None,
+    seconds: float,
+) -> int:
+    """Replace the stored run of this pair and k with a new one: run, cells and test."""
+    (model_a, model_b), (dataset_a, dataset_b) = pair.model_ids, pair.dataset_ids
+    chance, null_sd = null_model(k, pair.n_prompts)
+    conn.execute(
+        sa.delete(AffinityRun).where(
+            AffinityRun.model_a_id == model_a,
+            AffinityRun.model_b_id == model_b,
+            AffinityRun.dataset_a_id == dataset_a,
+            AffinityRun.dataset_b_id == dataset_b,
+            AffinityRun.k == k,
+            AffinityRun.include_layer0 == include_layer0,
         )
-        counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, n, workers)
-        scores = np.zeros((len(layers_a), len(layers_b)))
-        row = {layer: i for i, layer in enumerate(layers_a)}
-        col = {layer: j for j, layer in enumerate(layers_b)}
-        for (layer_a, layer_b), shared in counts.items():
-            scores[row[layer_a], col[layer_b]] = shared / (k * n)
-        # The diagonal test never includes the embedding layer (docs/design.md §4).
-        block = scores[np.array(layers_a) > 0][:, np.array(layers_b) > 0]
-        # Within one model on one dataset the diagonal is 1 by construction: no test.
-        same = ids[0] == ids[1] and ids[2] == ids[3]
-        test = diagonal_test(block, n_pairs) if block.size - min(block.shape) >= 2 and not same else None
-        elapsed = time.perf_counter() - started
-        conn.execute(
-            sa.delete(AffinityRun).where(
-                AffinityRun.model_a_id == ids[0],
-                AffinityRun.model_b_id == ids[1],
-                AffinityRun.dataset_a_id == ids[2],
-                AffinityRun.dataset_b_id == ids[3],
-                AffinityRun.k == k,
-                AffinityRun.include_layer0 == include_layer0,
-            )
-        )
-        run_id = conn.execute(
-            sa.insert(AffinityRun)
-            .values(
-                model_a_id=ids[0],
-                model_b_id=ids[1],
-                dataset_a_id=ids[2],
-                dataset_b_id=ids[3],
-                k=k,
-                include_layer0=include_layer0,
-                n_prompts=n,
-                n_layers_a=ids[4],
-                n_layers_b=ids[5],
-                chance=mean,
-                null_sd=sd,
-                knn_engine="+".join(sorted(engines)),
-                study=study,
-                seconds=elapsed,
-            )
-            .returning(AffinityRun.id)
-        ).scalar_one()
-        _store_cells(conn, run_id, scores, layers_a, layers_b, ids[4], ids[5], k, n, mean)
-        if test is not None:
-            conn.execute(
-                sa.insert(DiagonalTestRow).values(
-                    run_id=run_id,
-                    rows_model="b" if test.transposed else "a",
-                    n_on=test.n_on,
-                    n_off=test.n_off,
-                    mean_on=test.mean_on,
-                    mean_off=test.mean_off,
-                    t=test.t,
-                    p=test.p,
-                    log10_p=test.log10_p,
-                    n_pairs=n_pairs,
-                    p_bonferroni=test.p_bonferroni,
-                    log10_p_bonferroni=test.log10_p_bonferroni,
-                )
-            )
-    return AffinityMatrix(
-        run_id,
-        model_a,
-        model_b,
-        dataset_a,
-        dataset_b,
-        k,
-        n,
-        layers_a,
-        layers_b,
-        scores,
-        mean,
-        sd,
-        test,
-        elapsed,
-        "+".join(sorted(engines)),
-        ids[4],
-        ids[5],
     )
+    run_id: int = conn.execute(
+        sa.insert(AffinityRun)
+        .values(
+            model_a_id=model_a,
+            model_b_id=model_b,
+            dataset_a_id=dataset_a,
+            dataset_b_id=dataset_b,
+            k=k,
+            include_layer0=include_layer0,
+            n_prompts=pair.n_prompts,
+            n_layers_a=pair.n_layers[0],
+            n_layers_b=pair.n_layers[1],
+            chance=chance,
+            null_sd=null_sd,
+            knn_engine=engines,
+            study=study,
+            seconds=seconds,
+        )
+        .returning(AffinityRun.id)
+    ).scalar_one()
+    _store_cells(conn, run_id, scores, pair.layers_a, pair.layers_b, *pair.n_layers, k, pair.n_prompts, chance)
+    if test is not None:
+        conn.execute(
+            sa.insert(DiagonalTestRow).values(
+                run_id=run_id,
+                rows_model="b" if test.transposed else "a",
+                n_on=test.n_on,
+                n_off=test.n_off,
+                mean_on=test.mean_on,
+                mean_off=test.mean_off,
+                t=test.t,
+                p=test.p,
+                log10_p=test.log10_p,
+                n_pairs=n_pairs,
+                p_bonferroni=test.p_bonferroni,
+                log10_p_bonferroni=test.log10_p_bonferroni,
+            )
+        )
+    return run_id
 
 
 # The planner cannot estimate the join of unnested arrays (it guesses thousands of rows

@@ -24,7 +24,7 @@ from layerbase.analysis.geometry.tokens import load_token_matrix, match_tokens
 from layerbase.analysis.similarity.stats import max_similarity_path
 from layerbase.analysis.steering.vectors import VectorInfo, check_layer, check_new_name, extract_layer, load_vector
 from layerbase.analysis.vectors import layer_vectors
-from layerbase.ingest.runner import open_stored_model
+from layerbase.ingest.loading import open_stored_model
 from layerbase.warehouse.engine import Warehouse
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.lookup import get_dataset, get_model, get_vector

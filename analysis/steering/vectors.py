@@ -23,9 +23,8 @@ from sqlalchemy.orm import Session
 from layerbase.analysis.steering.presets import EVALUATION_PROMPTS, NEGATIVE_WORDS, POSITIVE_WORDS, PRESETS
 from layerbase.analysis.vectors import layer_vectors
 from layerbase.ingest.datasets import dataset_prompts, validate_name
-from layerbase.ingest.extract import Extractor
-from layerbase.ingest.loading import LoadedModel
-from layerbase.ingest.runner import open_stored_model, stored_settings
+from layerbase.ingest.extract import Extractor, stored_settings
+from layerbase.ingest.loading import LoadedModel, open_stored_model
 from layerbase.warehouse.engine import Warehouse
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.lookup import get_dataset, get_model, get_vector
