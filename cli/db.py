@@ -47,6 +47,24 @@ def stop() -> None:
     click.echo("Embedded server stopped." if stop_embedded() else "The embedded server was not running.")
 
 
+@db.command("move-embedded")
+@json_option
+def move_embedded(as_json: bool) -> None:
+    """Copy an embedded warehouse made by Layerbase before 0.2 (PostgreSQL 16) into a new
+    PostgreSQL 18 data directory; the old directory is kept beside it, renamed."""
+    from layerbase.warehouse.move import move_embedded as move
+
+    report = move()
+    tables = ", ".join(f"{t} {n}" for t, n in report.row_counts.items() if n)
+    emit(
+        report.as_dict(),
+        as_json,
+        f"Moved the embedded warehouse from {report.old_server} to {report.new_server} in {report.seconds:.0f} s.\n"
+        f"Rows copied and checked: {tables}; activation checksum {report.checksum} agrees.\n"
+        f"The old data directory is kept at {report.kept_as}; delete it when you no longer need it.",
+    )
+
+
 @db.command("grant-reader")
 @click.argument("role")
 @click.option("--password-env", metavar="VAR", help="Set the role's password from this environment variable.")

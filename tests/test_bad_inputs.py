@@ -76,11 +76,6 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--max-tokens"],
     ),
     (
-        "half precision on pgvector 0.6.2",
-        ["ingest", "--model", "{gpt2}", "--dataset", "small", "--storage", "float16"],
-        ["float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later"],
-    ),
-    (
         "layers out of range",
         ["knn", "--model", "A", "--dataset", "d", "--layers", "2-9"],
         ["layer 4", "stored layers are 1..3"],
@@ -253,3 +248,13 @@ def test_outdated_schema_changes_nothing(db_url: str, tmp_path: Path) -> None:
     for args in (["dataset", "add", "x", str(write_lines(tmp_path / "x.txt", ["a", "b"]))], ["jobs"], ["models"]):
         assert_clean_error(cli(*args), "behind the code", "layerbase db upgrade")
     assert fingerprint(db_url) == before
+
+
+def test_half_precision_on_a_server_without_halfvec_changes_nothing(
+    old_db_url: str, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    assert cli("dataset", "add", "small", str(write_lines(tmp_path / "s.txt", random_texts(4)))).exit_code == 0
+    before = fingerprint(old_db_url)
+    result = cli("ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "small", "--storage", "float16")
+    assert_clean_error(result, "float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later")
+    assert fingerprint(old_db_url) == before

@@ -98,9 +98,10 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_rows(
 def test_database_restart_during_ingest(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path], prompts_file: Path, reference: list[tuple]
 ) -> None:
-    import pgserver
+    from layerbase.warehouse import embedded
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("restart") / "data", cleanup_mode="delete")
+    pgdata = tmp_path_factory.mktemp("restart") / "data"
+    server = embedded.server(pgdata)
     try:
         url = new_database(server, template="template1")
         env = {"LAYERBASE_DATABASE_URL": url}
@@ -109,7 +110,7 @@ def test_database_restart_during_ingest(
         proc = cli_subprocess(*ingest_args(tiny_models["llama"]), "--json", env=env)
         wait_for_chunks(url, 5, proc)
         at_restart = chunks_done(url)
-        pgserver.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+        embedded.pg_ctl(pgdata, "-w", "-m", "fast", "restart")
         out, err = proc.communicate(timeout=300)
         # The restart cut the ingest's connection mid-job; the ingest reconnects, claims the
         # chunk it lost again, and finishes in the same run.
@@ -119,7 +120,7 @@ def test_database_restart_during_ingest(
         assert "the database connection was lost" in err and "retrying the chunk" in err
         assert activations(url) == reference
     finally:
-        server.cleanup()
+        embedded.stop_embedded(pgdata)
 
 
 def test_three_workers_share_two_jobs_and_write_each_row_once(

@@ -29,21 +29,24 @@ def test_upgrade_creates_schema_and_status_reports_it(empty_db_url: str) -> None
 
     status = cli("db", "status")
     assert status.exit_code == 0, status.output
-    assert "pgvector: 0.6.2" in status.output
+    assert "pgvector: 0.8.5" in status.output and "server: 18." in status.output
     assert f"schema revision: {head}" in status.output
     assert "activation" in status.output and "token_embedding" in status.output
 
 
-def test_models_and_migrations_agree(db_url: str) -> None:
-    """What `alembic check` asserts: autogenerate finds nothing to change."""
+@pytest.mark.parametrize("server", ["db_url", "old_db_url"])
+def test_models_and_migrations_agree(server: str, request: pytest.FixtureRequest) -> None:
+    """What `alembic check` asserts, on servers with and without halfvec: autogenerate finds
+    nothing to change."""
     import sqlalchemy as sa
 
     from layerbase.warehouse.config import parse_url
-    from layerbase.warehouse.models import Base
+    from layerbase.warehouse.models import Base, compared_by_autogenerate
 
-    engine = sa.create_engine(parse_url(db_url))
+    engine = sa.create_engine(parse_url(request.getfixturevalue(server)))
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        options = {"compare_type": True, "include_object": compared_by_autogenerate}
+        ctx = MigrationContext.configure(conn, opts=options)
         assert compare_metadata(ctx, Base.metadata) == []
     engine.dispose()
 
@@ -172,7 +175,7 @@ def test_embedded_server_sizes_its_memory_once_and_keeps_the_users_setting(tmp_p
         url = embedded.embedded_url(pgdata).set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET shared_buffers = '256MB'")
-        embedded._pgserver().pg_ctl(["-w", "restart"], pgdata=pgdata, user=embedded._system_user())
+        embedded.pg_ctl(pgdata, "-w", "restart")
         assert shared_buffers_mb() == 256
     finally:
         embedded.stop_embedded(pgdata)

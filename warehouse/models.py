@@ -40,6 +40,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 RUNTIME_INDEX_PREFIXES = ("hnsw_activation_", "ivfflat_activation_")
 # activation's half-precision column, made by migration 0005 only where the server has halfvec.
 SERVER_DEPENDENT_COLUMNS = {("activation", "vec_half")}
+
+
+def compared_by_autogenerate(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """Alembic's ``include_object``: what the models and the migrations must agree on. Not the
+    per-(model, layer, dataset) vector indexes that `layerbase knn` makes at run time, nor a
+    column that migrations make only on some servers."""
+    if type_ == "column" and (obj.table.name, name) in SERVER_DEPENDENT_COLUMNS:
+        return False
+    return not (type_ == "index" and reflected and name and name.startswith(RUNTIME_INDEX_PREFIXES))
+
+
 STORAGE_COMMENT = "float32 (activation.vec) or float16 (activation.vec_half, halfvec)"
 
 NAMING_CONVENTION = {

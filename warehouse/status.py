@@ -6,10 +6,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from layerbase.warehouse.engine import Warehouse, pgvector_version, translate_errors
+from layerbase.warehouse.engine import Warehouse, pgvector_version, raw_connection, translate_errors
 from layerbase.warehouse.models import Base
 from layerbase.warehouse.schema import current_revision, head_revision, upgrade
-from layerbase.warehouse.storage import HALF_COLUMN_EXISTS
+from layerbase.warehouse.storage import HALF_COLUMN_EXISTS, ensure_half_column
 
 
 def upgrade_schema(wh: Warehouse) -> tuple[str | None, str, str]:
@@ -18,6 +18,7 @@ def upgrade_schema(wh: Warehouse) -> tuple[str | None, str, str]:
     with translate_errors(wh), wh.engine.begin() as conn:
         before = current_revision(conn)
         upgrade(conn)
+        ensure_half_column(raw_connection(conn))  # where the server gained halfvec since 0005 ran
         after = current_revision(conn)
     assert after is not None
     return before, after, wh.display_url

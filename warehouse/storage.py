@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import psycopg
 import sqlalchemy as sa
 
 from layerbase.warehouse.engine import pgvector_version, version_tuple
@@ -21,6 +22,14 @@ HALF_COLUMN_EXISTS = """
 SELECT EXISTS (SELECT 1 FROM information_schema.columns
                WHERE table_schema = current_schema() AND table_name = 'activation' AND column_name = 'vec_half')
 """
+# What migration 0005 does on a server with halfvec, for a warehouse migrated before its
+# server had it (a moved embedded warehouse, an upgraded pgvector).
+HALFVEC_TYPE_EXISTS = "SELECT to_regtype('halfvec') IS NOT NULL"
+ADD_HALF_COLUMN = (
+    "ALTER TABLE activation ADD COLUMN vec_half halfvec",
+    "ALTER TABLE activation DROP CONSTRAINT ck_activation_one_vector",
+    "ALTER TABLE activation ADD CONSTRAINT ck_activation_one_vector CHECK (num_nonnulls(vec, vec_half) = 1)",
+)
 # The largest finite float16: a larger activation cannot be stored in half precision.
 HALF_MAX = float(np.finfo(np.float16).max)
 
@@ -69,7 +78,7 @@ def require_storage(conn: sa.Connection, name: str) -> Storage:
         if version_tuple(version) >= (0, 7):
             fix = (
                 f"the server has pgvector {version} now, but had an older one when this warehouse was migrated; "
-                "re-run its last migration (`alembic downgrade 0004` then `layerbase db upgrade`) to add it"
+                "run `layerbase db upgrade` to add it"
             )
         else:
             fix = (
@@ -80,3 +89,15 @@ def require_storage(conn: sa.Connection, name: str) -> Storage:
             f"float16 storage needs the halfvec column activation.vec_half, which this warehouse lacks: {fix}"
         )
     return storage
+
+
+def ensure_half_column(conn: psycopg.Connection) -> bool:
+    """Add ``activation.vec_half`` where the server has halfvec and the warehouse lacks the
+    column (in the caller's transaction); return whether it was added."""
+    has_type = conn.execute(HALFVEC_TYPE_EXISTS).fetchone()
+    has_column = conn.execute(HALF_COLUMN_EXISTS).fetchone()
+    if not (has_type and has_type[0]) or (has_column and has_column[0]):
+        return False
+    for statement in ADD_HALF_COLUMN:
+        conn.execute(statement)
+    return True

@@ -218,6 +218,10 @@ def index_options(conn: sa.Connection, name: str) -> dict[str, int] | None:
     return {key: int(stored.get(key, default)) for key, default in BUILD_DEFAULTS.get(row[1], {}).items()}
 
 
+MIN_BUILD_MEMORY_KB = 512 * 1024
+MAINTENANCE_WORK_MEM_KB = "SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'"
+
+
 def build_settings(conn: sa.Connection, method: str) -> None:
     """Settings for an index build in this transaction: memory for the graph, and no parallel
     workers for HNSW on a pgvector with the parallel-build bug (said once per process)."""
@@ -233,7 +237,11 @@ def build_settings(conn: sa.Connection, method: str) -> None:
                     version,
                 )
                 _warned_parallel = True
-    conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
+    # At least 512 MB for the graph; a server sized for more (the embedded one takes a quarter
+    # of the memory, up to 1 GB) keeps its own.
+    current_kb = conn.execute(sa.text(MAINTENANCE_WORK_MEM_KB)).scalar_one()
+    if int(current_kb) < MIN_BUILD_MEMORY_KB:
+        conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{MIN_BUILD_MEMORY_KB}kB'"))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Layerbase on a newer server: PostgreSQL 18 with pgvector 0.8.5, standing in for a user's
-own server (the embedded one has pgvector 0.6.2). Here wide layers get halfvec indexes,
-layers wider than 4000 a halfvec subvector index, and HNSW builds may use parallel workers."""
+"""What pgvector 0.7 and later offer, on the embedded server (PostgreSQL 18, pgvector 0.8.5):
+half-precision storage, halfvec indexes for wide layers (a halfvec subvector index above 4000
+dimensions), parallel HNSW builds; and the schema on a server without them (pgvector 0.6.2)."""
 
 from __future__ import annotations
 
@@ -45,13 +45,20 @@ def exact_distances(wh, engine: str) -> list[float]:
         ).scalar()
 
 
-def test_migrations_and_models_agree_on_the_newer_server(newer_db_url: str) -> None:
-    env = {**os.environ, "LAYERBASE_DATABASE_URL": newer_db_url}
+def test_the_embedded_kind_of_server_offers_half_precision(db_url: str) -> None:
+    status = json.loads(cli("db", "status", "--json").output)
+    assert status["server"].startswith("18.") and status["pgvector"] == "0.8.5"
+    assert status["activation_storage"].startswith("float32, float16")
+
+
+def test_migrations_and_models_agree_on_a_server_without_halfvec(old_db_url: str) -> None:
+    env = {**os.environ, "LAYERBASE_DATABASE_URL": old_db_url}
     check = subprocess.run(["alembic", "check"], cwd=REPO, env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     assert "No new upgrade operations detected" in check.stdout + check.stderr
-    status = cli("db", "status")
-    assert status.exit_code == 0 and "0.8.5" in status.output and "18." in status.output
+    status = json.loads(cli("db", "status", "--json").output)
+    assert status["server"].startswith("16.") and status["pgvector"] == "0.6.2"
+    assert status["activation_storage"].startswith("float32 only")
 
 
 @pytest.mark.parametrize(
@@ -67,20 +74,20 @@ def test_migrations_and_models_agree_on_the_newer_server(newer_db_url: str) -> N
     ],
 )
 def test_wide_layers_get_a_halfvec_index_and_are_re_ranked_exactly(
-    newer_db_url: str,
+    db_url: str,
     caplog,
     width: int,
     method: str,
     strategy: str,
     in_index: tuple[str, str],
 ) -> None:
-    wh = connect(newer_db_url)
+    wh = connect(db_url)
     store_synthetic(wh, "wide", "d", n=60, d=width, n_layers=1, seed=3)
     with caplog.at_level(logging.WARNING):
         [result] = materialize(wh, "wide", "d", k_max=5, engine=method, min_recall=1.0, progress=False)
     assert result.strategy == strategy and result.recall == 1.0
     assert "CVE-2026-3172" not in caplog.text  # pgvector 0.8.5 builds HNSW in parallel safely
-    index = index_definition(newer_db_url, method)
+    index = index_definition(db_url, method)
     assert all(text in index for text in in_index)
     materialize(wh, "wide", "d", k_max=5, engine="blas", progress=False)
     assert (stored_sets(wh, "wide", method, 5)[1] == stored_sets(wh, "wide", "blas", 5)[1]).all()
@@ -88,8 +95,8 @@ def test_wide_layers_get_a_halfvec_index_and_are_re_ranked_exactly(
     np.testing.assert_allclose(exact_distances(wh, method), exact_distances(wh, "blas"), atol=2e-6)
 
 
-def test_lookups_through_a_halfvec_index_equal_the_exact_scan(newer_db_url: str) -> None:
-    wh = connect(newer_db_url)
+def test_lookups_through_a_halfvec_index_equal_the_exact_scan(db_url: str) -> None:
+    wh = connect(db_url)
     store_synthetic(wh, "wide", "d", n=80, d=2048, n_layers=1, seed=5)
     ask = ("neighbors", "--model", "wide", "--layer", "1", "--dataset", "d", "--prompt", "7", "-k", "6", "--json")
     exact = json.loads(cli(*ask, "--exact").stdout)
@@ -105,8 +112,8 @@ def test_lookups_through_a_halfvec_index_equal_the_exact_scan(newer_db_url: str)
     )
 
 
-def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(
-    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+def test_ingest_knn_and_affinity_end_to_end_agree_with_memory(
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     cli("dataset", "add", "toy", str(write_lines(tmp_path / "t.txt", random_texts(30, seed=12))))
     for name in ("gpt2", "llama"):
@@ -116,7 +123,7 @@ def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(
             ).exit_code
             == 0
         )
-    wh = connect(newer_db_url)
+    wh = connect(db_url)
     run = compute_affinity(wh, "llama", "gpt2", "toy", k=5, progress=False)
     matrix = run.scores
     assert matrix.shape == (4, 3)
@@ -137,7 +144,7 @@ def test_ingest_knn_and_affinity_end_to_end_on_the_newer_server(
 
 
 def test_half_precision_storage_from_ingest_to_lookups(
-    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     from layerbase.analysis.vectors import layer_vectors
 
@@ -157,7 +164,7 @@ def test_half_precision_storage_from_ingest_to_lookups(
             "--no-progress",
         )
         assert result.exit_code == 0, result.output
-    wh = connect(newer_db_url)
+    wh = connect(db_url)
     with wh.engine.connect() as conn:
         ids = dict(conn.execute(sa.text("SELECT name, id FROM model")).all())
         sizes = dict(
@@ -194,7 +201,7 @@ def test_half_precision_storage_from_ingest_to_lookups(
     for engine in ("blas", "sql", "hnsw"):
         [result] = materialize(wh, "half", "toy", layers=[2], k_max=5, engine=engine, min_recall=1.0, progress=False)
     assert result.strategy == "hnsw on halfvec(32) of half-precision rows, re-ranked exactly" and result.recall == 1.0
-    index = index_definition(newer_db_url, "hnsw")
+    index = index_definition(db_url, "hnsw")
     assert "vec_half" in index and "halfvec(32)" in index
     sets = {engine: stored_sets(wh, "half", engine, 5)[2] for engine in ("blas", "sql", "hnsw")}
     assert (sets["blas"] == sets["sql"]).all() and (sets["hnsw"] == sets["blas"]).all()
@@ -209,11 +216,11 @@ def test_half_precision_storage_from_ingest_to_lookups(
     assert run.scores.shape == (3, 3) and run.scores.min() > 0.5  # the same model, stored two ways
 
 
-def test_half_precision_rows_become_float32_on_downgrade(newer_db_url: str) -> None:
+def test_half_precision_rows_become_float32_on_downgrade(db_url: str) -> None:
     from layerbase.analysis.vectors import layer_vectors
     from layerbase.warehouse.schema import downgrade, upgrade
 
-    wh = connect(newer_db_url)
+    wh = connect(db_url)
     vectors = np.random.default_rng(4).standard_normal((12, 6)).astype(np.float32)
     model_id = store_synthetic(wh, "h", "d", n=12, d=6, n_layers=1, layer_vectors={1: vectors}, storage="float16")
     with wh.engine.begin() as conn:
@@ -227,7 +234,7 @@ def test_half_precision_rows_become_float32_on_downgrade(newer_db_url: str) -> N
 
 
 def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
-    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -243,13 +250,13 @@ def test_activations_beyond_half_precision_are_refused_with_the_prompt_named(
     assert result.exit_code != 0
     assert "prompt 0 (id 1) of dataset 'toy'" in result.output and "beyond float16's range (65504)" in result.output
     assert "--storage float32" in result.output and "Traceback" not in result.output
-    with connect(newer_db_url).engine.connect() as conn:
+    with connect(db_url).engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM activation")).scalar() == 0
     assert cli("ingest", "--model", str(loud), "--dataset", "toy", "--no-progress").exit_code == 0  # float32 holds it
 
 
 def test_a_model_made_by_embeddings_export_takes_the_storage_of_its_first_ingest(
-    newer_db_url: str, tiny_models: dict[str, Path], tmp_path: Path
+    db_url: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     model = str(tiny_models["gpt2"])
     assert cli("embeddings", "export", "--model", model, "--name", "g", "--no-progress").exit_code == 0
