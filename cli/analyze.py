@@ -137,6 +137,14 @@ def knn(
     help="Engine for k-NN sets not yet stored.",
 )
 @click.option("--study", help="Name of the study (default: from the models and datasets).")
+@click.option(
+    "--overlap",
+    type=click.Choice(["sparse", "sql"]),
+    default="sparse",
+    show_default=True,
+    help="Where the shared neighbours of all layer pairs are counted: one scipy.sparse product of the stored "
+    "sets, or one join in SQL (identical matrices).",
+)
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")
 @progress_option
 @json_option
@@ -150,13 +158,22 @@ def affinity(
     layer0: bool,
     engine: str,
     study: str | None,
+    overlap: str,
     show_matrix: bool,
     progress: bool,
     as_json: bool,
 ) -> None:
     """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test."""
     matrices = obj.api().affinity_study(
-        names(models), dataset, dataset_b, k=k, layer0=layer0, engine=engine, study=study, progress=progress
+        names(models),
+        dataset,
+        dataset_b,
+        k=k,
+        layer0=layer0,
+        engine=engine,
+        study=study,
+        overlap=overlap,
+        progress=progress,
     )
     if as_json:
         emit(

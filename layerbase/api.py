@@ -356,13 +356,15 @@ class Layerbase:
         dataset_b: str | None = None,
         layer0: bool = False,
         engine: str = "blas",
+        overlap: str = "sparse",
         recompute: bool = False,
         progress: bool | None = None,
     ) -> AffinityMatrix:
         """The layer x layer affinity matrix of two models (rows: ``model_a``'s layers), with
         its diagonal test and max-similarity path: read from the warehouse when stored, else
         computed (k-NN sets first, where missing) and stored. ``dataset_b``: a parallel
-        dataset that ``model_b`` reads (prompt i <-> prompt i)."""
+        dataset that ``model_b`` reads (prompt i <-> prompt i). ``engine`` computes missing k-NN
+        sets; ``overlap`` counts shared neighbours (``sparse`` in memory, or ``sql``)."""
         from layerbase.analysis.similarity.affinity import compute_affinity, stored_affinity
 
         if measure not in MEASURES:
@@ -380,6 +382,7 @@ class Layerbase:
             k=k,
             include_layer0=layer0,
             engine=engine,
+            overlap=overlap,
             progress=self._progress(progress),
         )
 
@@ -393,6 +396,7 @@ class Layerbase:
         layer0: bool = False,
         engine: str = "blas",
         study: str | None = None,
+        overlap: str = "sparse",
         progress: bool | None = None,
     ) -> list[AffinityMatrix]:
         """Compute and store the affinity matrix of every pair of ``models`` (each once, in
@@ -408,6 +412,7 @@ class Layerbase:
             include_layer0=layer0,
             engine=engine,
             study=study,
+            overlap=overlap,
             progress=self._progress(progress),
         )
 

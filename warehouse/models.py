@@ -309,11 +309,17 @@ class AffinityRun(Base):
     chance: Mapped[float] = mapped_column(comment="null mean k/(|D|-1)")
     null_sd: Mapped[float] = mapped_column(comment="null standard deviation of M_k")
     knn_engine: Mapped[str] = mapped_column(Text)
+    overlap_engine: Mapped[str] = mapped_column(
+        Text,
+        server_default="sql",
+        comment="sql: one join of the unnested neighbour arrays; sparse: one scipy.sparse product of them",
+    )
     study: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float] = mapped_column()
     created_at: Mapped[datetime] = _now()
 
     __table_args__ = (
+        CheckConstraint("overlap_engine IN ('sql', 'sparse')", name="overlap_engine"),
         UniqueConstraint(
             "model_a_id",
             "model_b_id",

@@ -30,7 +30,7 @@ from layerbase.analysis.similarity.stats import (
     null_model,
     relative_depths,
 )
-from layerbase.warehouse.copy import copy_columns
+from layerbase.warehouse.copy import copy_columns, read_positions_and_vectors
 from layerbase.warehouse.engine import Warehouse, raw_connection
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.models import AffinityRun, KnnRun
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+OVERLAP_ENGINES = ("sparse", "sql")
 OVERLAP_SQL = """
 WITH a AS (
     SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(%(k)s AS int)]) AS neighbor_position
@@ -223,10 +224,16 @@ def compute_affinity(
     study: str | None = None,
     n_pairs: int = 1,
     workers: int | None = None,
+    overlap: str = "sparse",
     progress: bool = True,
 ) -> AffinityMatrix:
     """Compute (materializing missing k-NN sets first) and store one affinity matrix:
-    ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4), with its diagonal test."""
+    ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4), with its diagonal test.
+    ``overlap``: where the shared neighbours of all layer pairs are counted, ``sparse`` (one
+    scipy.sparse product, the default) or ``sql`` (one join in the database); the two give
+    identical matrices."""
+    if overlap not in OVERLAP_ENGINES:
+        raise InputError(f"unknown overlap engine {overlap!r}; use one of {', '.join(OVERLAP_ENGINES)}")
     dataset_b = dataset_b or dataset_a
     pair = _resolve_pair(wh, model_a, model_b, dataset_a, dataset_b, include_layer0)
     if not 0 < k < pair.n_prompts:
@@ -239,14 +246,14 @@ def compute_affinity(
             {"key": lock_key("affinity", *pair.model_ids, *pair.dataset_ids, k)},
         )
         conn.execute(sa.text(DERIVED_DATA_COMMIT))
-        scores, engines = _scores(wh, conn, pair, k, engine, workers)
+        scores, engines = _scores(wh, conn, pair, k, engine, workers, overlap)
         # The diagonal test never includes the embedding layer (docs/design.md §4).
         block = scores[np.array(pair.layers_a) > 0][:, np.array(pair.layers_b) > 0]
         # Within one model on one dataset the diagonal is 1 by construction: no test.
         testable = block.size - min(block.shape) >= 2 and not pair.same_side
         test = diagonal_test(block, n_pairs) if testable else None
         elapsed = time.perf_counter() - started
-        run_id = _store_run(conn, pair, k, include_layer0, scores, test, n_pairs, engines, study, elapsed)
+        run_id = _store_run(conn, pair, k, include_layer0, scores, test, n_pairs, engines, overlap, study, elapsed)
     chance, null_sd = null_model(k, pair.n_prompts)
     return AffinityMatrix(
         run_id,
@@ -314,7 +321,7 @@ def _ensure_knn_sets(
 
 
 def _scores(
-    wh: Warehouse, conn: sa.Connection, pair: _Pair, k: int, engine: str, workers: int | None
+    wh: Warehouse, conn: sa.Connection, pair: _Pair, k: int, engine: str, workers: int | None, overlap: str
 ) -> tuple[np.ndarray, str]:
     """The matrix [A's layers, B's layers] of M_k from the stored sets, and the engines that
     computed those sets ('blas', or e.g. 'blas+sql')."""
@@ -322,7 +329,10 @@ def _scores(
     runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
     run_ids = list(runs_a.values()) + list(runs_b.values())
     engines = set(conn.execute(sa.select(KnnRun.engine).where(KnnRun.id.in_(run_ids))).scalars())
-    counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, pair.n_prompts, workers)
+    if overlap == "sparse":
+        counts = _sparse_overlap_counts(conn, runs_a, runs_b, k, pair.n_prompts)
+    else:
+        counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, pair.n_prompts, workers)
     scores = np.zeros((len(pair.layers_a), len(pair.layers_b)))
     row = {layer: i for i, layer in enumerate(pair.layers_a)}
     col = {layer: j for j, layer in enumerate(pair.layers_b)}
@@ -340,6 +350,7 @@ def _store_run(
     test: DiagonalTest | None,
     n_pairs: int,
     engines: str,
+    overlap: str,
     study: str | None,
     seconds: float,
 ) -> int:
@@ -371,6 +382,7 @@ def _store_run(
             chance=chance,
             null_sd=null_sd,
             knn_engine=engines,
+            overlap_engine=overlap,
             study=study,
             seconds=seconds,
         )
@@ -432,6 +444,47 @@ def _overlap_counts(
     return counts
 
 
+# The stored sets of several runs (layers) in one binary COPY, read as the activations are:
+# an int4 key (the run's index in the list times n, plus the prompt's position) and the
+# neighbour positions as a float32 vector (pgvector casts an int array to a vector;
+# positions below 2^24 are exact in float32). One statement per side, not one per layer:
+# each statement costs a few milliseconds, as much as the product itself.
+NEIGHBOUR_SETS = """
+SELECT (array_position({runs}, run_id) - 1) * {n} + position, (neighbors[1:{k}])::real[]::vector
+FROM knn_neighbor WHERE run_id = ANY({runs})
+"""
+
+
+def _sparse_overlap_counts(
+    conn: sa.Connection, runs_a: dict[int, int], runs_b: dict[int, int], k: int, n: int
+) -> Counter[tuple[int, int]]:
+    """Shared (prompt, neighbour) pairs per layer pair in one sparse product: each layer's
+    sets become a row of an (L x n^2) 0/1 matrix, with a 1 at prompt x n + neighbour."""
+    import scipy.sparse as sp
+
+    if max(len(runs_a), len(runs_b)) * n >= 2**31:  # the COPY's int4 key
+        raise InputError(
+            f"{n} prompts x {max(len(runs_a), len(runs_b))} layers is beyond the sparse overlap "
+            "engine's key; use overlap='sql' (`affinity --overlap sql`)"
+        )
+
+    def stack(runs: dict[int, int]) -> sp.csr_matrix:
+        run_ids = sql.SQL("{}::int[]").format(sql.Literal(list(runs.values())))
+        query = sql.SQL(NEIGHBOUR_SETS).format(runs=run_ids, n=sql.Literal(n), k=sql.Literal(k))
+        keys, sets = read_positions_and_vectors(raw_connection(conn).cursor(), query)
+        if len(keys) == 0:
+            return sp.csr_matrix((len(runs), n * n))
+        layer_index, position = np.divmod(keys.astype(np.int64), n)
+        found = sets >= 0  # -1 marks a neighbour an index could not find
+        rows = np.broadcast_to(layer_index[:, None], sets.shape)[found]
+        cols = (position[:, None] * n + sets.astype(np.int64))[found]
+        return sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(runs), n * n))
+
+    shared = (stack(runs_a) @ stack(runs_b).T).toarray()
+    layers_a, layers_b = list(runs_a), list(runs_b)
+    return Counter({(layers_a[i], layers_b[j]): int(round(shared[i, j])) for i, j in np.ndindex(*shared.shape)})
+
+
 def _store_cells(
     conn: sa.Connection,
     run_id: int,
@@ -474,6 +527,7 @@ def compute_study(
     include_layer0: bool = False,
     engine: str = "blas",
     study: str | None = None,
+    overlap: str = "sparse",
     progress: bool = True,
 ) -> list[AffinityMatrix]:
     """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs.
@@ -496,6 +550,7 @@ def compute_study(
             include_layer0=include_layer0,
             engine=engine,
             study=study,
+            overlap=overlap,
             n_pairs=len(pairs),
             progress=progress,
         )
