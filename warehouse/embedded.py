@@ -167,9 +167,10 @@ def is_running(pgdata: Path) -> bool:
 def stop_embedded(pgdata: Path | None = None) -> bool:
     """Stop the embedded server if it runs; return whether one was running."""
     pgdata = pgdata or pgdata_dir()
-    if not is_running(pgdata):
-        return False
-    version = pgdata_version(pgdata)
-    pg_ctl(pgdata, "-w", "stop", version=version if version == OLD_POSTGRES_VERSION else POSTGRES_VERSION)
+    running = is_running(pgdata)
+    if running:
+        # A PostgreSQL 16 directory (Layerbase 0.1's) is stopped by that version's binaries.
+        version = pgdata_version(pgdata)
+        pg_ctl(pgdata, "-w", "stop", version=version if version == OLD_POSTGRES_VERSION else POSTGRES_VERSION)
     forget(pgdata)
-    return True
+    return running

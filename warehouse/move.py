@@ -89,10 +89,10 @@ def move_embedded(pgdata: Path | None = None) -> MoveReport:
     started = time.perf_counter()
     target = pgdata.with_name(pgdata.name + ".moving")
     if target.exists():  # our own partial copy from an interrupted move
-        _stop(target)
+        embedded.stop_embedded(target)
         shutil.rmtree(target)
     # pgserver 0.1.4 may have left it running; the 16.x binaries stop it cleanly (same major version)
-    _stop(pgdata, embedded.OLD_POSTGRES_VERSION)
+    embedded.stop_embedded(pgdata)
     try:
         old = embedded.server(pgdata, embedded.OLD_POSTGRES_VERSION)
         new = embedded.server(target)
@@ -111,8 +111,8 @@ def move_embedded(pgdata: Path | None = None) -> MoveReport:
         _add_half_precision_column(new_uri)
         versions = (_version(old_uri), _version(new_uri))
     finally:
-        _stop(target)
-        _stop(pgdata, embedded.OLD_POSTGRES_VERSION)
+        embedded.stop_embedded(target)
+        embedded.stop_embedded(pgdata)
     pgdata.rename(kept)
     target.rename(pgdata)
     embedded.server(pgdata)  # started again in its final place, ready for the next command
@@ -127,12 +127,6 @@ def move_embedded(pgdata: Path | None = None) -> MoveReport:
         sums_new[1],
         time.perf_counter() - started,
     )
-
-
-def _stop(pgdata: Path, version: int = embedded.POSTGRES_VERSION) -> None:
-    if embedded.is_running(pgdata):
-        embedded.pg_ctl(pgdata, "-w", "stop", version=version)
-    embedded.forget(pgdata)
 
 
 def _copy(old_admin: str, old_uri: str, new_admin: str, new_uri: str) -> None:
