@@ -158,6 +158,8 @@ def test_compose_file_runs_pgvector_and_matches_the_docs() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     db = compose["services"]["db"]
     assert db["image"].startswith("pgvector/pgvector:")
+    tag = db["image"].split(":")[1]  # e.g. 0.8.5-pg17
+    assert tuple(int(x) for x in tag.split("-")[0].split(".")) >= (0, 8, 5)
     env = db["environment"]
     assert env["POSTGRES_USER"] == "${LAYERBASE_DB_USER:-layerbase}"
     readme = (REPO / "docs" / "cli.md").read_text()
