@@ -163,3 +163,36 @@ def read_positions_and_vectors(
     if (rows["dim"] != dim).any():
         raise ValueError("vectors of different widths in one layer")
     return rows["pos"].astype(np.int32), rows["vec"].astype(np.float32)
+
+
+def _int4_array(field: memoryview) -> np.ndarray:
+    """An int4 array in PostgreSQL's binary format, without NULLs, as an int32 array of its shape."""
+    ndim = int.from_bytes(field[0:4], "big")
+    if int.from_bytes(field[4:8], "big"):
+        raise ValueError("the array holds NULLs")
+    shape = tuple(int.from_bytes(field[12 + 8 * i : 16 + 8 * i], "big") for i in range(ndim))
+    elements = np.frombuffer(field[12 + 8 * ndim :], dtype=[("len", ">i4"), ("v", ">i4")])
+    return elements["v"].astype(np.int32).reshape(shape)
+
+
+def read_keyed_int_arrays(cur: psycopg.Cursor, query: psycopg.sql.Composable) -> list[tuple[int, list[np.ndarray]]]:
+    """Run ``COPY (query) TO STDOUT`` in binary for rows (int4 key, int4 arrays…) and parse
+    each array with numpy: a few large rows, rather than one COPY message per small row
+    (psycopg hands a binary COPY over message by message, at about 2.5 us each)."""
+    buffer = bytearray()
+    with cur.copy(psycopg.sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT BINARY)").format(query)) as copy:
+        for block in copy:
+            buffer += block
+    header_ext = int.from_bytes(buffer[15:19], "big")
+    body = memoryview(buffer)[19 + header_ext : len(buffer) - 2]
+    rows, at = [], 0
+    while at < len(body):
+        n_fields = int.from_bytes(body[at : at + 2], "big")
+        at += 2
+        fields = []
+        for _ in range(n_fields):
+            size = int.from_bytes(body[at : at + 4], "big", signed=True)
+            fields.append(body[at + 4 : at + 4 + size])
+            at += 4 + size
+        rows.append((int.from_bytes(fields[0], "big", signed=True), [_int4_array(f) for f in fields[1:]]))
+    return rows

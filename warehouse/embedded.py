@@ -85,9 +85,8 @@ def server(pgdata: Path, version: int = POSTGRES_VERSION) -> Any:
 # index (about 300 MB each at width 576); lookups then read pages through the OS cache
 # (measured: p50 9.1 ms at 128 MB, 6.0 ms at 2 GB). A new data directory gets a quarter of
 # the memory, at most 2 GB, once; a value the user set with ALTER SYSTEM is kept. Index
-# builds get a quarter of the memory as well (at most 1 GB) and the cores as workers.
+# builds get the cores as parallel workers (their memory is set per build: knn.index).
 MAX_SHARED_BUFFERS_MB = 2048
-MAX_MAINTENANCE_WORK_MEM_MB = 1024
 TUNED = """
 SELECT count(*) FROM pg_file_settings
 WHERE name = 'shared_buffers' AND sourcefile LIKE '%postgresql.auto.conf'
@@ -111,7 +110,6 @@ def size_memory(conn: psycopg.Connection) -> bool:
     settings = {
         "shared_buffers": f"{min(MAX_SHARED_BUFFERS_MB, memory // 4)}MB",
         "effective_cache_size": f"{memory // 2}MB",
-        "maintenance_work_mem": f"{min(MAX_MAINTENANCE_WORK_MEM_MB, memory // 4)}MB",
         # Parallel HNSW builds (pgvector >= 0.8.2) use these workers.
         "max_parallel_maintenance_workers": str(max(1, min(8, cores))),
     }

@@ -218,10 +218,6 @@ def index_options(conn: sa.Connection, name: str) -> dict[str, int] | None:
     return {key: int(stored.get(key, default)) for key, default in BUILD_DEFAULTS.get(row[1], {}).items()}
 
 
-MIN_BUILD_MEMORY_KB = 512 * 1024
-MAINTENANCE_WORK_MEM_KB = "SELECT setting::bigint FROM pg_settings WHERE name = 'maintenance_work_mem'"
-
-
 def build_settings(conn: sa.Connection, method: str) -> None:
     """Settings for an index build in this transaction: memory for the graph, and no parallel
     workers for HNSW on a pgvector with the parallel-build bug (said once per process)."""
@@ -237,11 +233,10 @@ def build_settings(conn: sa.Connection, method: str) -> None:
                     version,
                 )
                 _warned_parallel = True
-    # At least 512 MB for the graph; a server sized for more (the embedded one takes a quarter
-    # of the memory, up to 1 GB) keeps its own.
-    current_kb = conn.execute(sa.text(MAINTENANCE_WORK_MEM_KB)).scalar_one()
-    if int(current_kb) < MIN_BUILD_MEMORY_KB:
-        conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{MIN_BUILD_MEMORY_KB}kB'"))
+    # 512 MB for the graph. More is not faster: a parallel HNSW build sets up shared memory of
+    # this size, and at n = 10000, d = 576 (pgvector 0.8.5, 2 workers) 1 GB made the whole
+    # hnsw k-NN run 4.65x the in-memory reference against 3.53x with 512 MB (median of 3).
+    conn.execute(sa.text("SET LOCAL maintenance_work_mem = '512MB'"))
 
 
 @dataclass(frozen=True)

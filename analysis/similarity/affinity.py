@@ -30,7 +30,7 @@ from layerbase.analysis.similarity.stats import (
     null_model,
     relative_depths,
 )
-from layerbase.warehouse.copy import copy_columns, read_positions_and_vectors
+from layerbase.warehouse.copy import copy_columns, read_keyed_int_arrays
 from layerbase.warehouse.engine import Warehouse, raw_connection
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.models import AffinityRun, KnnRun
@@ -444,14 +444,13 @@ def _overlap_counts(
     return counts
 
 
-# The stored sets of several runs (layers) in one binary COPY, read as the activations are:
-# an int4 key (the run's index in the list times n, plus the prompt's position) and the
-# neighbour positions as a float32 vector (pgvector casts an int array to a vector;
-# positions below 2^24 are exact in float32). One statement per side, not one per layer:
-# each statement costs a few milliseconds, as much as the product itself.
+# The stored sets of several runs (layers) in one binary COPY, one row per run: its index in
+# the list, the prompts' positions, and their first k neighbours as one [n, k] array. One
+# statement per side rather than one per layer (each costs a few milliseconds), and a row per
+# layer rather than per prompt (each COPY row costs Python a few microseconds).
 NEIGHBOUR_SETS = """
-SELECT (array_position({runs}, run_id) - 1) * {n} + position, (neighbors[1:{k}])::real[]::vector
-FROM knn_neighbor WHERE run_id = ANY({runs})
+SELECT array_position({runs}, run_id) - 1, array_agg(position), array_agg(neighbors[1:{k}])
+FROM knn_neighbor WHERE run_id = ANY({runs}) GROUP BY run_id
 """
 
 
@@ -462,23 +461,19 @@ def _sparse_overlap_counts(
     sets become a row of an (L x n^2) 0/1 matrix, with a 1 at prompt x n + neighbour."""
     import scipy.sparse as sp
 
-    if max(len(runs_a), len(runs_b)) * n >= 2**31:  # the COPY's int4 key
-        raise InputError(
-            f"{n} prompts x {max(len(runs_a), len(runs_b))} layers is beyond the sparse overlap "
-            "engine's key; use overlap='sql' (`affinity --overlap sql`)"
-        )
-
     def stack(runs: dict[int, int]) -> sp.csr_matrix:
         run_ids = sql.SQL("{}::int[]").format(sql.Literal(list(runs.values())))
-        query = sql.SQL(NEIGHBOUR_SETS).format(runs=run_ids, n=sql.Literal(n), k=sql.Literal(k))
-        keys, sets = read_positions_and_vectors(raw_connection(conn).cursor(), query)
-        if len(keys) == 0:
+        query = sql.SQL(NEIGHBOUR_SETS).format(runs=run_ids, k=sql.Literal(k))
+        rows, cols = [], []
+        for layer_index, (positions, sets) in read_keyed_int_arrays(raw_connection(conn).cursor(), query):
+            found = sets >= 0  # -1 marks a neighbour an index could not find
+            cells = positions.astype(np.int64)[:, None] * n + sets.astype(np.int64)
+            cols.append(cells[found])
+            rows.append(np.full(int(found.sum()), layer_index, dtype=np.int64))
+        if not cols:
             return sp.csr_matrix((len(runs), n * n))
-        layer_index, position = np.divmod(keys.astype(np.int64), n)
-        found = sets >= 0  # -1 marks a neighbour an index could not find
-        rows = np.broadcast_to(layer_index[:, None], sets.shape)[found]
-        cols = (position[:, None] * n + sets.astype(np.int64))[found]
-        return sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(runs), n * n))
+        flat = np.concatenate(cols)
+        return sp.csr_matrix((np.ones(len(flat)), (np.concatenate(rows), flat)), shape=(len(runs), n * n))
 
     shared = (stack(runs_a) @ stack(runs_b).T).toarray()
     layers_a, layers_b = list(runs_a), list(runs_b)
