@@ -127,6 +127,16 @@ def copy_rows(
     return count
 
 
+def _copy_out(cur: psycopg.Cursor, query: psycopg.sql.Composable) -> memoryview:
+    """The rows of ``COPY (query) TO STDOUT`` in binary, without the header and trailer."""
+    buffer = bytearray()
+    with cur.copy(psycopg.sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT BINARY)").format(query)) as copy:
+        for block in copy:
+            buffer += block
+    header_ext = int.from_bytes(buffer[15:19], "big")
+    return memoryview(buffer)[19 + header_ext : len(buffer) - 2]
+
+
 def read_positions_and_vectors(
     cur: psycopg.Cursor, query: psycopg.sql.Composable, pgtype: str = "vector"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -136,12 +146,7 @@ def read_positions_and_vectors(
     All vectors must have one width (as every activation of a (model, layer) does). The
     rows are fixed-width, so the stream is read as one numpy structured array.
     """
-    buffer = bytearray()
-    with cur.copy(psycopg.sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT BINARY)").format(query)) as copy:
-        for block in copy:
-            buffer += block
-    header_ext = int.from_bytes(buffer[15:19], "big")
-    body = memoryview(buffer)[19 + header_ext : len(buffer) - 2]
+    body = _copy_out(cur, query)
     if len(body) == 0:
         return np.zeros(0, dtype=np.int32), np.zeros((0, 0), dtype=np.float32)
     # row: int16 nfields, int32 len, int32 value, int32 len, int16 dim, int16 unused, element x dim
@@ -179,12 +184,7 @@ def read_keyed_int_arrays(cur: psycopg.Cursor, query: psycopg.sql.Composable) ->
     """Run ``COPY (query) TO STDOUT`` in binary for rows (int4 key, int4 arrays…) and parse
     each array with numpy: a few large rows, rather than one COPY message per small row
     (psycopg hands a binary COPY over message by message, at about 2.5 us each)."""
-    buffer = bytearray()
-    with cur.copy(psycopg.sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT BINARY)").format(query)) as copy:
-        for block in copy:
-            buffer += block
-    header_ext = int.from_bytes(buffer[15:19], "big")
-    body = memoryview(buffer)[19 + header_ext : len(buffer) - 2]
+    body = _copy_out(cur, query)
     rows, at = [], 0
     while at < len(body):
         n_fields = int.from_bytes(body[at : at + 2], "big")

@@ -74,16 +74,6 @@ class Neighbors:
     def positions(self) -> list[int]:
         return [r["position"] for r in self.rows]
 
-    def as_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "layer": self.layer,
-            "dataset": self.dataset,
-            "query": self.query,
-            "path": self.path,
-            "neighbors": self.rows,
-        }
-
 
 # Everything a lookup needs to know, in one round trip (a lookup takes milliseconds, and
 # each extra statement cost about 0.2 ms): the ids and sizes, the query prompt's text, the
@@ -341,14 +331,6 @@ class Overlap:
     @property
     def shared(self) -> list[int]:
         return sorted(set(self.first.positions) & set(self.second.positions))
-
-    def as_dict(self) -> dict:
-        return {
-            "first": self.first.as_dict(),
-            "second": self.second.as_dict(),
-            "shared": self.shared,
-            "overlap": len(self.shared) / max(1, len(self.first.rows)),
-        }
 
 
 def overlap(

@@ -253,8 +253,10 @@ def compute_affinity(
         testable = block.size - min(block.shape) >= 2 and not pair.same_side
         test = diagonal_test(block, n_pairs) if testable else None
         elapsed = time.perf_counter() - started
-        run_id = _store_run(conn, pair, k, include_layer0, scores, test, n_pairs, engines, overlap, study, elapsed)
-    chance, null_sd = null_model(k, pair.n_prompts)
+        chance, null_sd = null_model(k, pair.n_prompts)
+        run_id = _store_run(
+            conn, pair, k, include_layer0, scores, test, n_pairs, (chance, null_sd), engines, overlap, study, elapsed
+        )
     return AffinityMatrix(
         run_id,
         model_a,
@@ -349,14 +351,16 @@ def _store_run(
     scores: np.ndarray,
     test: DiagonalTest | None,
     n_pairs: int,
+    null: tuple[float, float],
     engines: str,
     overlap: str,
     study: str | None,
     seconds: float,
 ) -> int:
-    """Replace the stored run of this pair and k with a new one: run, cells and test."""
+    """Replace the stored run of this pair and k with a new one: run, cells and test.
+    ``null``: the null model's mean (chance) and standard deviation of M_k."""
     (model_a, model_b), (dataset_a, dataset_b) = pair.model_ids, pair.dataset_ids
-    chance, null_sd = null_model(k, pair.n_prompts)
+    chance, null_sd = null
     conn.execute(
         sa.delete(AffinityRun).where(
             AffinityRun.model_a_id == model_a,
