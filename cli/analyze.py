@@ -219,9 +219,13 @@ def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
 @click.option("--model", required=True, help="Stored model name.")
 @click.option("--layer", type=int, required=True)
 @click.option("--dataset", required=True)
-@click.option("--prompt", "position", type=int, help="Position of a stored prompt in the dataset.")
+@click.option(
+    "--prompt", "position", type=int, help="Position of a stored prompt in the dataset, 0-based (`layerbase prompts`)."
+)
 @click.option("--text", help="A new text, embedded on the fly with the model's stored settings.")
 @click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("--where-text", help="Only prompts whose text contains this (case-insensitive).")
+@click.option("--where-source", help="Only prompts whose source matches this LIKE pattern, e.g. '%/sport/%'.")
 @click.option("--vs-model", help="Compare with this model's neighbours of the same prompt (overlap).")
 @click.option("--vs-layer", type=int, help="Layer of --vs-model.")
 @click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")
@@ -245,6 +249,8 @@ def neighbors(
     position: int | None,
     text: str | None,
     k: int,
+    where_text: str | None,
+    where_source: str | None,
     vs_model: str | None,
     vs_layer: int | None,
     vs_dataset: str | None,
@@ -255,6 +261,8 @@ def neighbors(
     """The k nearest prompts of a stored prompt or a new text at (model, layer)."""
     lb = obj.api()
     if vs_model or vs_layer is not None:
+        if where_text is not None or where_source is not None:
+            raise click.UsageError("--where-text and --where-source limit a lookup, not an overlap (--vs-model)")
         if position is None or vs_layer is None:
             raise click.UsageError("an overlap needs --prompt, --vs-model (default: --model) and --vs-layer")
         both = lb.overlap(position, (model, layer, dataset), (vs_model or model, vs_layer, vs_dataset or dataset), k)
@@ -275,14 +283,25 @@ def neighbors(
             click.echo(_neighbors_text(side, shared))
         click.echo(f"Shared: {len(shared)} of {k} ({', '.join(map(str, sorted(shared))) or 'none'})")
         return
-    found = lb.neighbors(model, dataset, layer, prompt=position, text=text, k=k, exact=exact, ef_search=ef_search)
+    found = lb.neighbors(
+        model,
+        dataset,
+        layer,
+        prompt=position,
+        text=text,
+        k=k,
+        exact=exact,
+        ef_search=ef_search,
+        where_text=where_text,
+        where_source=where_source,
+    )
     answer = _neighbors_dict(found, found.attrs)
     emit(answer, as_json, _neighbors_text(answer, set()))
 
 
 def _neighbors_dict(frame: pd.DataFrame, about: dict) -> dict:
     """One neighbour set as the JSON answer gives it."""
-    return {key: about[key] for key in ("model", "layer", "dataset", "query", "path")} | {
+    return {key: about.get(key) for key in ("model", "layer", "dataset", "query", "path", "only")} | {
         "neighbors": records(frame.reset_index(drop=True))
     }
 
@@ -291,11 +310,15 @@ def _neighbors_text(answer: dict, shared: set[int]) -> str:
     lines = [
         f"{answer['model']} layer {answer['layer']} on {answer['dataset']} — {answer['query'][:90]}",
         f"  answered by: {answer['path']}",
+        *([f"  only prompts whose {answer['only']}"] if answer.get("only") else []),
+        # Cosine distances to 8 decimals: last-token activations are nearly collinear, and
+        # neighbours 1e-5 apart are common.
+        f"  {'':1}{'rank':>4}  {'position':>8}  {'cosine distance':>15}  text",
     ]
     for rank, row in enumerate(answer["neighbors"], start=1):
         mark = "*" if row["position"] in shared else " "
         snippet = row["text"].replace("\n", " ")[:70]
-        lines.append(f"  {mark}{rank:>3}. [{row['position']:>5}] {row['distance']:.4f}  {snippet}")
+        lines.append(f"  {mark}{rank:>4}  {row['position']:>8}  {row['distance']:>15.8f}  {snippet}")
     return "\n".join(lines)
 
 

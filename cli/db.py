@@ -67,10 +67,18 @@ def move_embedded(as_json: bool) -> None:
 
 @db.command("grant-reader")
 @click.argument("role")
-@click.option("--password-env", metavar="VAR", help="Set the role's password from this environment variable.")
+@click.option("--password-env", metavar="VAR", help="Set the role's password (SCRAM) from this environment variable.")
+@click.option(
+    "--strip-existing",
+    is_flag=True,
+    help="ROLE exists already: remove every attribute, membership and privilege it has here, then make it a reader.",
+)
 @click.pass_obj
-def grant_reader(obj: Context, role: str, password_env: str | None) -> None:
-    """Create ROLE: a login that can read the BI views (bi_*) and nothing else."""
+def grant_reader(obj: Context, role: str, password_env: str | None, strip_existing: bool) -> None:
+    """Create ROLE: a login that can read the BI views (bi_*) and nothing else.
+
+    An existing role is refused unless this command made it, or --strip-existing is given.
+    What is reported is read back from the server's catalog."""
     import os
 
     from layerbase.warehouse.roles import grant_reader as grant
@@ -80,5 +88,11 @@ def grant_reader(obj: Context, role: str, password_env: str | None) -> None:
         password = os.environ.get(password_env)
         if not password:
             raise click.UsageError(f"--password-env {password_env}: that variable is not set")
-    views = grant(obj.warehouse(), role, password)
-    click.echo(f"Role {role!r} can read {', '.join(views)} and nothing else.")
+    reader = grant(obj.warehouse(), role, password, strip_existing=strip_existing)
+    done = "Created" if reader.created else "Stripped and re-granted" if reader.stripped else "Re-granted"
+    click.echo(
+        f"{done} role {role!r}. Verified in the catalog of database {reader.database!r}: a login with no role "
+        f"attributes and no memberships; SELECT on {', '.join(reader.views)}; no other right on any table, "
+        "view, sequence or column, no CREATE on the database or any schema"
+        + (", and (as every role by default) temporary tables." if reader.temporary_tables else ".")
+    )

@@ -61,6 +61,7 @@ class LoadedModel:
     context_length: int
     tied_embeddings: bool
     from_cache: bool = False
+    fingerprint: str | None = None  # ingest.fingerprint: sha256 over the files loaded
 
     @property
     def architecture(self) -> str:
@@ -106,10 +107,10 @@ def _looks_like_path(source: str) -> bool:
 
 
 def gguf_cache_dir(path: Path, dtype: str) -> Path:
-    """Where a GGUF file's converted model is cached: keyed by the file's path, size and
-    modification time, and the dtype."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:24]
+    """Where a GGUF file's converted model is cached: keyed by the file's content and the dtype."""
+    from layerbase.ingest.fingerprint import file_digest
+
+    key = hashlib.sha256(f"{file_digest(path)}|{dtype}".encode()).hexdigest()[:24]
     return data_dir() / "models" / f"{path.stem}-{key}"
 
 
@@ -175,11 +176,15 @@ def load_model(
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bars say what runs
+    from layerbase.ingest.fingerprint import fingerprint
+
     device = pick_device(device)
     where, gguf_file = _locate(source, gguf_file)
     model, tokenizer, causal, from_cache = _load_weights(source, where, gguf_file, revision, dtype, progress)
     model.to(device).eval()
-    return _describe(model, tokenizer, causal, source, revision, gguf_file, dtype, device, from_cache)
+    lm = _describe(model, tokenizer, causal, source, revision, gguf_file, dtype, device, from_cache)
+    lm.fingerprint = fingerprint(where, gguf_file, revision)  # a hub model's files exist once loaded
+    return lm
 
 
 def _locate(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -352,6 +357,29 @@ def default_model_name(source: str) -> str:
     return source
 
 
+def source_fingerprint(source: str, revision: str | None = None) -> str | None:
+    """The fingerprint of the files a --model value loads from, before loading them (None
+    for a hub id not in the local cache)."""
+    from layerbase.ingest.fingerprint import fingerprint
+    from layerbase.ingest.packaged import resolve_packaged
+
+    packaged = resolve_packaged(source)
+    where, gguf_file = _locate(str(packaged[1]) if packaged else source, None)
+    return fingerprint(where, gguf_file, revision)
+
+
+def check_fingerprint(model: Model, found: str | None) -> None:
+    """Refuse a stored model whose files no longer hash as when its activations were stored."""
+    from layerbase.ingest.fingerprint import short
+
+    if model.fingerprint is not None and found is not None and found != model.fingerprint:
+        raise InputError(
+            f"the files of model {model.name!r} at {model.source} changed since its activations were stored "
+            f"(fingerprint {short(model.fingerprint)}, now {short(found)}); store the new files under a new "
+            "--name, or restore the old ones"
+        )
+
+
 def open_model(
     source: str,
     *,
@@ -379,9 +407,12 @@ def open_stored_model(model: Model, *, device: str | None = None, models: ModelC
     if model.source == "synthetic":
         raise InputError(f"model {model.name!r} is synthetic: it has no weights to run")
 
+    found = source_fingerprint(model.source, model.revision)
+    check_fingerprint(model, found)  # before loading: hashing is cheap, loading is not
+
     def load() -> LoadedModel:
         return open_model(model.source, revision=model.revision, dtype=model.dtype, device=device)
 
     if models is None:
         return load()
-    return models.get((model.source, model.revision, model.dtype, device), load)
+    return models.get((model.source, model.revision, model.dtype, device, found), load)

@@ -19,7 +19,7 @@ from layerbase.ingest.loading import LoadedModel
 DEFAULT_BUDGET = 4 * 1024**3
 BUDGET_ENV_VAR = "LAYERBASE_MODEL_MEMORY"
 
-Key = tuple[str, str | None, str, str | None]  # source, revision, dtype, device asked
+Key = tuple[str, str | None, str, str | None, str | None]  # source, revision, dtype, device asked, fingerprint
 
 
 def parse_size(text: str) -> int:

@@ -24,7 +24,14 @@ from sqlalchemy.orm import Session
 
 from layerbase.ingest.datasets import dataset_prompts, validate_name
 from layerbase.ingest.extract import ExtractionSettings, Extractor, NonFiniteActivation
-from layerbase.ingest.loading import LoadedModel, default_model_name, open_model, source_identity
+from layerbase.ingest.loading import (
+    LoadedModel,
+    check_fingerprint,
+    default_model_name,
+    open_model,
+    source_fingerprint,
+    source_identity,
+)
 from layerbase.warehouse.copy import copy_columns
 from layerbase.warehouse.engine import Warehouse, raw_connection
 from layerbase.warehouse.errors import InputError
@@ -86,6 +93,7 @@ def model_row_values(lm: LoadedModel, name: str, extractor: Extractor) -> dict[s
         "config": _jsonable(config),
         "transformers_version": versions["transformers"],
         "torch_version": versions["torch"],
+        "fingerprint": lm.fingerprint,
     }
 
 
@@ -115,6 +123,11 @@ def ensure_model(
     diffs = [
         f"{f}={getattr(model, f)!r} (now {values[f]!r})" for f in IDENTITY_FIELDS if getattr(model, f) != values[f]
     ]
+    if not diffs:
+        check_fingerprint(model, lm.fingerprint)
+        if model.fingerprint is None and lm.fingerprint is not None:  # stored before fingerprints: adopted
+            model.fingerprint = lm.fingerprint
+            session.flush()
     if storage is not None and model.storage != storage:
         # A live job fixes the storage even before its first chunk commits elsewhere.
         if session.scalar(sa.select(sa.exists().where(Activation.model_id == model.id))) or session.scalar(
@@ -446,6 +459,10 @@ def ingest_datasets(
     complete = [r for r in reports if r is not None]
     if len(complete) == len(reports):
         return complete
+    with Session(wh.engine) as session:  # changed files are refused before the model loads
+        stored = session.scalar(sa.select(Model).where(Model.name == name))
+        if stored is not None and stored.source == source_identity(source):
+            check_fingerprint(stored, source_fingerprint(source, revision))
     lm = open_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
     extractor = Extractor(lm, settings, include_layer0=include_layer0)
     done: list[JobReport] = []

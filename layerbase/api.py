@@ -433,11 +433,15 @@ class Layerbase:
         *,
         exact: bool = False,
         ef_search: int | None = None,
+        where_text: str | None = None,
+        where_source: str | None = None,
     ) -> pd.DataFrame:
-        """The ``k`` nearest prompts of a stored prompt (by position) or of a new text at
-        (model, layer): position, text, distance. ``.attrs`` holds the query and the path
-        that answered (stored set, index or exact scan)."""
-        from layerbase.analysis.knn.lookup import nearest
+        """The ``k`` nearest prompts of a stored prompt (by its 0-based position) or of a new
+        text at (model, layer): position, text, cosine distance. ``where_text`` (a substring,
+        case-insensitive) and ``where_source`` (a LIKE pattern on the prompt's source, e.g.
+        ``'%/sport/%'``) limit the answer to the prompts that pass. ``.attrs`` holds the query
+        and the path that answered (stored set, index or exact scan)."""
+        from layerbase.analysis.knn.lookup import PromptFilter, nearest
 
         answer = nearest(
             self.warehouse,
@@ -449,6 +453,7 @@ class Layerbase:
             k=k,
             exact=exact,
             ef_search=ef_search,
+            only=PromptFilter(where_text, where_source),
             models=self.model_cache,
         )
         return _neighbors_frame(answer)
@@ -778,6 +783,11 @@ def _neighbors_frame(answer: Neighbors) -> pd.DataFrame:
     frame = _frame(answer.rows, ["position", "text", "distance"])
     frame.index = pd.RangeIndex(1, len(frame) + 1, name="rank")
     frame.attrs.update(
-        model=answer.model, layer=answer.layer, dataset=answer.dataset, query=answer.query, path=answer.path
+        model=answer.model,
+        layer=answer.layer,
+        dataset=answer.dataset,
+        query=answer.query,
+        path=answer.path,
+        only=answer.only.describe() or None,
     )
     return frame

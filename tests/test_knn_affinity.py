@@ -540,3 +540,39 @@ def test_activation_like_vectors_have_a_real_models_neighbour_contrast() -> None
     assert 6 <= half <= 20  # SmolLM2 layer 15: 13 components hold half the variance
     assert 0.72 <= contrast(like) <= 0.85  # SmolLM2 layer 15: 0.76
     assert contrast(clustered_vectors(1024, 576, seed=0)) > 0.88  # isotropic noise: near ties
+
+
+def test_filtered_lookups_keep_their_recall_through_iterative_index_scans(wh, monkeypatch) -> None:
+    from layerbase.analysis.knn import lookup
+    from layerbase.analysis.knn.lookup import PromptFilter, nearest
+
+    store_synthetic(wh, "syn", "d", n=3000, d=32, n_layers=1, seed=4)  # source_ref = the position
+    materialize(wh, "syn", "d", k_max=10, engine="hnsw", min_recall=0.9, progress=False)
+    only = PromptFilter(source="%77%")  # 2 % of the prompts: 77, 177, ..., 770-779, 1077, ...
+    passing = {i for i in range(3000) if "77" in str(i)}
+    with wh.engine.connect() as conn:
+        _, vectors = layer_vectors(conn, 1, 1, 1)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    found = []
+    for position in (5, 500, 2999):
+        answer = nearest(wh, "syn", 1, "d", position=position, only=only)
+        # the stored exact set knows nothing of the filter: the index answers, and walks on
+        assert "HNSW index" in answer.path and "iterative scan" in answer.path
+        assert len(answer.rows) == 10 and set(answer.positions) <= passing - {position}
+        candidates = np.array(sorted(passing - {position}))
+        truth = candidates[np.argsort(1 - unit[candidates] @ unit[position], kind="stable")[:10]]
+        found.append(len(set(answer.positions) & set(truth)) / 10)
+        exact = nearest(wh, "syn", 1, "d", position=position, only=only, exact=True)
+        assert exact.positions == list(truth) and exact.path == "exact scan"
+    assert np.mean(found) >= 0.95
+    both = nearest(wh, "syn", 1, "d", position=1, only=PromptFilter(text="PROMPT 17", source="%7%"), k=5)
+    assert all("17" in str(p) for p in both.positions) and len(both.rows) == 5
+    # without iterative scans (pgvector < 0.8) the index finds too few: an exact scan answers
+    monkeypatch.setattr(lookup, "ITERATIVE_SCAN", (9, 9, 9))
+    fallback = nearest(wh, "syn", 1, "d", position=5, only=only)
+    assert fallback.path.startswith("exact scan; the HNSW index found fewer than 10")
+    assert fallback.positions == nearest(wh, "syn", 1, "d", position=5, only=only, exact=True).positions
+    with pytest.raises(InputError, match=r"only 1 prompts of 'd' other than the query pass the filter"):
+        nearest(wh, "syn", 1, "d", position=5, only=PromptFilter(source="2777"), k=3)
+    with pytest.raises(InputError, match="an empty filter"):
+        PromptFilter(text="")

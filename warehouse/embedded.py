@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,33 @@ def server(pgdata: Path, version: int = POSTGRES_VERSION) -> Any:
             f"could not start the embedded PostgreSQL server in {pgdata}: {exc}; "
             f"see {pgdata / 'log'}, or set DATABASE_URL to use another server"
         ) from None
-    pgdata.chmod(0o700)  # initdb makes it so; kept so, as the only guard of a trusting server
+    pgdata.chmod(0o700)  # initdb makes it so; kept so
+    if version == POSTGRES_VERSION and _secure_access(started):
+        pg_ctl(pgdata, "-w", "restart", version=version)
     return started
+
+
+# The embedded server trusts local connections: whoever can open its socket is its
+# superuser. So no TCP listener (pgserver starts it with -h ""), a socket that only the
+# server's own OS user (and root) may open, and any TCP line of pg_hba.conf that a user might
+# enable later asks for a SCRAM password instead of trusting the address.
+SOCKET_PERMISSIONS = "0700"
+HBA_TCP_TRUST = re.compile(r"^(host\S*\s.*\s)trust(\s*)$", re.MULTILINE)
+
+
+def _secure_access(started: Any) -> bool:
+    """Make a data directory's access settings the ones above; return whether the server
+    must restart for them."""
+    with psycopg.connect(started.get_uri(), autocommit=True) as conn:
+        hba = Path(str(conn.execute("SHOW hba_file").fetchone()[0]))  # type: ignore[index]
+        text = hba.read_text()
+        if HBA_TCP_TRUST.search(text):
+            hba.write_text(HBA_TCP_TRUST.sub(r"\1scram-sha-256\2", text))  # in place: keeps its owner
+            conn.execute("SELECT pg_reload_conf()")
+        if conn.execute("SHOW unix_socket_permissions").fetchone() == (SOCKET_PERMISSIONS,):
+            return False
+        conn.execute(sql.SQL("ALTER SYSTEM SET unix_socket_permissions = {}").format(sql.Literal(SOCKET_PERMISSIONS)))
+        return True
 
 
 # initdb's 128 MB of shared buffers hold a fraction of one 100k-prompt layer with its HNSW

@@ -52,6 +52,7 @@ def compared_by_autogenerate(obj: Any, name: str | None, type_: str, reflected: 
 
 
 STORAGE_COMMENT = "float32 (activation.vec) or float16 (activation.vec_half, halfvec)"
+FINGERPRINT_COMMENT = "sha256 over the weight, config and tokenizer files loaded (NULL: stored before 0.2)"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -102,6 +103,7 @@ class Model(Base):
     torch_version: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     storage: Mapped[str] = mapped_column(Text, server_default="float32", comment=STORAGE_COMMENT)
+    fingerprint: Mapped[str | None] = mapped_column(Text, comment=FINGERPRINT_COMMENT)
 
     __table_args__ = (
         CheckConstraint("pooling IN ('last', 'mean')", name="pooling"),

@@ -5,6 +5,15 @@ A stored prompt is answered from a stored exact k-NN set of that (model, layer, 
 when one holds at least k neighbours: a primary-key read, exact (1.3 ms at n = 100000).
 Other lookups (a new text, or no such set) use the partial HNSW index when one exists, and
 an exact scan otherwise. The answer says which path it took.
+
+A lookup may be limited to some prompts of the dataset (``PromptFilter``: a substring of the
+text, a LIKE pattern on the source). The stored sets then cannot answer, and an HNSW scan
+returns at most ef_search rows before the filter drops most of them; on pgvector >= 0.8
+the scan is iterative (``hnsw.iterative_scan``), so it walks on until enough rows pass. When
+it still finds fewer than k (a very selective filter, or an older pgvector), an exact scan
+answers instead, and the path says so.
+
+Distances are ordered in double precision; equal distances go by position.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from layerbase.analysis.knn.index import EF_SEARCH_LIMIT, ef_search_for, index_n
 from layerbase.analysis.knn.materialize import EXACT_ENGINES, RECALL_K
 from layerbase.analysis.knn.search import Search
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
-from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.engine import Warehouse, raw_connection, version_tuple
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.storage import HALF_MAX, STORAGES, Storage
 
@@ -30,9 +39,9 @@ if TYPE_CHECKING:
     from layerbase.warehouse.models import Model
 
 LOOKUP_SQL = """
-SELECT p.position, p.text, round((c.vec <=> {query})::numeric, 6)::real AS distance
+SELECT p.position, p.text, c.vec <=> {query} AS distance
 FROM (
-    SELECT a.prompt_id, a.{column} AS vec FROM activation a
+    SELECT a.prompt_id, a.{column} AS vec FROM activation a {only}
     WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
     ORDER BY {order}
     LIMIT {limit}
@@ -57,6 +66,45 @@ ORDER BY s.rank
 # clustered synthetic vectors of width 576 (isotropic noise, the hard case), 100 gave
 # recall@10 0.958 and 200 gave 0.967-0.983 (bench/lookup.py).
 LOOKUP_EF_SEARCH = 200
+# pgvector >= 0.8 continues a filtered HNSW scan past ef_search (iterative index scans). The
+# relaxed order may return candidates slightly out of order; LOOKUP_SQL re-ranks them by
+# exact distance, as pgvector's documentation advises. The scan stops after
+# hnsw.max_scan_tuples (20000 by default) visited rows.
+ITERATIVE_SCAN = (0, 8, 0)
+
+
+@dataclass(frozen=True)
+class PromptFilter:
+    """Which prompts of the dataset a lookup may answer with: those whose text contains
+    ``text`` (case-insensitive) and whose source matches the LIKE pattern ``source``
+    (e.g. ``%/sport/%`` for one folder of BBC news)."""
+
+    text: str | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text == "" or self.source == "":
+            raise InputError("an empty filter matches every prompt; leave it out, or give a text or pattern")
+
+    def __bool__(self) -> bool:
+        return self.text is not None or self.source is not None
+
+    def join(self) -> sql.Composable:
+        """The join that keeps the prompts that pass, on the inner scan of ``activation a``."""
+        if not self:
+            return sql.SQL("")
+        tests: list[sql.Composable] = [sql.SQL("f.id = a.prompt_id")]
+        if self.text is not None:
+            tests.append(sql.SQL("strpos(lower(f.text), lower({})) > 0").format(sql.Literal(self.text)))
+        if self.source is not None:
+            tests.append(sql.SQL("f.source_ref LIKE {}").format(sql.Literal(self.source)))
+        return sql.SQL("JOIN prompt f ON ") + sql.SQL(" AND ").join(tests)
+
+    def describe(self) -> str:
+        parts = ([f"text contains {self.text!r}"] if self.text is not None else []) + (
+            [f"source LIKE {self.source!r}"] if self.source is not None else []
+        )
+        return " and ".join(parts)
 
 
 @dataclass
@@ -69,6 +117,7 @@ class Neighbors:
     query: str  # "prompt 12: <text>" or "text: <text>"
     path: str  # which path answered
     rows: list[dict]  # position, text, distance
+    only: PromptFilter = PromptFilter()
 
     @property
     def positions(self) -> list[int]:
@@ -124,6 +173,7 @@ class _Target:
     width: int
     storage: Storage
     dataset_id: int
+    dataset_name: str
     n_prompts: int
     pgvector: str | None
     prompt_text: str | None
@@ -182,6 +232,7 @@ def _target(
         width,
         STORAGES[storage],
         dataset_id,
+        dataset_name,
         n_prompts,
         version,
         text,
@@ -202,9 +253,11 @@ def nearest(
     k: int = 10,
     ef_search: int | None = None,
     exact: bool = False,
+    only: PromptFilter = PromptFilter(),
     models: ModelCache | None = None,
 ) -> Neighbors:
-    """The k nearest prompts (self excluded for a stored prompt) of a prompt or a new text."""
+    """The k nearest prompts (self excluded for a stored prompt) of a prompt or a new text,
+    among the prompts that pass ``only`` (all by default)."""
     if (position is None) == (text is None):
         raise InputError("give exactly one of --prompt POSITION or --text TEXT")
     # A stored prompt is answered in one connection and one transaction: a lookup takes
@@ -222,10 +275,11 @@ def nearest(
             )
             path, rows = (
                 _stored_set(conn, target, position, k)
-                if target.exact_run
-                else _lookup(conn, target, layer, query, position, k, ef_search, exact)
+                if target.exact_run and not only
+                else _lookup(conn, target, layer, query, position, k, ef_search, exact, only)
             )
-            return Neighbors(model_name, layer, dataset_name, f"prompt {position}: {target.prompt_text}", path, rows)
+            query_text = f"prompt {position}: {target.prompt_text}"
+            return Neighbors(model_name, layer, dataset_name, query_text, path, rows, only)
         with Session(bind=conn) as session:
             model = get_model(session, model_name)
             session.expunge(model)
@@ -240,8 +294,8 @@ def nearest(
         sql.Literal("[" + ",".join(repr(float(v)) for v in vector) + "]"), sql.SQL(target.storage.type)
     )
     with wh.engine.begin() as conn:
-        path, rows = _lookup(conn, target, layer, query, None, k, ef_search, exact)
-    return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows)
+        path, rows = _lookup(conn, target, layer, query, None, k, ef_search, exact, only)
+    return Neighbors(model_name, layer, dataset_name, f"text: {text}", path, rows, only)
 
 
 def _stored_set(conn: sa.Connection, target: _Target, position: int, k: int) -> tuple[str, list[dict]]:
@@ -272,8 +326,38 @@ def _lookup(
     k: int,
     ef_search: int | None,
     exact: bool,
+    only: PromptFilter,
 ) -> tuple[str, list[dict]]:
     """(the path that answered, neighbour rows) for a query vector expression."""
+    if only and target.indexed and not exact:
+        path, rows = _scan(conn, target, layer, query, position, k, ef_search, False, only)
+        if len(rows) == k:
+            return path, rows
+        # Fewer than k passed the filter among the rows the index scan visited.
+        path, rows = _scan(conn, target, layer, query, position, k, ef_search, True, only)
+        path += f"; the HNSW index found fewer than {k} prompts that pass the filter"
+    else:
+        path, rows = _scan(conn, target, layer, query, position, k, ef_search, exact, only)
+    if only and len(rows) < k:
+        raise InputError(
+            f"only {len(rows)} prompts of {target.dataset_name!r} other than the query pass the filter "
+            f"({only.describe()}); lower k to at most {len(rows)} or widen the filter"
+        )
+    return path, rows
+
+
+def _scan(
+    conn: sa.Connection,
+    target: _Target,
+    layer: int,
+    query: sql.Composable,
+    position: int | None,
+    k: int,
+    ef_search: int | None,
+    exact: bool,
+    only: PromptFilter,
+) -> tuple[str, list[dict]]:
+    """One lookup statement, through the HNSW index or as an exact scan."""
     plan = plan_index("hnsw", target.model_id, layer, target.dataset_id, target.width, target.pgvector, target.storage)
     cur = raw_connection(conn).cursor()
     limit = k + 1
@@ -289,12 +373,19 @@ def _lookup(
             how = "as asked" if ef_search else "the default; `layerbase knn --engine hnsw` tunes it"
         ef = min(max(ef, limit), EF_SEARCH_LIMIT)
         # The k-NN engine's settings for such a search, in one round trip.
-        cur.execute(sql.SQL("; ").join(Search("hnsw", ef, EF_SEARCH_LIMIT, limit).settings()))
+        settings = Search("hnsw", ef, EF_SEARCH_LIMIT, limit).settings()
+        iterative = bool(only) and version_tuple(target.pgvector) >= ITERATIVE_SCAN
+        if iterative:
+            settings.append(sql.SQL("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+        cur.execute(sql.SQL("; ").join(settings))
         order = plan.distance(sql.SQL("a.{}").format(plan.column), query)
-        path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef}, {how})"
+        path = f"HNSW index {plan.name} ({plan.strategy}, ef_search {ef}, {how}"
+        path += ", iterative scan)" if iterative else ")"
     else:
         order = sql.SQL("a.{} <=> {}, a.prompt_id").format(plan.column, query)
-        path = "exact scan" + ("" if exact else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)")
+        path = "exact scan" + (
+            "" if exact or target.indexed else "; no HNSW index yet (`layerbase knn --engine hnsw` builds one)"
+        )
     exclude = sql.SQL("p.position <> {}").format(sql.Literal(position)) if position is not None else sql.SQL("true")
     statement = sql.SQL(LOOKUP_SQL).format(
         query=query,
@@ -304,6 +395,7 @@ def _lookup(
         dataset=sql.Literal(target.dataset_id),
         order=order,
         limit=sql.Literal(limit),
+        only=only.join(),
         exclude=exclude,
         k=sql.Literal(k),
     )

@@ -1,0 +1,229 @@
+"""What a red-team run and a new user found (issue 22): each class of failure, with other
+instances of the class than the ones reported, and the database unchanged on refusal."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from layerbase.analysis.similarity.affinity import compute_affinity
+from layerbase.ingest.synthetic import store_synthetic
+from tests.helpers import assert_clean_error, cli, fingerprint
+
+ROLE_STATE = """
+SELECT r.rolcreatedb, r.rolcreaterole, r.rolbypassrls,
+       array(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+             WHERE m.member = r.oid ORDER BY 1),
+       has_table_privilege(r.oid, 'knn_neighbor', 'DELETE')
+FROM pg_roles r WHERE r.rolname = %s
+"""
+
+
+def _powerful_role(url: str, name: str) -> None:
+    """A role with the rights the red-team run gave: attributes, a predefined role, a grant,
+    a column grant, and default privileges on future tables."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {name}")
+        conn.execute(f"CREATE ROLE {name} LOGIN CREATEDB CREATEROLE BYPASSRLS")
+        conn.execute(f"GRANT pg_write_all_data, pg_read_all_data TO {name}")
+        conn.execute(f"GRANT DELETE ON knn_neighbor TO {name}")
+        conn.execute(f"GRANT UPDATE (name) ON model TO {name}")
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {name}")
+        conn.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT INSERT ON TABLES TO {name}")
+
+
+def _drop_role(url: str, name: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")
+
+
+def test_grant_reader_refuses_an_existing_role_and_strips_it_only_when_asked(wh, db_url: str) -> None:
+    store_synthetic(wh, "A", "d", n=30, d=8, n_layers=2, seed=1)
+    store_synthetic(wh, "B", "d", n=30, d=8, n_layers=2, seed=2)
+    compute_affinity(wh, "A", "B", "d", k=5, progress=False)
+    name = "lb_powerful"
+    _powerful_role(db_url, name)
+    try:
+        with psycopg.connect(db_url) as conn:
+            before = conn.execute(ROLE_STATE, (name,)).fetchone()
+        assert before == (True, True, True, ["pg_read_all_data", "pg_write_all_data"], True)
+        tables = fingerprint(db_url)
+        refused = cli("db", "grant-reader", name)
+        assert_clean_error(refused, "already exists", "--strip-existing", "new name")
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute(ROLE_STATE, (name,)).fetchone() == before  # untouched
+        assert fingerprint(db_url) == tables
+
+        done = cli("db", "grant-reader", name, "--strip-existing", "--password-env", "PW", env={"PW": "pw-9"})
+        assert done.exit_code == 0, done.output
+        assert "Stripped and re-granted" in done.output and "Verified in the catalog" in done.output
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute(ROLE_STATE, (name,)).fetchone() == (False, False, False, [], False)
+            verifier = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (name,)).fetchone()[0]
+        assert verifier.startswith("SCRAM-SHA-256$")
+        reader = db_url.replace("postgres:@", f"{name}:pw-9@")
+        with psycopg.connect(reader, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM bi_affinity_cell").fetchone()[0] > 0
+            for statement in (
+                "DELETE FROM knn_neighbor",
+                "UPDATE model SET name = 'x'",
+                "SELECT * FROM activation LIMIT 1",
+                "CREATE TABLE mine (x int)",
+                f"CREATE ROLE {name}_child",
+                "CREATE DATABASE mine",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+        # a table made later by the owner is not granted to the reader by default privileges
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE later (x int)")
+            assert not conn.execute(f"SELECT has_table_privilege('{name}', 'later', 'INSERT')").fetchone()[0]
+        # the role is now Layerbase's reader: running again needs no flag
+        assert cli("db", "grant-reader", name).exit_code == 0
+    finally:
+        _drop_role(db_url, name)
+
+
+def test_grant_reader_refuses_a_role_that_owns_objects_or_would_keep_public_rights(wh, db_url: str) -> None:
+    name = "lb_owner"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {name}")
+        conn.execute(f"CREATE ROLE {name} LOGIN")
+        conn.execute("CREATE TABLE owned_by_role (x int)")
+        conn.execute(f"ALTER TABLE owned_by_role OWNER TO {name}")
+    try:
+        tables = fingerprint(db_url)
+        refused = cli("db", "grant-reader", name, "--strip-existing")
+        assert_clean_error(refused, "owns 1 objects", "REASSIGN OWNED")
+        assert fingerprint(db_url) == tables
+    finally:
+        _drop_role(db_url, name)
+    # a right every role holds through PUBLIC would make the claim false: refused, and the
+    # new role is not created (the transaction rolls back)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON prompt TO PUBLIC")
+    try:
+        refused = cli("db", "grant-reader", "lb_new_reader")
+        assert_clean_error(refused, "would still hold rights", "SELECT on public.prompt", "PUBLIC")
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'lb_new_reader'").fetchone()[0] == 0
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("REVOKE SELECT ON prompt FROM PUBLIC")
+    assert_clean_error(cli("db", "grant-reader", "postgres"), "superuser")
+
+
+def test_embedded_server_listens_on_a_private_socket_only(pg_server, tmp_path) -> None:
+    """The embedded server trusts local connections, so only its socket's owner (and root)
+    may reach it: no TCP listener, socket mode 0700 in a 0700 directory, and any TCP rule a
+    user enables later asks for a SCRAM password."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with psycopg.connect(pg_server.get_uri()) as conn:
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('listen_addresses', 'unix_socket_permissions', 'unix_socket_directories', 'password_encryption')"
+            ).fetchall()
+        )
+        rules = conn.execute("SELECT type, auth_method FROM pg_hba_file_rules").fetchall()
+        pgdata = Path(conn.execute("SHOW data_directory").fetchone()[0])
+    assert settings["listen_addresses"] == ""
+    assert settings["unix_socket_permissions"] == "0700"
+    assert settings["password_encryption"] == "scram-sha-256"
+    assert {method for kind, method in rules if kind == "local"} == {"trust"}
+    assert {method for kind, method in rules if kind.startswith("host")} == {"scram-sha-256"}
+    assert stat.S_IMODE(pgdata.stat().st_mode) == 0o700
+    socket = Path(settings["unix_socket_directories"]) / f".s.PGSQL.{pg_server._postmaster_info.port}"
+    assert stat.S_IMODE(socket.stat().st_mode) == 0o700
+    if os.geteuid() != 0:
+        return  # only root can act as another user here; the modes above are the guard
+    # another OS user is refused by the socket's mode, even where it can see the socket
+    probe = (
+        "import os, psycopg\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        f"try:\n    psycopg.connect({pg_server.get_uri()!r}, connect_timeout=5)\n"
+        "except psycopg.OperationalError as e:\n    print('refused:', e)\n"
+        "else:\n    print('connected')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "refused:" in out.stdout and "connected" not in out.stdout.replace("refused", ""), out
+
+
+def _changed(model_dir, what: str) -> None:
+    """Change one part of a saved model: its weights, its config, or its tokenizer."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if what == "weights":  # one block's weights, as a fine-tune would (layers above it change)
+        weights = load_file(model_dir / "model.safetensors")
+        name = next(n for n in weights if ".2." in n and n.endswith("weight"))
+        weights[name] = weights[name] + 0.5 * torch.randn_like(weights[name])
+        save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    elif what == "config":
+        config = json.loads((model_dir / "config.json").read_text())
+        config["layer_norm_epsilon"] = 0.1
+        (model_dir / "config.json").write_text(json.dumps(config))
+    else:
+        tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+        tokenizer["normalizer"] = {"type": "Lowercase"}
+        (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+@pytest.mark.parametrize("what", ["weights", "config", "tokenizer"])
+def test_a_model_name_stays_tied_to_the_files_its_activations_came_from(
+    wh, db_url: str, tiny_models, tmp_path, what: str
+) -> None:
+    import shutil
+
+    import sqlalchemy as sa
+
+    from tests.conftest import random_texts, write_lines
+
+    model_dir = tmp_path / "mdir"
+    shutil.copytree(tiny_models["gpt2"], model_dir)
+    for name in ("a", "b"):
+        assert cli("dataset", "add", name, str(write_lines(tmp_path / f"{name}.txt", random_texts(6)))).exit_code == 0
+    first = cli("ingest", "--model", str(model_dir), "--dataset", "a", "--name", "same", "--no-progress")
+    assert first.exit_code == 0, first.output
+    with wh.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT fingerprint FROM model WHERE name = 'same'")).scalar_one()
+    assert stored.startswith("sha256:") and len(stored) == 71
+    _changed(model_dir, what)
+    before = fingerprint(db_url)
+    again = cli("ingest", "--model", str(model_dir), "--dataset", "b", "--name", "same", "--no-progress")
+    assert_clean_error(again, "changed since its activations were stored", stored[7:19], "new --name")
+    lookup = cli("neighbors", "--model", "same", "--layer", "1", "--dataset", "a", "--text", "a new text", "-k", "3")
+    assert_clean_error(lookup, "changed since its activations were stored")
+    assert fingerprint(db_url) == before
+    # under a new name the changed files are a model of their own
+    other = cli("ingest", "--model", str(model_dir), "--dataset", "b", "--name", "changed", "--no-progress")
+    assert other.exit_code == 0, other.output
+    with wh.engine.connect() as conn:
+        prints = dict(conn.execute(sa.text("SELECT name, fingerprint FROM model")).all())
+    assert prints["changed"] != prints["same"] == stored
+
+
+def test_a_model_stored_before_fingerprints_adopts_one_on_its_next_load(wh, tiny_models, tmp_path) -> None:
+    import sqlalchemy as sa
+
+    from layerbase.ingest.loading import source_fingerprint
+    from tests.conftest import random_texts, write_lines
+
+    for name in ("a", "b"):
+        assert cli("dataset", "add", name, str(write_lines(tmp_path / f"{name}.txt", random_texts(5)))).exit_code == 0
+    args = ("--model", str(tiny_models["llama"]), "--name", "old", "--no-progress")
+    assert cli("ingest", "--dataset", "a", *args).exit_code == 0
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE model SET fingerprint = NULL"))
+    assert cli("ingest", "--dataset", "b", *args).exit_code == 0
+    with wh.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT fingerprint FROM model")).scalar_one()
+    assert stored == source_fingerprint(str(tiny_models["llama"]))
