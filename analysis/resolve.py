@@ -33,6 +33,8 @@ def parse_layers(spec: str | None, available: list[int], include_layer0: bool = 
         for part in spec.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(lo) > int(hi):
+                    raise InputError(f"--layers {part.strip()!r} is an empty range; write it low to high ({hi}-{lo})")
                 layers.extend(range(int(lo), int(hi) + 1))
             else:
                 layers.append(int(part))

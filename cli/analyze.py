@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING
 
 import click
 
-from layerbase.cli.common import Context, emit, json_option, names, progress_option, records, table
+from layerbase.cli.common import (
+    TEXT,
+    Context,
+    emit,
+    json_option,
+    names,
+    plot_option,
+    progress_option,
+    records,
+    table,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,7 +32,9 @@ ENGINES = ["blas", "sql", "ivfflat", "hnsw"]
 @click.option("--model", "model", required=True, help="Stored model name.")
 @click.option("--dataset", "dataset", required=True, help="Dataset the model was ingested on.")
 @click.option("--layers", help="Layers, e.g. '1-5,7' (default: all stored layers but 0).")
-@click.option("--k-max", type=int, default=100, show_default=True, help="Neighbours stored per prompt.")
+@click.option(
+    "--k-max", type=int, help="Neighbours stored per prompt (default: 100, or the prompts - 1 of a smaller dataset)."
+)
 @click.option(
     "--engine",
     type=click.Choice(ENGINES),
@@ -72,7 +84,7 @@ def knn(
     model: str,
     dataset: str,
     layers: str | None,
-    k_max: int,
+    k_max: int | None,
     engine: str,
     ef_search: int | None,
     probes: int | None,
@@ -146,6 +158,7 @@ def knn(
     "sets, or one join in SQL (identical matrices).",
 )
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")
+@plot_option
 @progress_option
 @json_option
 @click.pass_obj
@@ -160,10 +173,12 @@ def affinity(
     study: str | None,
     overlap: str,
     show_matrix: bool,
+    plot: Path | None,
     progress: bool,
     as_json: bool,
 ) -> None:
-    """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test."""
+    """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test.
+    --plot writes each matrix's heatmap (PATH, or PATH-<model a>-<model b>.png for several)."""
     matrices = obj.api().affinity_study(
         names(models),
         dataset,
@@ -175,6 +190,14 @@ def affinity(
         overlap=overlap,
         progress=progress,
     )
+    if plot is not None:
+        from layerbase.analysis.reporting.plots import save
+
+        for m in matrices:
+            where = plot if len(matrices) == 1 else plot.with_name(f"{plot.stem}-{m.model_a}-{m.model_b}{plot.suffix}")
+            save(m.plot(), where)
+            if not as_json:
+                click.echo(f"Heatmap: {where}")
     if as_json:
         emit(
             [
@@ -222,10 +245,10 @@ def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
 @click.option(
     "--prompt", "position", type=int, help="Position of a stored prompt in the dataset, 0-based (`layerbase prompts`)."
 )
-@click.option("--text", help="A new text, embedded on the fly with the model's stored settings.")
+@click.option("--text", type=TEXT, help="A new text, embedded on the fly with the model's stored settings.")
 @click.option("-k", "k", type=int, default=10, show_default=True)
-@click.option("--where-text", help="Only prompts whose text contains this (case-insensitive).")
-@click.option("--where-source", help="Only prompts whose source matches this LIKE pattern, e.g. '%/sport/%'.")
+@click.option("--where-text", type=TEXT, help="Only prompts whose text contains this (case-insensitive).")
+@click.option("--where-source", type=TEXT, help="Only prompts whose source (file, line) matches this LIKE pattern.")
 @click.option("--vs-model", help="Compare with this model's neighbours of the same prompt (overlap).")
 @click.option("--vs-layer", type=int, help="Layer of --vs-model.")
 @click.option("--vs-dataset", help="Dataset of --vs-model (default: --dataset; may be its parallel).")

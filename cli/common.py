@@ -41,10 +41,44 @@ class Context:
         return connect(self.database_url, check_schema=check_schema)
 
 
+class NonEmptyText(click.ParamType):
+    """A text option: refused when blank, instead of silently meaning nothing."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            self.fail("is empty; give some text, or leave the option out", param, ctx)
+        return str(value)
+
+
+TEXT = NonEmptyText()
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 progress_option = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 device_option = click.option("--device", help="cuda, mps or cpu (default: the best available).")
-plot_option = click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG figure here.")
+plot_option = click.option(
+    "--plot",
+    # The folder must exist and be writable before anything is computed.
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    callback=lambda ctx, param, value: _writable_parent(value, "--plot"),
+    help="Write a PNG figure here.",
+)
+
+
+def _writable_parent(path: Path | None, option: str) -> Path | None:
+    import os
+
+    if path is None:
+        return None
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise click.BadParameter(
+            f"the folder {parent} does not exist; create it or pick another path", param_hint=option
+        )
+    if not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"the folder {parent} is not writable; pick another path", param_hint=option)
+    return path
 
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:

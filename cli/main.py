@@ -6,6 +6,7 @@ any of them (or running ``python -m layerbase``) has no import cycle.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -55,6 +56,20 @@ class LayerbaseGroup(click.Group):
             )
 
 
+class _WarningLine(logging.Handler):
+    """Layerbase's warnings (a retried chunk, an adapted default) as one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.secho(f"Warning: {record.getMessage()}", fg="yellow", err=True)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("layerbase")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        handler = _WarningLine(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def _fail(ctx: click.Context, message: str, code: int) -> None:
     """Re-raise the error being handled when a traceback is wanted, else print one line and exit."""
     if _traceback_wanted(ctx):
@@ -79,6 +94,7 @@ def _traceback_wanted(ctx: click.Context) -> bool:
 @click.pass_context
 def root(ctx: click.Context, database_url: str | None, traceback: bool) -> None:
     """Layerbase: a Postgres + pgvector warehouse for language-model activations."""
+    _show_warnings()
     ctx.obj = Context(database_url, traceback)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from layerbase.cli.common import Context, device_option, emit, json_option, plot_option, records, table
+from layerbase.cli.common import TEXT, Context, device_option, emit, json_option, plot_option, records, table
 from layerbase.warehouse.errors import InputError
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def compare(obj: Context, first: str, second: str, as_json: bool) -> None:
 
 @steer.command("generate")
 @click.argument("vector")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", type=TEXT, required=True, help="Text to continue.")
 @click.option("--coefficient", type=float, default=1.0, show_default=True, help="Multiplier of the vector.")
 @click.option("--max-new-tokens", type=int, default=40, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
@@ -273,9 +273,10 @@ def transfer_(
 @click.option("--prompts-file", type=file_type, help="File of evaluation prompts, one per line.")
 @click.option(
     "--positive-words",
+    type=TEXT,
     help="Comma-separated target words (default: sentiment words; a leading space is kept, as in ' good').",
 )
-@click.option("--negative-words", help="Comma-separated target words on the other side.")
+@click.option("--negative-words", type=TEXT, help="Comma-separated target words on the other side.")
 @click.option("--coefficients", default="-2,-1,-0.5,0.5,1,2", show_default=True, help="Coefficients swept.")
 @click.option(
     "--random", "n_random", type=int, default=3, show_default=True, help="Random vectors of the same norm as controls."

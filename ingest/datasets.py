@@ -7,6 +7,7 @@ import hashlib
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from layerbase.ingest.limits import check_name
 from layerbase.ingest.sources import PromptSet
 from layerbase.warehouse.copy import copy_rows
 from layerbase.warehouse.engine import Warehouse, raw_connection
@@ -39,6 +40,7 @@ def validate_name(name: str, what: str = "dataset") -> str:
         raise InputError(f"the {what} name must not be empty")
     if len(name) > 200:
         raise InputError(f"the {what} name is longer than 200 characters; choose a shorter name")
+    check_name(name, what)
     return name
 
 

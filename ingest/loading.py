@@ -79,8 +79,21 @@ def pick_device(requested: str | None = None) -> str:
     import torch
 
     if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, ValueError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise InputError(f"--device {requested!r} is not a device; use cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {requested} was asked for but CUDA is not available here; use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"--device {requested} was asked for but MPS is not available here; use --device cpu")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -143,11 +156,11 @@ def _from_pretrained(cls: Any, where: str, **kwargs: Any) -> Any:
         return cls.from_pretrained(where, **kwargs)
 
 
-def _load_config(where: str, revision: str | None, gguf_file: str | None, source: str) -> Any:
+def _load_config(where: str, revision: str | None, gguf_file: str | None, source: str, local_only: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        return _from_pretrained(AutoConfig, where, revision=revision, gguf_file=gguf_file)
+        return _from_pretrained(AutoConfig, where, revision=revision, gguf_file=gguf_file, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if Path(where).exists():
@@ -176,11 +189,15 @@ def load_model(
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own bars say what runs
+    from layerbase.ingest import hub
     from layerbase.ingest.fingerprint import fingerprint
 
     device = pick_device(device)
     where, gguf_file = _locate(source, gguf_file)
-    model, tokenizer, causal, from_cache = _load_weights(source, where, gguf_file, revision, dtype, progress)
+    local_only = Path(where).exists() or hub.prepare(where, revision)
+    model, tokenizer, causal, from_cache = _load_weights(
+        source, where, gguf_file, revision, dtype, progress, local_only
+    )
     model.to(device).eval()
     lm = _describe(model, tokenizer, causal, source, revision, gguf_file, dtype, device, from_cache)
     lm.fingerprint = fingerprint(where, gguf_file, revision)  # a hub model's files exist once loaded
@@ -212,7 +229,13 @@ def _locate(source: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def _load_weights(
-    source: str, where: str, gguf_file: str | None, revision: str | None, dtype: str, progress: bool
+    source: str,
+    where: str,
+    gguf_file: str | None,
+    revision: str | None,
+    dtype: str,
+    progress: bool,
+    local_only: bool = True,
 ) -> tuple[Any, Any, bool, bool]:
     """(model, tokenizer, whether it is a causal LM, whether a cached conversion was used). A GGUF file is read from its
     safetensors cache when one is complete, else de-quantized and then cached."""
@@ -224,10 +247,11 @@ def _load_weights(
         cache = gguf_cache_dir(Path(where) / gguf_file, dtype)
         if (cache / "complete").exists():
             load_from, load_gguf, from_cache = str(cache), None, True
-    config = _load_config(load_from, revision if not gguf_file else None, load_gguf, source)
+    config = _load_config(load_from, revision if not gguf_file else None, load_gguf, source, local_only)
     causal = is_causal(config)
     cls = AutoModelForCausalLM if causal else AutoModel
-    options: dict[str, Any] = {}
+    # Local files, or a hub model already cached: never ask the hub (its client retries).
+    options: dict[str, Any] = {"local_files_only": True} if local_only else {}
     if load_gguf:
         options["gguf_file"] = load_gguf
     elif revision and not gguf_file:

@@ -1,7 +1,8 @@
 """Prompt sources: read prompts from files, directories, Hugging Face datasets or a
 generator, with the place each came from, and sample them with a seed.
 
-Every reader raises ``InputError`` naming the file and line (or row) at fault.
+Every reader raises ``InputError`` naming the file and line (or row) at fault, and is
+bounded by the limits of ``ingest.limits``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerbase.ingest.limits import check_texts, limit, over, read_bounded
 from layerbase.warehouse.errors import InputError
 
 FORMATS = ("lines", "jsonl", "csv", "parquet", "txt_dir")
@@ -42,6 +44,7 @@ class PromptSet:
     def __post_init__(self) -> None:
         if not self.texts:
             raise InputError(f"{self.uri} holds no prompts; give a source with at least one non-empty prompt")
+        check_texts(self.texts, self.refs, self.uri)
 
     def sample(self, n: int | None, seed: int) -> PromptSet:
         """n prompts drawn without replacement with ``seed``, kept in source order."""
@@ -105,6 +108,7 @@ def read_path(
     if fmt in ("jsonl", "csv", "parquet") and not field:
         what = "--field NAME (the JSON key)" if fmt == "jsonl" else "--column NAME"
         raise InputError(f"reading {fmt} needs the name of the text field: pass {what}")
+    _check_options(fmt, field, lead_paragraphs, decode_errors)
     if fmt == "lines":
         prompts = read_lines(path, decode_errors)
     elif fmt == "jsonl":
@@ -120,7 +124,23 @@ def read_path(
     if decode_errors != "strict":
         prompts.options["decode_errors"] = decode_errors
     return prompts
-    raise InputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _check_options(fmt: str, field: str | None, lead_paragraphs: int | None, decode_errors: str) -> None:
+    """Refuse an option that the format would silently ignore, or a value that means nothing."""
+    if field is not None and fmt in ("lines", "txt_dir"):
+        raise InputError(f"--field/--column names a column of jsonl, csv or parquet; {fmt} has none: leave it out")
+    if lead_paragraphs is not None:
+        if fmt != "txt_dir":
+            raise InputError(
+                f"--lead-paragraphs cuts each file of a directory of .txt files (txt_dir), not {fmt}: leave it out"
+            )
+        if lead_paragraphs < 1:
+            raise InputError(f"--lead-paragraphs must be at least 1, got {lead_paragraphs}")
+    if decode_errors not in DECODE_ERRORS:
+        raise InputError(f"--decode-errors must be one of {', '.join(DECODE_ERRORS)}, got {decode_errors!r}")
+    if decode_errors != "strict" and fmt == "parquet":
+        raise InputError("--decode-errors applies to text files; Parquet strings are decoded already: leave it out")
 
 
 DECODE_ERRORS = ("strict", "replace")
@@ -140,7 +160,7 @@ def _decode(raw: bytes, path: Path, unit: str = "line", errors: str = "strict") 
 
 def read_lines(path: Path, decode_errors: str = "strict") -> PromptSet:
     """One prompt per line; blank lines are skipped."""
-    text = _decode(path.read_bytes(), path, errors=decode_errors)
+    text = _decode(read_bounded(path), path, errors=decode_errors)
     texts, refs = [], []
     for no, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -151,7 +171,7 @@ def read_lines(path: Path, decode_errors: str = "strict") -> PromptSet:
 
 def read_jsonl(path: Path, field_name: str, decode_errors: str = "strict") -> PromptSet:
     """One JSON object per line; the prompt is ``field_name``."""
-    text = _decode(path.read_bytes(), path, errors=decode_errors)
+    text = _decode(read_bounded(path), path, errors=decode_errors)
     texts, refs = [], []
     for no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -175,7 +195,7 @@ def read_jsonl(path: Path, field_name: str, decode_errors: str = "strict") -> Pr
 
 def read_csv(path: Path, column: str, decode_errors: str = "strict") -> PromptSet:
     """A CSV (or TSV) file with a header; the prompt is ``column``."""
-    text = _decode(path.read_bytes(), path, errors=decode_errors)
+    text = _decode(read_bounded(path), path, errors=decode_errors)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(text.splitlines(), delimiter=delimiter, strict=True)
     try:
@@ -212,6 +232,11 @@ def read_parquet(path: Path, column: str) -> PromptSet:
     from pyarrow.lib import ArrowException
 
     try:
+        if path.stat().st_size > limit("max_input_bytes"):
+            raise over("max_input_bytes", f"{path} ({path.stat().st_size:,} bytes)")
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows > limit("max_prompts"):
+            raise over("max_prompts", f"{path} ({rows:,} rows)")
         table = pq.read_table(path)
     except (ArrowException, OSError) as exc:
         raise InputError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
@@ -241,13 +266,21 @@ def lead_of(text: str, paragraphs: int) -> str:
 
 def read_txt_dir(path: Path, lead_paragraphs: int | None = None, decode_errors: str = "strict") -> PromptSet:
     """Every ``*.txt`` file under a directory (recursively, sorted) is one prompt."""
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    files = []
+    for file in path.rglob("*.txt"):
+        if file.is_file():
+            files.append(file)
+            if len(files) > limit("max_prompts"):
+                raise over("max_prompts", f"{path} (more .txt files)")
+    files.sort()
+    if sum(file.stat().st_size for file in files) > limit("max_input_bytes"):
+        raise over("max_input_bytes", f"{path} (its .txt files together)")
     if not files:
         raise InputError(f"{path} contains no .txt files; point at a directory of .txt files")
     texts, refs = [], []
     for file in files:
         rel = str(file.relative_to(path))
-        body = _decode(file.read_bytes(), file, unit=f"file {rel}", errors=decode_errors)
+        body = _decode(read_bounded(file), file, unit=f"file {rel}", errors=decode_errors)
         if lead_paragraphs:
             body = lead_of(body, lead_paragraphs)
         if body.strip():
@@ -259,7 +292,7 @@ def read_txt_dir(path: Path, lead_paragraphs: int | None = None, decode_errors: 
 
 def read_pairs(path: Path, separator: str) -> tuple[PromptSet, PromptSet]:
     """A file of ``left SEPARATOR right`` lines (e.g. ``DE :: EN``): two parallel sets."""
-    text = _decode(path.read_bytes(), path)
+    text = _decode(read_bounded(path), path)
     left, right, refs = [], [], []
     for no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -284,8 +317,14 @@ def read_hf(name: str, split: str, field_name: str, config: str | None = None) -
     """A Hugging Face dataset through the ``datasets`` library (needs the hub or its cache)."""
     import datasets
 
+    from layerbase.ingest import hub
+
+    # Offline (HF_HUB_OFFLINE=1, which the datasets library honours too) or cached: the cache
+    # answers; else the hub is asked once, and an unreachable or unknown id fails here.
+    local_only = hub.prepare(name, None, "dataset")
+    download = datasets.DownloadConfig(local_files_only=True) if local_only else None
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, download_config=download)
     except Exception as exc:  # datasets raises many types for 'not reachable' / 'not found'
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
@@ -295,6 +334,8 @@ def read_hf(name: str, split: str, field_name: str, config: str | None = None) -
         ) from None
     if field_name not in ds.column_names:
         raise InputError(f"dataset {name!r} has no column {field_name!r} (columns: {', '.join(ds.column_names)})")
+    if len(ds) > limit("max_prompts"):
+        raise over("max_prompts", f"the Hugging Face dataset {name!r} ({len(ds):,} rows)")
     texts, refs = [], []
     for row, value in enumerate(ds[field_name]):
         if isinstance(value, str) and value.strip():
@@ -305,11 +346,17 @@ def read_hf(name: str, split: str, field_name: str, config: str | None = None) -
 
 def generate_random(count: int, length: int, alphabet: str | None = None, seed: int = 0) -> PromptSet:
     """``count`` random strings of ``length`` characters drawn from ``alphabet``."""
-    alphabet = alphabet or string.ascii_letters + string.digits
     if count <= 0 or length <= 0:
         raise InputError("--count and --length must be positive")
-    if not alphabet:
-        raise InputError("--alphabet must not be empty")
+    if alphabet is not None and not alphabet:
+        raise InputError("--alphabet is empty; give the characters to draw from, or omit it for letters and digits")
+    alphabet = alphabet or string.ascii_letters + string.digits
+    if count > limit("max_prompts"):
+        raise over("max_prompts", f"--count {count:,}")
+    if length > limit("max_prompt_chars"):
+        raise over("max_prompt_chars", f"--length {length:,}")
+    if count * length > limit("max_input_bytes"):
+        raise over("max_input_bytes", f"--count {count:,} x --length {length:,}")
     rng = random.Random(seed)
     texts = ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(count)]
     refs = [f"string {i}" for i in range(count)]

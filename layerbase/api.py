@@ -318,7 +318,7 @@ class Layerbase:
         model: str,
         dataset: str,
         *,
-        k: int = 100,
+        k: int | None = None,
         engine: str = "blas",
         layers: str | list[int] | None = None,
         force: bool = False,
@@ -326,8 +326,9 @@ class Layerbase:
         **options: Any,
     ) -> pd.DataFrame:
         """Materialize every prompt's ``k`` nearest prompts (cosine, self excluded) per layer,
-        reusing stored sets of at least ``k``; one row per layer. ``options`` are those of
-        ``layerbase knn`` (ef_search, probes, m, ef_construction, lists, min_recall, workers)."""
+        reusing stored sets of at least ``k`` (default 100, or n - 1 for fewer prompts); one row
+        per layer. ``options`` are those of ``layerbase knn`` (ef_search, probes, m,
+        ef_construction, lists, min_recall, workers)."""
         import pandas as pd
 
         from layerbase.analysis.knn.materialize import materialize

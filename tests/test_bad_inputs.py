@@ -34,6 +34,9 @@ def make_files(tmp: Path) -> dict[str, Path]:
     (tmp / "bad.parquet").write_bytes(b"PAR1 not really")
     pq.write_table(pa.table({"body": ["x"]}), tmp / "nocol.parquet")
     (tmp / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    (tmp / "nul.txt").write_bytes(b"one\ntw\x00o\n")
+    (tmp / "surrogate.jsonl").write_text('{"text": "\\ud800 half of a pair"}\n')
+    (tmp / "nul.csv").write_bytes(b'text\n"a\x00b"\n')
     (tmp / "notamodel").mkdir()
     (tmp / "notamodel" / "notes.txt").write_text("hello")
     (tmp / "nodir").mkdir()
@@ -177,6 +180,63 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("coefficients that are not numbers", ["steer", "evaluate", "nope", "--coefficients", "a,b"], ["--coefficients"]),
     ("geometry before exporting embeddings", ["geometry", "global", "--models", "A,B"], ["embeddings export"]),
     ("local geometry of one model", ["geometry", "local", "--models", "A"], ["exactly two"]),
+    # bytes and text the database cannot store
+    ("a NUL byte in a text file", ["dataset", "add", "n", "{nul.txt}"], ["line 2", "NUL byte"]),
+    ("a NUL byte in a CSV file", ["dataset", "add", "n", "{nul.csv}", "--column", "text"], ["line 2", "NUL byte"]),
+    ("a device of NUL bytes", ["dataset", "add", "n", "/dev/zero", "--format", "lines"], ["/dev/zero", "NUL byte"]),
+    (
+        "a lone surrogate from a JSON escape",
+        ["dataset", "add", "n", "{surrogate.jsonl}", "--field", "text"],
+        ["line 1", "lone surrogate", "U+D800"],
+    ),
+    ("a control character in a name", ["dataset", "add", "two\nlines", "{ok.txt}"], ["control character U+000A"]),
+    ("a NUL in a model name", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--name", "a\x00b"], ["NUL"]),
+    # empty or impossible values
+    (
+        "an empty --text",
+        ["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--text", ""],
+        ["--text", "is empty"],
+    ),
+    (
+        "a blank --where-text",
+        ["neighbors", "--model", "A", "--layer", "1", "--dataset", "d", "--prompt", "1", "--where-text", " "],
+        ["--where-text", "is empty"],
+    ),
+    ("an empty prompt to steer", ["steer", "generate", "v", "--prompt", ""], ["--prompt", "is empty"]),
+    ("an empty --alphabet", ["dataset", "add-random", "r", "--alphabet", ""], ["--alphabet is empty"]),
+    ("a device that is none", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--device", "gpu2"], ["'gpu2'"]),
+    ("a CUDA device not here", ["ingest", "--model", "{gpt2}", "--dataset", "small", "--device", "cuda:7"], ["cuda:7"]),
+    ("an empty layer range", ["knn", "--model", "A", "--dataset", "d", "--layers", "3-1"], ["empty range", "1-3"]),
+    (
+        "an output folder that cannot be made",
+        ["report", "--models", "A,B", "--datasets", "d", "--out", "/proc/no/report"],
+        ["cannot create the folder /proc/no/report"],
+    ),
+    (
+        "a figure into a missing folder",
+        ["affinity", "--models", "A,B", "--dataset", "d", "-k", "3", "--plot", "/no/such/dir/a.png"],
+        ["--plot", "does not exist"],
+    ),
+    # options that would be silently ignored
+    (
+        "--lead-paragraphs on a plain file",
+        ["dataset", "add", "n", "{ok.txt}", "--lead-paragraphs", "-1"],
+        ["--lead-paragraphs", "txt_dir"],
+    ),
+    ("--lead-paragraphs 0", ["dataset", "add", "n", "{notamodel}", "--lead-paragraphs", "0"], ["at least 1"]),
+    ("--field on a plain file", ["dataset", "add", "n", "{ok.txt}", "--field", "text"], ["lines has none"]),
+    (
+        "--decode-errors on Parquet",
+        ["dataset", "add", "n", "{nocol.parquet}", "--column", "body", "--decode-errors", "replace"],
+        ["already"],
+    ),
+    # unbounded inputs
+    (
+        "a billion random strings",
+        ["dataset", "add-random", "r", "--count", "1000000000"],
+        ["over the limit of 1,000,000 prompts", "LAYERBASE_MAX_PROMPTS"],
+    ),
+    ("a random string of 2M characters", ["dataset", "add-random", "r", "--length", "2000000"], ["MAX_PROMPT_CHARS"]),
 ]
 
 
@@ -214,7 +274,9 @@ def test_at_least_25_bad_inputs_are_refused_cleanly_and_change_nothing(
     [
         ("not a url", ["not a valid database URL", "postgresql://"]),
         ("sqlite:///x.db", ["PostgreSQL", "postgresql://"]),
-        ("postgresql://u:TopSecret@127.0.0.1:9/db", ["cannot reach the database", "DATABASE_URL"]),
+        ("postgresql://u:TopSecret@127.0.0.1:9/db", ["cannot reach the database", "$LAYERBASE_DATABASE_URL"]),
+        ("postgresql://u@localhost:5x32/db", ["not a valid database URL"]),
+        ("postgresql://u@localhost:99999/db", ["port 99999", "1-65535"]),
     ],
 )
 def test_bad_database_urls(url: str, needles: list[str]) -> None:
@@ -258,3 +320,77 @@ def test_half_precision_on_a_server_without_halfvec_changes_nothing(
     result = cli("ingest", "--model", str(tiny_models["gpt2"]), "--dataset", "small", "--storage", "float16")
     assert_clean_error(result, "float16 storage needs the halfvec column", "pgvector 0.6.2", "pgvector 0.7 or later")
     assert fingerprint(old_db_url) == before
+
+
+def test_connection_errors_name_the_source_of_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    down = "postgresql://u:TopSecret@127.0.0.1:9/db"
+    monkeypatch.delenv("LAYERBASE_DATABASE_URL", raising=False)
+    assert_clean_error(cli("--database-url", down, "jobs"), "cannot reach", "--database-url", "leave it out")
+    assert_clean_error(cli("jobs", env={"DATABASE_URL": down}), "cannot reach", "$DATABASE_URL", "unset it")
+    result = cli("jobs", env={"LAYERBASE_DATABASE_URL": down})
+    assert_clean_error(result, "$LAYERBASE_DATABASE_URL")
+    assert "$DATABASE_URL" not in result.output
+
+
+def test_every_reader_is_bounded_and_says_which_limit(db_url: str, tmp_path: Path, monkeypatch) -> None:
+    import os
+    import threading
+
+    before = fingerprint(db_url)
+    lines = write_lines(tmp_path / "ten.txt", random_texts(10))
+    monkeypatch.setenv("LAYERBASE_MAX_PROMPTS", "5")
+    assert_clean_error(cli("dataset", "add", "n", str(lines)), "10 prompts", "limit of 5 prompts", "--sample")
+    (tmp_path / "dir").mkdir()
+    for i in range(7):
+        (tmp_path / "dir" / f"{i}.txt").write_text(f"text {i}")
+    assert_clean_error(cli("dataset", "add", "n", str(tmp_path / "dir")), "more .txt files", "limit of 5")
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(6)]}), tmp_path / "six.parquet")
+    assert_clean_error(cli("dataset", "add", "n", str(tmp_path / "six.parquet"), "--column", "text"), "6 rows")
+    monkeypatch.setenv("LAYERBASE_MAX_PROMPTS", "many")
+    assert_clean_error(cli("dataset", "add", "n", str(lines)), "LAYERBASE_MAX_PROMPTS='many'", "positive")
+    monkeypatch.delenv("LAYERBASE_MAX_PROMPTS")
+
+    monkeypatch.setenv("LAYERBASE_MAX_PROMPT_CHARS", "50")
+    long = write_lines(tmp_path / "long.txt", ["short", "x" * 60])
+    assert_clean_error(cli("dataset", "add", "n", str(long)), "line 2", "60 characters", "limit of 50")
+    monkeypatch.delenv("LAYERBASE_MAX_PROMPT_CHARS")
+
+    # a stream with no end (a FIFO fed forever) is read up to the byte limit, then refused
+    monkeypatch.setenv("LAYERBASE_MAX_INPUT_BYTES", "100000")
+    fifo = tmp_path / "endless"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        try:
+            with open(fifo, "w") as f:
+                while True:
+                    f.write("yes, more text\n" * 1000)
+        except (BrokenPipeError, OSError):
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    assert_clean_error(cli("dataset", "add", "n", str(fifo), "--format", "lines"), "limit of 100,000 bytes")
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert fingerprint(db_url) == before
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(db_url: str, tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.txt").write_bytes(bom + b"first\nsecond\n")
+    (tmp_path / "bom.csv").write_bytes(bom + b"text,label\nfirst,1\n")
+    assert cli("dataset", "add", "lines", str(tmp_path / "bom.txt")).exit_code == 0
+    assert cli("dataset", "add", "table", str(tmp_path / "bom.csv"), "--column", "text").exit_code == 0
+    with psycopg.connect(db_url) as conn:
+        firsts = conn.execute("SELECT text FROM prompt WHERE position = 0 ORDER BY dataset_id").fetchall()
+    assert firsts == [("first",), ("first",)]
+
+
+def test_knn_adapts_its_default_k_to_a_small_dataset(wh, db_url: str) -> None:
+    store_synthetic(wh, "A", "d", n=40, d=8, n_layers=1, seed=1)
+    result = cli("knn", "--model", "A", "--dataset", "d", "--no-progress", "--json")
+    assert result.exit_code == 0, result.output
+    assert "'d' has 40 prompts, so each keeps its 39 nearest" in result.output
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT k_max FROM knn_run").fetchone()[0] == 39

@@ -227,3 +227,33 @@ def test_a_model_stored_before_fingerprints_adopts_one_on_its_next_load(wh, tiny
     with wh.engine.connect() as conn:
         stored = conn.execute(sa.text("SELECT fingerprint FROM model")).scalar_one()
     assert stored == source_fingerprint(str(tiny_models["llama"]))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["ingest", "--model", "no-org/no-such-model", "--dataset", "small"], "the model 'no-org/no-such-model'"),
+        (["dataset", "add-hf", "x", "no-org/no-such-data"], "the dataset 'no-org/no-such-data'"),
+    ],
+)
+def test_an_unknown_hub_id_fails_at_once_without_retries(db_url: str, tmp_path, args, needle) -> None:
+    """With the hub switched on (no HF_HUB_OFFLINE) and out of reach, as on these machines: one
+    question to the hub, one line, no retry warnings. Where the hub is reachable, the same ids
+    get 'no such repository' instead; either way nothing is stored."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import random_texts, write_lines
+
+    assert cli("dataset", "add", "small", str(write_lines(tmp_path / "s.txt", random_texts(3)))).exit_code == 0
+    before = fingerprint(db_url)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    run = subprocess.run(
+        [sys.executable, "-m", "layerbase", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert run.returncode == 2 and lines[-1].startswith("Error:") and needle in lines[-1], lines
+    assert "hub cannot be reached" in lines[-1] or "no model" in lines[-1] or "no dataset" in lines[-1], lines
+    assert not any("Retry" in line for line in lines) and len(lines) == 1, lines
+    assert fingerprint(db_url) == before

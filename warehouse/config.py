@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError
 from layerbase.warehouse.errors import ConfigError
 
 URL_ENV_VARS = ("LAYERBASE_DATABASE_URL", "DATABASE_URL")
+EXPLICIT = "the URL of --database-url (or connect(url))"
 HOME_ENV_VAR = "LAYERBASE_HOME"
 
 
@@ -34,10 +35,11 @@ def data_dir() -> Path:
     return path
 
 
-def configured_url(explicit: str | None = None) -> URL | None:
-    """The database URL the user configured, or None to use the embedded server."""
+def configured_url(explicit: str | None = None) -> tuple[URL, str] | None:
+    """The database URL the user configured and where it came from (``--database-url`` or
+    the environment variable's name), or None to use the embedded server."""
     raw = explicit
-    source = "--database-url"
+    source = EXPLICIT
     if not raw:
         for var in URL_ENV_VARS:
             if os.environ.get(var):
@@ -45,17 +47,19 @@ def configured_url(explicit: str | None = None) -> URL | None:
                 break
     if not raw:
         return None
-    return parse_url(raw, source)
+    return parse_url(raw, source), source
 
 
 def parse_url(raw: str, source: str = "the database URL") -> URL:
     """Parse a Postgres URL and force the psycopg 3 driver."""
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # a port that is not a number raises ValueError
         raise ConfigError(
             f"{source} is not a valid database URL; use the form postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
         ) from None
+    if url.port is not None and not 0 < url.port < 65536:
+        raise ConfigError(f"{source} has port {url.port}, outside 1-65535; fix the port")
     if url.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigError(
             f"{source} points at a {url.get_backend_name()!r} database; Layerbase needs "

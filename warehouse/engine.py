@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from layerbase.warehouse.config import configured_url, safe_url
+from layerbase.warehouse.config import EXPLICIT, URL_ENV_VARS, configured_url, safe_url
 from layerbase.warehouse.errors import DatabaseError
 
 PGVECTOR_INSTALLED = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
@@ -31,20 +31,25 @@ class Warehouse:
     engine: Engine
     url: URL
     embedded: bool
+    source: str = EXPLICIT  # where the URL came from: an option, a variable, the embedded server
 
     @property
     def display_url(self) -> str:
         return safe_url(self.url)
 
 
-def resolve_url(explicit: str | None = None) -> tuple[URL, bool]:
-    """The URL to use and whether it is the embedded server's."""
-    url = configured_url(explicit)
-    if url is not None:
-        return url, False
+EMBEDDED = "the embedded server"
+
+
+def resolve_url(explicit: str | None = None) -> tuple[URL, str]:
+    """The URL to use and where it came from: ``--database-url`` (or ``connect(url)``), an
+    environment variable's name, or ``EMBEDDED``."""
+    configured = configured_url(explicit)
+    if configured is not None:
+        return configured
     from layerbase.warehouse.embedded import embedded_url
 
-    return embedded_url(), True
+    return embedded_url(), EMBEDDED
 
 
 @lru_cache(maxsize=8)
@@ -54,9 +59,9 @@ def _engine(url_text: str) -> Engine:
 
 def connect(explicit_url: str | None = None, *, check_schema: bool = True) -> Warehouse:
     """Connect, verify pgvector and (optionally) that the schema is current."""
-    url, embedded = resolve_url(explicit_url)
+    url, source = resolve_url(explicit_url)
     engine = _engine(url.render_as_string(hide_password=False))
-    wh = Warehouse(engine, url, embedded)
+    wh = Warehouse(engine, url, source == EMBEDDED, source)
     with translate_errors(wh), engine.connect() as conn:
         require_pgvector(conn, wh)
         if check_schema:
@@ -69,8 +74,9 @@ def connect(explicit_url: str | None = None, *, check_schema: bool = True) -> Wa
 class translate_errors:
     """Context manager: driver errors about connectivity become a clear DatabaseError."""
 
-    def __init__(self, wh: Warehouse | URL) -> None:
+    def __init__(self, wh: Warehouse | URL, source: str = EXPLICIT) -> None:
         self.url_text = wh.display_url if isinstance(wh, Warehouse) else safe_url(wh)
+        self.source = wh.source if isinstance(wh, Warehouse) else source
 
     def __enter__(self) -> None:
         return None
@@ -80,11 +86,14 @@ class translate_errors:
     ) -> Literal[False]:
         if exc is None or not isinstance(exc, (OperationalError, InterfaceError)):
             return False
-        raise DatabaseError(
-            f"cannot reach the database at {self.url_text}: {first_line(exc.orig or exc)}; "
-            "check that the server runs and DATABASE_URL is right, or unset DATABASE_URL "
-            "to use the embedded server"
-        ) from None
+        if self.source == EMBEDDED:
+            fix = "the embedded server stopped answering: run `layerbase db stop`, then retry"
+        elif self.source in URL_ENV_VARS:
+            fix = f"check that the server runs and ${self.source} is right, or unset it to use the embedded server"
+        else:
+            fix = f"check that the server runs and {self.source} is right, or leave it out to use the embedded server"
+        reason = first_line(exc.orig or exc)
+        raise DatabaseError(f"cannot reach the database at {self.url_text}: {reason}; {fix}") from None
 
 
 def first_line(exc: BaseException) -> str:

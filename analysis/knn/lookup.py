@@ -260,6 +260,8 @@ def nearest(
     among the prompts that pass ``only`` (all by default)."""
     if (position is None) == (text is None):
         raise InputError("give exactly one of --prompt POSITION or --text TEXT")
+    if text is not None and not text.strip():
+        raise InputError("the text to look up is empty; give a text")
     # A stored prompt is answered in one connection and one transaction: a lookup takes
     # milliseconds, so round trips show. A new text is embedded between two transactions,
     # so that no transaction stays open while a model loads.

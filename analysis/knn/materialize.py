@@ -18,6 +18,7 @@ this process and are written with one binary COPY.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ from layerbase.warehouse.storage import STORAGES, Storage
 ENGINES = ("blas", "sql", *METHODS)
 EXACT_ENGINES = ("blas", "sql")
 K_MAX_DEFAULT = 100
+log = logging.getLogger(__name__)
 MIN_RECALL_DEFAULT = 0.99
 
 
@@ -102,7 +104,7 @@ def materialize(
     dataset_name: str,
     *,
     layers: str | list[int] | None = None,
-    k_max: int = K_MAX_DEFAULT,
+    k_max: int | None = None,
     engine: str = "blas",
     ef_search: int | None = None,
     probes: int | None = None,
@@ -117,6 +119,7 @@ def materialize(
     progress: bool = True,
 ) -> list[KnnResult]:
     """Compute and store k-NN sets for each layer (reusing stored ones with k_max >= asked).
+    ``k_max`` defaults to K_MAX_DEFAULT, or to n - 1 on a dataset of fewer prompts (logged).
 
     ``m`` and ``ef_construction`` (hnsw) or ``lists`` (ivfflat) build the layer's index; an
     existing index with other parameters is rebuilt, and a stored run reused only if its
@@ -136,6 +139,16 @@ def materialize(
         chosen = layers if isinstance(layers, list) else parse_layers(layers, available)
         model_id, width, dataset_id, n = model.id, model.width, dataset.id, dataset.n_prompts
         storage = STORAGES[model.storage]
+    if k_max is None:
+        k_max = min(K_MAX_DEFAULT, n - 1)
+        if k_max < K_MAX_DEFAULT:
+            log.warning(
+                "%r has %d prompts, so each keeps its %d nearest (the default --k-max is %d)",
+                dataset_name,
+                n,
+                k_max,
+                K_MAX_DEFAULT,
+            )
     if not 0 < k_max < n:
         raise InputError(f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max")
     needed = ef_search_for(k_max, ef_search)

@@ -19,14 +19,29 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from layerbase.analysis.similarity.stats import generalized_diagonal, max_similarity_path
+from layerbase.warehouse.errors import InputError
 
 CMAP = "viridis"
 DPI = 110
 
 
+def make_folder(path: Path) -> Path:
+    """Create an output folder, or say why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot create the folder {path}: {exc.strerror}; pass --out with a writable folder"
+        ) from None
+    return path
+
+
 def save(fig: Figure, path: Path) -> Path:
     """Write a figure as PNG."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    try:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    except OSError as exc:
+        raise InputError(f"cannot write the figure {path}: {exc.strerror}; pick a path in a writable folder") from None
     return path
 
 

@@ -115,7 +115,7 @@ def build_report(
 ) -> Report:
     """Compute what is missing, draw every figure, and write the report into ``out_dir``."""
     _check_options(models, datasets, export_format)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plots.make_folder(out_dir)
     tables = _Tables(truncation=_truncation(wh, models, datasets))
     warnings = _truncation_warnings(tables.truncation)
     sections, shown, scatter = [], [], []
@@ -435,7 +435,7 @@ def export_tables(tables: dict[str, list[dict[str, Any]]], directory: Path, fmt:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    directory.mkdir(parents=True, exist_ok=True)
+    plots.make_folder(directory)
     written = []
     for name, rows in tables.items():
         path = directory / f"{name}.{fmt}"
