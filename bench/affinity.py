@@ -88,7 +88,7 @@ def main(**options: Any) -> None:
                 materialize(wh, names[m], f"d{shape}", k_max=k, engine="blas", progress=False)
             sql_s, matrix = median_time(
                 lambda: compute_affinity(
-                    wh, names["A"], names["B"], f"d{shape}", k=k, overlap=args.overlap, progress=False
+                    wh, names["A"], names["B"], f"d{shape}", k=k, overlap=args.overlap, recompute=True, progress=False
                 ),
                 args.repeats,
             )

@@ -158,6 +158,11 @@ def knn(
     "sets, or one join in SQL (identical matrices).",
 )
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Compute new runs even where current ones are stored (stored runs are never replaced).",
+)
 @plot_option
 @progress_option
 @json_option
@@ -173,12 +178,16 @@ def affinity(
     study: str | None,
     overlap: str,
     show_matrix: bool,
+    recompute: bool,
     plot: Path | None,
     progress: bool,
     as_json: bool,
 ) -> None:
     """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test.
-    --plot writes each matrix's heatmap (PATH, or PATH-<model a>-<model b>.png for several)."""
+
+    A pair's current stored run is reused (one whose k-NN sets were not recomputed since);
+    otherwise a new run is added. --plot writes each matrix's heatmap (PATH, or
+    PATH-<model a>-<model b>.png for several)."""
     matrices = obj.api().affinity_study(
         names(models),
         dataset,
@@ -188,6 +197,7 @@ def affinity(
         engine=engine,
         study=study,
         overlap=overlap,
+        recompute=recompute,
         progress=progress,
     )
     if plot is not None:
@@ -211,6 +221,28 @@ def affinity(
         click.echo(describe_affinity(m, show_matrix))
 
 
+@click.command("affinity-runs")
+@click.option("--all", "show_all", is_flag=True, help="Also the runs that a newer run of their pair superseded.")
+@json_option
+@click.pass_obj
+def affinity_runs(obj: Context, show_all: bool, as_json: bool) -> None:
+    """The stored affinity runs: id, models, datasets, k, diagonal test, and whether current."""
+    frame = obj.api().affinity_runs()
+    if not show_all and len(frame):
+        frame = frame[frame["is_current"]]
+    rows = records(frame)
+    for r in rows:
+        r["test"] = (
+            ""
+            if r["mean_on"] is None
+            else f"t = {r['t']:.2f}"
+            if r["t"] is not None
+            else f"undefined: {r['undefined_reason']}"
+        )
+    columns = ["run_id", "model_a", "model_b", "dataset_a", "dataset_b", "k", "pair_kind", "is_current", "test"]
+    emit(rows, as_json, table(rows, columns))
+
+
 def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
     """An affinity matrix in a few lines: shape, chance, the diagonal test and the path."""
     shape = f"{len(m.layers_a)}x{len(m.layers_b)}"
@@ -222,11 +254,7 @@ def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
     ]
     t = m.test
     if t is not None:
-        lines.append(
-            f"  diagonal test: on {t.n_on} cells mean {t.mean_on:.4f} vs off {t.n_off} mean {t.mean_off:.4f}; "
-            f"t = {t.t:.2f}, log10 p = {t.log10_p:.1f}, "
-            f"Bonferroni ({t.n_pairs} pairs) log10 p = {t.log10_p_bonferroni:.1f}"
-        )
+        lines.append(f"  diagonal test: {t.describe()}")
     lines.append(
         "  max-similarity path (layer A -> layer B): "
         + ", ".join(f"{a}->{b}" for a, b in zip(m.path["layer_a"], m.path["layer_b"]))

@@ -109,6 +109,7 @@ def _register() -> None:
         ingest.embeddings,
         analyze.knn,
         analyze.affinity,
+        analyze.affinity_runs,
         analyze.neighbors,
         analyze.report,
         geometry.geometry,

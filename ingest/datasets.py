@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from layerbase.ingest.limits import check_name
 from layerbase.ingest.sources import PromptSet
 from layerbase.warehouse.copy import copy_rows
-from layerbase.warehouse.engine import Warehouse, raw_connection
+from layerbase.warehouse.engine import Warehouse, analyze, raw_connection
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.lookup import get_dataset
 from layerbase.warehouse.models import Dataset, Prompt
@@ -124,6 +124,8 @@ def add_datasets(wh: Warehouse, entries: list[tuple[str, PromptSet]], *, paralle
             )
             if len(entries) == 2:
                 partner = name
+    if any(s["created"] for s in summaries):
+        analyze(wh, "dataset", "prompt")  # lookups join the new prompts by position
     return summaries
 
 

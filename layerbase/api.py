@@ -362,18 +362,15 @@ class Layerbase:
         progress: bool | None = None,
     ) -> AffinityMatrix:
         """The layer x layer affinity matrix of two models (rows: ``model_a``'s layers), with
-        its diagonal test and max-similarity path: read from the warehouse when stored, else
-        computed (k-NN sets first, where missing) and stored. ``dataset_b``: a parallel
+        its diagonal test and max-similarity path: the current stored run (none of the k-NN
+        sets it used was recomputed since), else computed (k-NN sets first, where missing) and
+        stored as a new run; ``recompute`` always adds one. Stored runs never change. ``dataset_b``: a parallel
         dataset that ``model_b`` reads (prompt i <-> prompt i). ``engine`` computes missing k-NN
         sets; ``overlap`` counts shared neighbours (``sparse`` in memory, or ``sql``)."""
-        from layerbase.analysis.similarity.affinity import compute_affinity, stored_affinity
+        from layerbase.analysis.similarity.affinity import compute_affinity
 
         if measure not in MEASURES:
             raise InputError(f"unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
-        if not recompute:
-            found = stored_affinity(self.warehouse, model_a, model_b, dataset, dataset_b, k=k, include_layer0=layer0)
-            if found is not None:
-                return found
         return compute_affinity(
             self.warehouse,
             model_a,
@@ -384,6 +381,8 @@ class Layerbase:
             include_layer0=layer0,
             engine=engine,
             overlap=overlap,
+            recompute=recompute,
+            any_study=True,
             progress=self._progress(progress),
         )
 
@@ -398,10 +397,12 @@ class Layerbase:
         engine: str = "blas",
         study: str | None = None,
         overlap: str = "sparse",
+        recompute: bool = False,
         progress: bool | None = None,
     ) -> list[AffinityMatrix]:
-        """Compute and store the affinity matrix of every pair of ``models`` (each once, in
-        list order), Bonferroni-correcting the diagonal tests over the pairs."""
+        """The affinity matrix of every pair of ``models`` (each once, in list order), with the
+        diagonal tests Bonferroni-corrected over the pairs: the study's current stored runs
+        where there are, new runs for the rest (all new with ``recompute``)."""
         from layerbase.analysis.similarity.affinity import compute_study
 
         return compute_study(
@@ -414,14 +415,22 @@ class Layerbase:
             engine=engine,
             study=study,
             overlap=overlap,
+            recompute=recompute,
             progress=self._progress(progress),
         )
 
     def affinity_runs(self) -> pd.DataFrame:
-        """Every stored affinity matrix with its models, datasets, k and diagonal test."""
+        """Every stored affinity matrix with its models, datasets, k, diagonal test, and
+        whether it is the current run of its pair (``is_current``)."""
         from layerbase.analysis.similarity.affinity import list_runs
 
         return _frame(list_runs(self.warehouse), ["run_id", "model_a", "model_b", "dataset_a", "dataset_b", "k"])
+
+    def affinity_run(self, run_id: int) -> AffinityMatrix:
+        """A stored affinity run by id, exactly as it was computed; a missing id is an error."""
+        from layerbase.analysis.similarity.affinity import load_run
+
+        return load_run(self.warehouse, run_id)
 
     def neighbors(
         self,

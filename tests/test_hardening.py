@@ -257,3 +257,91 @@ def test_an_unknown_hub_id_fails_at_once_without_retries(db_url: str, tmp_path, 
     assert "hub cannot be reached" in lines[-1] or "no model" in lines[-1] or "no dataset" in lines[-1], lines
     assert not any("Retry" in line for line in lines) and len(lines) == 1, lines
     assert fingerprint(db_url) == before
+
+
+def test_affinity_runs_are_immutable_and_ids_stay_valid(wh, db_url: str, tmp_path) -> None:
+    import numpy as np
+
+    import layerbase
+    from layerbase.warehouse.errors import NotFoundError
+
+    store_synthetic(wh, "A", "d", n=60, d=8, n_layers=3, seed=1)
+    store_synthetic(wh, "B", "d", n=60, d=8, n_layers=2, seed=2)
+    lb = layerbase.connect(db_url, progress=False)
+    first = lb.affinity("A", "B", "d", k=5)
+    assert lb.affinity("A", "B", "d", k=5).run_id == first.run_id  # current: reused, not recomputed
+    assert cli("knn", "--model", "A", "--dataset", "d", "--k-max", "20", "--force", "--no-progress").exit_code == 0
+    second = lb.affinity("A", "B", "d", k=5)  # A's sets are newer than the first run: a new run
+    assert second.run_id > first.run_id
+    third = lb.affinity("A", "B", "d", k=5, recompute=True)
+    assert third.run_id > second.run_id
+    # a report adds nothing where the study's runs are current, and removes nothing
+    before = set(lb.affinity_runs()["run_id"])
+    report = cli(
+        "report", "--models", "A,B", "--datasets", "d", "-k", "5", "--out", str(tmp_path / "r"), "--no-progress"
+    )
+    assert report.exit_code == 0, report.output
+    runs = lb.affinity_runs()
+    assert before <= set(runs["run_id"])
+    kept = lb.affinity_run(first.run_id)  # the first id still gives the first matrix
+    assert np.array_equal(kept.scores, first.scores) and kept.test == first.test
+    current = runs[runs["is_current"]]
+    assert set(current["pair_kind"]) == {"cross-model", "within-model"}  # the report's A x A, B x B
+    with psycopg.connect(db_url) as conn:
+        cells = conn.execute(
+            "SELECT affinity_run_id, bool_and(is_current), min(pair_kind) FROM bi_affinity_cell GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    assert {r[0]: r[1] for r in cells}[first.run_id] is False
+    assert [r[1] for r in cells].count(True) == len(current)
+    with pytest.raises(NotFoundError, match="there is no affinity run 9999"):
+        lb.affinity_run(9999)
+    listed = cli("affinity-runs", "--all")
+    assert listed.exit_code == 0 and str(first.run_id) in listed.output
+
+
+def test_degenerate_statistics_are_refused_or_stored_as_undefined(wh, db_url: str) -> None:
+    import numpy as np
+
+    from layerbase.analysis.similarity.stats import diagonal_test
+
+    store_synthetic(wh, "A", "d", n=20, d=8, n_layers=3, seed=1)
+    store_synthetic(wh, "B", "d", n=20, d=8, n_layers=2, seed=2)
+    before = fingerprint(db_url)
+    refused = cli("affinity", "--models", "A,B", "--dataset", "d", "-k", "19", "--no-progress")
+    assert_clean_error(refused, "k = 19 on 20 prompts", "every score is 1", "at most 18")
+    assert fingerprint(db_url) == before
+    # cells without variance: counts and means, no statistic, and the reason
+    flat = diagonal_test(np.full((4, 3), 0.25))
+    assert flat.t is None and flat.p is None and flat.log10_p_bonferroni is None
+    assert "same score" in flat.undefined_reason and flat.mean_on == flat.mean_off == 0.25
+    split = diagonal_test(np.where(np.eye(4, 3, dtype=bool) | np.eye(4, 3, -1, dtype=bool), 0.5, 0.1))
+    assert split.t is None and "no variance" in split.undefined_reason
+    # and the database refuses a NaN statistic whatever writes it
+    ok = cli("affinity", "--models", "A,B", "--dataset", "d", "-k", "18", "--no-progress")  # n - 2: defined
+    assert ok.exit_code == 0, ok.output
+    with psycopg.connect(db_url) as conn:
+        for statement in (
+            "UPDATE diagonal_test SET t = 'NaN'",
+            "UPDATE diagonal_test SET t = NULL",  # undefined needs its reason
+            "UPDATE affinity_cell SET score = 'NaN'",
+        ):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(statement)
+            conn.rollback()
+
+
+def test_bulk_writes_of_derived_rows_leave_fresh_planner_statistics(wh, db_url: str) -> None:
+    store_synthetic(wh, "A", "d", n=80, d=8, n_layers=2, seed=1)
+    store_synthetic(wh, "B", "d", n=80, d=8, n_layers=2, seed=2)
+
+    def estimated_and_real(table: str) -> tuple[float, int]:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute(
+                f"SELECT (SELECT reltuples FROM pg_class WHERE relname = '{table}'), (SELECT count(*) FROM {table})"
+            ).fetchone()
+
+    assert cli("knn", "--model", "A", "--dataset", "d", "--k-max", "10", "--no-progress").exit_code == 0
+    assert estimated_and_real("knn_neighbor") == (160, 160)
+    assert cli("affinity", "--models", "A,B", "--dataset", "d", "-k", "5", "--no-progress").exit_code == 0
+    assert estimated_and_real("knn_neighbor") == (320, 320)
+    assert estimated_and_real("affinity_cell") == (4, 4)

@@ -241,14 +241,15 @@ def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:
     assert all(0 <= c[4] <= 1 and c[5] == pytest.approx(10 / 119) for c in cells)
     assert test == (6, 6, "a", 1)
     assert [p[1] for p in path] == [int(j) + 1 for j in np.argmax(ref, axis=1)]
-    # recomputing, here with the SQL join for the overlap counts, gives the identical matrix
-    # and replaces the stored one instead of adding a second
-    in_sql = compute_affinity(wh, "A", "B", "d", k=10, overlap="sql", progress=False)
-    assert np.array_equal(in_sql.scores, m.scores) and in_sql.test == m.test
+    # asked again, the current run answers; recomputed, here with the SQL join for the overlap
+    # counts, it gives the identical matrix as a new run, and the first stays as it was
+    assert compute_affinity(wh, "A", "B", "d", k=10, progress=False).run_id == m.run_id
+    in_sql = compute_affinity(wh, "A", "B", "d", k=10, overlap="sql", recompute=True, progress=False)
+    assert np.array_equal(in_sql.scores, m.scores) and in_sql.test == m.test and in_sql.run_id > m.run_id
     with psycopg.connect(db_url) as conn:
-        assert conn.execute("SELECT count(*) FROM affinity_run").fetchone()[0] == 1
-        assert conn.execute("SELECT count(*) FROM affinity_cell").fetchone()[0] == 12
-        assert conn.execute("SELECT overlap_engine FROM affinity_run").fetchone()[0] == "sql"
+        engines = conn.execute("SELECT overlap_engine FROM affinity_run ORDER BY id").fetchall()
+        assert engines == [("sparse",), ("sql",)]
+        assert conn.execute("SELECT count(*) FROM affinity_cell").fetchone()[0] == 24
     with pytest.raises(InputError, match="unknown overlap engine"):
         compute_affinity(wh, "A", "B", "d", k=10, overlap="gpu", progress=False)
 
@@ -263,7 +264,7 @@ def test_parallel_dataset_affinity(wh, db_url: str, tmp_path: Path) -> None:
         wh, "R", "right", n=60, d=16, n_layers=2, layer_vectors={1: base, 2: clustered_vectors(60, 16, seed=5)}
     )
     m = compute_affinity(wh, "L", "R", "left", "right", k=5, progress=False)
-    in_sql = compute_affinity(wh, "L", "R", "left", "right", k=5, overlap="sql", progress=False)
+    in_sql = compute_affinity(wh, "L", "R", "left", "right", k=5, overlap="sql", recompute=True, progress=False)
     assert np.array_equal(in_sql.scores, m.scores)  # parallel datasets: both engines pair prompt i with i
     # same vectors up to scale -> identical neighbour sets; unrelated vectors share few
     assert m.scores[0, 0] == 1.0 and m.scores[1, 0] == 1.0 and m.scores[0, 1] < 0.5

@@ -96,6 +96,19 @@ class translate_errors:
         raise DatabaseError(f"cannot reach the database at {self.url_text}: {reason}; {fix}") from None
 
 
+def analyze(wh: Warehouse, *tables: str) -> None:
+    """Refresh the planner's statistics of tables after a bulk write. Autovacuum gets there
+    eventually; until it does, the planner sees the tables as they were (measured: an affinity
+    right after `knn --force` took 49.6 s instead of 0.18 s, until ANALYZE)."""
+    from psycopg import sql
+
+    with wh.engine.connect() as conn:
+        raw_connection(conn).cursor().execute(
+            sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables)))
+        )
+        conn.commit()
+
+
 def first_line(exc: BaseException) -> str:
     """The first meaningful line of a driver error, without its SQL echo."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -24,6 +24,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     MetaData,
     SmallInteger,
@@ -320,16 +321,18 @@ class AffinityRun(Base):
     seconds: Mapped[float] = mapped_column()
     created_at: Mapped[datetime] = _now()
 
+    # Runs are immutable: computing a pair again adds a run, and the newest of a key is current.
     __table_args__ = (
         CheckConstraint("overlap_engine IN ('sql', 'sparse')", name="overlap_engine"),
-        UniqueConstraint(
+        Index(
+            "ix_affinity_run_key",
             "model_a_id",
             "model_b_id",
             "dataset_a_id",
             "dataset_b_id",
             "k",
             "include_layer0",
-            name="uq_affinity_run_pair",
+            "id",
         ),
     )
 
@@ -348,6 +351,8 @@ class AffinityCell(Base):
     chance: Mapped[float] = mapped_column()
     log10_p_null: Mapped[float] = mapped_column(comment="log10 p of the score under random neighbour sets")
 
+    __table_args__ = (CheckConstraint("score <> 'NaN' AND log10_p_null <> 'NaN'", name="no_nan"),)
+
 
 class DiagonalTest(Base):
     """The generalized-diagonal t-test of an affinity matrix."""
@@ -360,12 +365,24 @@ class DiagonalTest(Base):
     n_off: Mapped[int] = mapped_column(Integer)
     mean_on: Mapped[float] = mapped_column()
     mean_off: Mapped[float] = mapped_column()
-    t: Mapped[float] = mapped_column()
-    p: Mapped[float] = mapped_column()
-    log10_p: Mapped[float] = mapped_column()
+    t: Mapped[float | None] = mapped_column()
+    p: Mapped[float | None] = mapped_column()
+    log10_p: Mapped[float | None] = mapped_column()
     n_pairs: Mapped[int] = mapped_column(Integer, comment="model pairs in the study (Bonferroni factor)")
-    p_bonferroni: Mapped[float] = mapped_column()
-    log10_p_bonferroni: Mapped[float] = mapped_column()
+    p_bonferroni: Mapped[float | None] = mapped_column()
+    log10_p_bonferroni: Mapped[float | None] = mapped_column()
+    undefined_reason: Mapped[str | None] = mapped_column(
+        Text, comment="why the test has no statistic (NULL when it has one)"
+    )
+
+    __table_args__ = (
+        CheckConstraint("(t IS NULL) = (undefined_reason IS NOT NULL)", name="undefined_has_reason"),
+        CheckConstraint(
+            "mean_on <> 'NaN' AND mean_off <> 'NaN' AND t <> 'NaN' AND p <> 'NaN' AND log10_p <> 'NaN' "
+            "AND p_bonferroni <> 'NaN' AND log10_p_bonferroni <> 'NaN'",
+            name="no_nan",
+        ),
+    )
 
 
 class GeometryGlobal(Base):

@@ -46,7 +46,7 @@ from layerbase.analysis.knn.topk import default_device, exact_topk, topk_blocks
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from layerbase.analysis.vectors import layer_vectors
 from layerbase.warehouse.copy import copy_column_blocks
-from layerbase.warehouse.engine import Warehouse, pgvector_version, raw_connection
+from layerbase.warehouse.engine import Warehouse, analyze, pgvector_version, raw_connection
 from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.models import KnnRun
 from layerbase.warehouse.parallel import default_workers
@@ -206,7 +206,11 @@ def materialize(
         disable=not progress,
         dynamic_ncols=True,
     )
-    return [_materialize_layer(job, layer, force) for layer in bar]
+    results = [_materialize_layer(job, layer, force) for layer in bar]
+    if not all(r.reused for r in results):
+        # The next query over the new sets (an affinity, a lookup) plans with fresh statistics.
+        analyze(wh, "knn_run", "knn_neighbor")
+    return results
 
 
 @dataclass(frozen=True)

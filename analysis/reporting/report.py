@@ -298,6 +298,7 @@ TEST_COLUMNS = [
     ("log10_p", "log10 p"),
     ("n_pairs", "pairs"),
     ("log10_p_bonferroni", "log10 p (Bonferroni)"),
+    ("undefined_reason", "no test because"),
 ]
 TRUNCATION_COLUMNS = [
     ("model", "model"),
@@ -327,7 +328,7 @@ def _render(
         undefined=jinja2.StrictUndefined,
     )
     env.filters["data_uri"] = _data_uri
-    env.filters["cell"] = lambda v: f"{v:.4g}" if isinstance(v, float) else v
+    env.filters["cell"] = lambda v: f"{v:.4g}" if isinstance(v, float) else "—" if v is None else v
     return env.get_template("report.html").render(
         models=models,
         datasets=datasets,
@@ -347,6 +348,8 @@ def _test_line(m: AffinityMatrix) -> str:
     t = m.test
     if t is None:
         return "no diagonal test (matrix too small)"
+    if t.t is None:
+        return f"on-diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}; no test: {t.undefined_reason}"
     return (
         f"on-diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}, t = {t.t:.1f}, "
         f"log10 p = {t.log10_p:.1f} (Bonferroni, {t.n_pairs} pair(s): {t.log10_p_bonferroni:.1f})"

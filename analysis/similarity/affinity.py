@@ -31,8 +31,8 @@ from layerbase.analysis.similarity.stats import (
     relative_depths,
 )
 from layerbase.warehouse.copy import copy_columns, read_keyed_int_arrays
-from layerbase.warehouse.engine import Warehouse, raw_connection
-from layerbase.warehouse.errors import InputError
+from layerbase.warehouse.engine import Warehouse, analyze, raw_connection
+from layerbase.warehouse.errors import InputError, NotFoundError
 from layerbase.warehouse.models import AffinityRun, KnnRun
 from layerbase.warehouse.models import DiagonalTest as DiagonalTestRow
 from layerbase.warehouse.parallel import default_workers, run_in_parallel
@@ -145,12 +145,7 @@ class AffinityMatrix:
     def _repr_html_(self) -> str:
         import html
 
-        t = self.test
-        test = (
-            f"diagonal mean {t.mean_on:.3f} vs off {t.mean_off:.3f}, t = {t.t:.2f}, log10 p = {t.log10_p:.1f}"
-            if t
-            else "no diagonal test"
-        )
+        test = f"diagonal test: {self.test.describe()}" if self.test else "no diagonal test"
         return (
             f"<p><b>{html.escape(self.model_a)} × {html.escape(self.model_b)}</b> on "
             f"{html.escape(self.dataset_a)}: {len(self.layers_a)}×{len(self.layers_b)} layers, k = {self.k}, "
@@ -225,10 +220,15 @@ def compute_affinity(
     n_pairs: int = 1,
     workers: int | None = None,
     overlap: str = "sparse",
+    recompute: bool = False,
+    any_study: bool = False,
     progress: bool = True,
 ) -> AffinityMatrix:
-    """Compute (materializing missing k-NN sets first) and store one affinity matrix:
-    ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4), with its diagonal test.
+    """The affinity matrix ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4) with its
+    diagonal test: the current stored run when there is one (``CURRENT_RUN``), else computed
+    (materializing missing k-NN sets first) and stored as a new run. Stored runs are never
+    changed nor replaced; ``recompute`` adds a new run even when a current one exists.
+    ``any_study``: a current run of another study (another Bonferroni count) is reused too.
     ``overlap``: where the shared neighbours of all layer pairs are counted, ``sparse`` (one
     scipy.sparse product, the default) or ``sql`` (one join in the database); the two give
     identical matrices."""
@@ -238,6 +238,17 @@ def compute_affinity(
     pair = _resolve_pair(wh, model_a, model_b, dataset_a, dataset_b, include_layer0)
     if not 0 < k < pair.n_prompts:
         raise InputError(f"k = {k} needs 0 < k < the number of prompts ({pair.n_prompts}); lower -k")
+    if k >= pair.n_prompts - 1:
+        raise InputError(
+            f"k = {k} on {pair.n_prompts} prompts: every prompt's {k} neighbours are all the others, so every "
+            f"score is 1 and the test means nothing; lower -k to at most {pair.n_prompts - 2}"
+        )
+    key = (*pair.model_ids, *pair.dataset_ids, k, include_layer0)
+    if not recompute:
+        with wh.engine.connect() as conn:
+            current = _current_run(conn, key, n_pairs, study, any_study)
+        if current is not None:
+            return load_run(wh, current)
     _ensure_knn_sets(wh, pair, (model_a, model_b), (dataset_a, dataset_b), k, engine, progress)
     started = time.perf_counter()
     with wh.engine.begin() as conn:
@@ -245,6 +256,10 @@ def compute_affinity(
             sa.text("SELECT pg_advisory_xact_lock(:key)"),
             {"key": lock_key("affinity", *pair.model_ids, *pair.dataset_ids, k)},
         )
+        # Another process may have stored it while this one waited for the lock.
+        current = None if recompute else _current_run(conn, key, n_pairs, study, any_study)
+        if current is not None:
+            return load_run(wh, current)
         conn.execute(sa.text(DERIVED_DATA_COMMIT))
         scores, engines = _scores(wh, conn, pair, k, engine, workers, overlap)
         # The diagonal test never includes the embedding layer (docs/design.md §4).
@@ -257,6 +272,7 @@ def compute_affinity(
         run_id = _store_run(
             conn, pair, k, include_layer0, scores, test, n_pairs, (chance, null_sd), engines, overlap, study, elapsed
         )
+    analyze(wh, "affinity_run", "affinity_cell", "diagonal_test")
     return AffinityMatrix(
         run_id,
         model_a,
@@ -357,20 +373,10 @@ def _store_run(
     study: str | None,
     seconds: float,
 ) -> int:
-    """Replace the stored run of this pair and k with a new one: run, cells and test.
+    """Store a new run of this pair and k: run, cells and test. Earlier runs stay as they are.
     ``null``: the null model's mean (chance) and standard deviation of M_k."""
     (model_a, model_b), (dataset_a, dataset_b) = pair.model_ids, pair.dataset_ids
     chance, null_sd = null
-    conn.execute(
-        sa.delete(AffinityRun).where(
-            AffinityRun.model_a_id == model_a,
-            AffinityRun.model_b_id == model_b,
-            AffinityRun.dataset_a_id == dataset_a,
-            AffinityRun.dataset_b_id == dataset_b,
-            AffinityRun.k == k,
-            AffinityRun.include_layer0 == include_layer0,
-        )
-    )
     run_id: int = conn.execute(
         sa.insert(AffinityRun)
         .values(
@@ -408,9 +414,41 @@ def _store_run(
                 n_pairs=n_pairs,
                 p_bonferroni=test.p_bonferroni,
                 log10_p_bonferroni=test.log10_p_bonferroni,
+                undefined_reason=test.undefined_reason,
             )
         )
     return run_id
+
+
+# The newest run of a key, unless a k-NN set of either side was computed after it (then it
+# was made from other sets, and is not current); for a study, only when its diagonal test
+# was corrected for the same number of pairs in a study of the same name.
+CURRENT_RUN = """
+SELECT r.id FROM affinity_run r
+LEFT JOIN diagonal_test t ON t.run_id = r.id
+WHERE r.model_a_id = :ma AND r.model_b_id = :mb AND r.dataset_a_id = :da AND r.dataset_b_id = :db
+  AND r.k = :k AND r.include_layer0 = :l0
+  AND (:any_study OR ((t.run_id IS NULL OR t.n_pairs = :n_pairs) AND r.study IS NOT DISTINCT FROM :study))
+  AND NOT EXISTS (
+      SELECT 1 FROM knn_run n
+      WHERE ((n.model_id = :ma AND n.dataset_id = :da) OR (n.model_id = :mb AND n.dataset_id = :db))
+        AND n.created_at > r.created_at
+  )
+  AND NOT EXISTS (
+      SELECT 1 FROM affinity_run newer
+      WHERE newer.model_a_id = r.model_a_id AND newer.model_b_id = r.model_b_id
+        AND newer.dataset_a_id = r.dataset_a_id AND newer.dataset_b_id = r.dataset_b_id
+        AND newer.k = r.k AND newer.include_layer0 = r.include_layer0 AND newer.id > r.id
+  )
+"""
+
+
+def _current_run(conn: sa.Connection, key: tuple, n_pairs: int, study: str | None, any_study: bool) -> int | None:
+    ma, mb, da, db, k, l0 = key
+    values = {"ma": ma, "mb": mb, "da": da, "db": db, "k": k, "l0": l0}
+    return conn.execute(
+        sa.text(CURRENT_RUN), {**values, "n_pairs": n_pairs, "study": study, "any_study": any_study}
+    ).scalar()
 
 
 # The planner cannot estimate the join of unnested arrays (it guesses thousands of rows
@@ -527,9 +565,11 @@ def compute_study(
     engine: str = "blas",
     study: str | None = None,
     overlap: str = "sparse",
+    recompute: bool = False,
     progress: bool = True,
 ) -> list[AffinityMatrix]:
-    """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs.
+    """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs: the
+    current stored runs where there are, new runs for the rest (``compute_affinity``).
 
     With one dataset, pairs are unordered (A, B) for A before B in the list. With a
     parallel pair of datasets, the first model reads ``dataset`` and the second ``dataset_b``.
@@ -551,6 +591,7 @@ def compute_study(
             study=study,
             overlap=overlap,
             n_pairs=len(pairs),
+            recompute=recompute,
             progress=progress,
         )
         for a, b in pairs
@@ -561,7 +602,14 @@ RUNS_SQL = """
 SELECT r.id AS run_id, ma.name AS model_a, mb.name AS model_b, da.name AS dataset_a, db.name AS dataset_b, r.k,
        r.include_layer0, r.n_prompts, r.n_layers_a, r.n_layers_b, r.chance, r.null_sd, r.knn_engine, r.study,
        r.seconds, r.created_at, t.mean_on, t.mean_off, t.t, t.log10_p, t.n_pairs, t.log10_p_bonferroni,
-       t.rows_model
+       t.rows_model, t.undefined_reason,
+       CASE WHEN r.model_a_id = r.model_b_id THEN 'within-model' ELSE 'cross-model' END AS pair_kind,
+       NOT EXISTS (
+           SELECT 1 FROM affinity_run n
+           WHERE n.model_a_id = r.model_a_id AND n.model_b_id = r.model_b_id AND n.dataset_a_id = r.dataset_a_id
+             AND n.dataset_b_id = r.dataset_b_id AND n.k = r.k AND n.include_layer0 = r.include_layer0
+             AND n.id > r.id
+       ) AS is_current
 FROM affinity_run r
 JOIN model ma ON ma.id = r.model_a_id
 JOIN model mb ON mb.id = r.model_b_id
@@ -587,29 +635,25 @@ def stored_affinity(
     k: int = 10,
     include_layer0: bool = False,
 ) -> AffinityMatrix | None:
-    """The stored matrix of exactly this (model A, model B, datasets, k, layer 0), or None."""
+    """The newest stored matrix of exactly this (model A, model B, datasets, k, layer 0), or None."""
     where = (
         " WHERE ma.name = :a AND mb.name = :b AND da.name = :da AND db.name = :db AND r.k = :k"
-        " AND r.include_layer0 = :l0"
+        " AND r.include_layer0 = :l0 ORDER BY r.id DESC LIMIT 1"
     )
     with wh.engine.connect() as conn:
-        run = (
-            conn.execute(
-                sa.text(RUNS_SQL + where),
-                {
-                    "a": model_a,
-                    "b": model_b,
-                    "da": dataset_a,
-                    "db": dataset_b or dataset_a,
-                    "k": k,
-                    "l0": include_layer0,
-                },
-            )
-            .mappings()
-            .first()
-        )
+        run_id = conn.execute(
+            sa.text(RUNS_SQL + where),
+            {"a": model_a, "b": model_b, "da": dataset_a, "db": dataset_b or dataset_a, "k": k, "l0": include_layer0},
+        ).scalar()
+    return None if run_id is None else load_run(wh, run_id)
+
+
+def load_run(wh: Warehouse, run_id: int) -> AffinityMatrix:
+    """A stored affinity run by id, as computed: matrix, diagonal test and provenance."""
+    with wh.engine.connect() as conn:
+        run = conn.execute(sa.text(RUNS_SQL + " WHERE r.id = :id"), {"id": run_id}).mappings().first()
         if run is None:
-            return None
+            raise _missing_run(run_id)
         test_row = (
             conn.execute(sa.select(DiagonalTestRow.__table__).where(DiagonalTestRow.run_id == run["run_id"]))
             .mappings()
@@ -619,7 +663,17 @@ def stored_affinity(
     test = None
     if test_row is not None:
         stored = {
-            f: test_row[f] for f in ("mean_on", "mean_off", "t", "p", "p_bonferroni", "log10_p", "log10_p_bonferroni")
+            f: test_row[f]
+            for f in (
+                "mean_on",
+                "mean_off",
+                "t",
+                "p",
+                "p_bonferroni",
+                "log10_p",
+                "log10_p_bonferroni",
+                "undefined_reason",
+            )
         }
         test = DiagonalTest(
             n_on=test_row["n_on"],
@@ -630,11 +684,11 @@ def stored_affinity(
         )
     return AffinityMatrix(
         run["run_id"],
-        model_a,
-        model_b,
-        dataset_a,
-        dataset_b or dataset_a,
-        k,
+        run["model_a"],
+        run["model_b"],
+        run["dataset_a"],
+        run["dataset_b"],
+        run["k"],
         run["n_prompts"],
         layers_a,
         layers_b,
@@ -650,16 +704,24 @@ def stored_affinity(
 
 
 def load_matrix(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int]]:
-    """(scores, layers_a, layers_b) of a stored affinity run."""
+    """(scores, layers_a, layers_b) of a stored affinity run; a missing id is an error."""
     with wh.engine.connect() as conn:
         cells = conn.execute(
             sa.text("SELECT layer_a, layer_b, score FROM affinity_cell WHERE run_id = :r ORDER BY layer_a, layer_b"),
             {"r": run_id},
         ).all()
+    if not cells:
+        raise _missing_run(run_id)
     layers_a = sorted({c[0] for c in cells})
     layers_b = sorted({c[1] for c in cells})
     scores = np.array([c[2] for c in cells]).reshape(len(layers_a), len(layers_b))
     return scores, layers_a, layers_b
+
+
+def _missing_run(run_id: int) -> NotFoundError:
+    return NotFoundError(
+        f"there is no affinity run {run_id}; `layerbase affinity-runs` (affinity_runs() in Python) lists those stored"
+    )
 
 
 __all__ = [
@@ -668,6 +730,7 @@ __all__ = [
     "compute_study",
     "list_runs",
     "load_matrix",
+    "load_run",
     "relative_depths",
     "stored_affinity",
 ]

@@ -21,22 +21,38 @@ class DiagonalTest:
     """Result of the generalized-diagonal test.
 
     ``transposed`` says whether the given matrix was transposed so that rows are the
-    deeper model's layers.
+    deeper model's layers. A test whose t statistic is not finite (cells without variance)
+    has no statistics, only ``undefined_reason``: no NaN reaches a stored statistic.
     """
 
     n_on: int
     n_off: int
     mean_on: float
     mean_off: float
-    t: float
-    p: float
-    p_bonferroni: float
-    log10_p: float
-    log10_p_bonferroni: float
+    t: float | None
+    p: float | None
+    p_bonferroni: float | None
+    log10_p: float | None
+    log10_p_bonferroni: float | None
     n_pairs: int
     transposed: bool
+    undefined_reason: str | None = None
 
-    def as_dict(self) -> dict[str, float | int | bool]:
+    @property
+    def defined(self) -> bool:
+        return self.t is not None
+
+    def describe(self) -> str:
+        """The test in one phrase: the means, and t with log10 p or why there is none."""
+        means = f"on {self.n_on} cells mean {self.mean_on:.4f} vs off {self.n_off} mean {self.mean_off:.4f}"
+        if self.t is None:
+            return f"{means}; no test: {self.undefined_reason}"
+        return (
+            f"{means}; t = {self.t:.2f}, log10 p = {self.log10_p:.1f}, "
+            f"Bonferroni ({self.n_pairs} pairs) log10 p = {self.log10_p_bonferroni:.1f}"
+        )
+
+    def as_dict(self) -> dict[str, float | int | bool | str | None]:
         return asdict(self)
 
 
@@ -74,12 +90,34 @@ def diagonal_test(matrix: np.ndarray, n_pairs: int = 1) -> DiagonalTest:
         raise ValueError(f"a {m.shape[0]}x{m.shape[1]} matrix has too few off-diagonal cells for a t-test")
     with warnings.catch_warnings():
         # near-constant matrices (e.g. degenerate activations) trigger scipy's precision-loss
-        # warning; the statistic it returns (possibly nan or inf) is reported as is
+        # warning; a statistic that is not finite is caught below
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_ind(on, off, equal_var=True, alternative="greater")
     t = float(result.statistic)
+    # Both groups constant: the pooled variance is zero (or rounding error, which gives t of
+    # 1e16 instead of inf), and t has no meaning.
+    if not np.isfinite(t) or (np.ptp(on) == 0 and np.ptp(off) == 0):
+        same = np.ptp(m) == 0
+        return DiagonalTest(
+            n_on=int(len(on)),
+            n_off=int(len(off)),
+            mean_on=float(on.mean()),
+            mean_off=float(off.mean()),
+            t=None,
+            p=None,
+            p_bonferroni=None,
+            log10_p=None,
+            log10_p_bonferroni=None,
+            n_pairs=n_pairs,
+            transposed=transposed,
+            undefined_reason=(
+                f"every cell has the same score ({float(m.flat[0]):.4g}), so there is nothing to compare"
+                if same
+                else "the on- and off-diagonal cells have no variance, so the t statistic is not finite"
+            ),
+        )
     df = len(on) + len(off) - 2
-    log10_p = float(stats.t.logsf(t, df) / LN10) if np.isfinite(t) else (-math.inf if t > 0 else 0.0)
+    log10_p = float(stats.t.logsf(t, df) / LN10)
     p = float(result.pvalue)
     log10_p_bonf = min(0.0, log10_p + math.log10(n_pairs))
     return DiagonalTest(
