@@ -122,6 +122,7 @@ def jobs(obj: Context, as_json: bool) -> None:
     rows = records(obj.api().jobs())
     for r in rows:
         r["progress"] = f"{r['done']}/{r['n_prompts']}"
+        r["error"] = r["error"] or ""  # a job without an error shows none, not 'None'
     emit(rows, as_json, table(rows, ["id", "model", "dataset", "state", "progress", "truncated", "error"]))
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from layerbase.cli import analyze, dataset, db, demo, geometry, ingest, steer
+from layerbase.cli import analyze, cache, dataset, db, demo, geometry, ingest, steer
 from layerbase.cli.common import Context
 from layerbase.warehouse.errors import LayerbaseError
 
@@ -102,6 +102,7 @@ def _register() -> None:
     for command in (
         demo.demo,
         db.db,
+        cache.cache,
         dataset.dataset,
         ingest.ingest_command,
         ingest.jobs,

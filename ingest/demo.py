@@ -26,14 +26,13 @@ def demo_dataset_names(n_prompts: int) -> tuple[str, str]:
     return f"bbc-news-leads-{n_prompts}", f"random-strings-{n_prompts}"
 
 
-def register_demo_datasets(wh: Warehouse, n_prompts: int, seed: int = 0) -> tuple[str, str]:
-    """Register the demo's news and random-string datasets (no-op when present)."""
+def register_demo_datasets(wh: Warehouse, n_prompts: int, seed: int = 0) -> list[dict]:
+    """Register the demo's news and random-string datasets (no-op when present); their
+    summaries, as ``add_datasets`` gives them."""
     if not 2 <= n_prompts <= BBC_ARTICLES:
         raise InputError(f"--prompts must be between 2 and {BBC_ARTICLES} (the corpus size), got {n_prompts}")
     news_name, random_name = demo_dataset_names(n_prompts)
     # One article in the corpus has a Latin-1 pound sign; it becomes U+FFFD.
     news = read_txt_dir(bbc_dir(), LEAD_PARAGRAPHS, decode_errors="replace").sample(n_prompts, seed)
     noise = generate_random(n_prompts, 32, seed=seed)
-    add_datasets(wh, [(news_name, news)])
-    add_datasets(wh, [(random_name, noise)])
-    return news_name, random_name
+    return add_datasets(wh, [(news_name, news)]) + add_datasets(wh, [(random_name, noise)])

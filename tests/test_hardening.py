@@ -345,3 +345,75 @@ def test_bulk_writes_of_derived_rows_leave_fresh_planner_statistics(wh, db_url: 
     assert cli("affinity", "--models", "A,B", "--dataset", "d", "-k", "5", "--no-progress").exit_code == 0
     assert estimated_and_real("knn_neighbor") == (320, 320)
     assert estimated_and_real("affinity_cell") == (4, 4)
+
+
+def test_cache_list_and_clear_touch_only_the_caches(tmp_path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("LAYERBASE_HOME", str(home))
+    converted = home / "models" / "SmolLM2-135M-Instruct.Q4_1-0123abcd"
+    converted.mkdir(parents=True)
+    (converted / "model.safetensors").write_bytes(b"x" * 5000)
+    (converted / "complete").write_text("")
+    partial = home / "models" / "gemma-3-270m-Q4_K_M-4567ef"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"x" * 300)
+    (home / "packaged").mkdir()
+    (home / "packaged" / "gemma-3-270m-Q4_K_M.gguf").write_bytes(b"g" * 2000)
+    (home / "pgdata").mkdir()
+    (home / "pgdata" / "PG_VERSION").write_text("18")
+
+    listed = cli("cache", "list")
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert "models/SmolLM2-135M-Instruct.Q4_1-0123abcd" in lines[1] and "5.0 KB" in lines[1]  # largest first
+    assert "incomplete: rebuilt on next load" in listed.output and "3 entries" in listed.output
+    assert_clean_error(cli("cache", "clear", "pgdata"), "no cache entry named 'pgdata'")
+    assert converted.exists() and (home / "pgdata" / "PG_VERSION").exists()
+    one = cli("cache", "clear", "packaged/gemma-3-270m-Q4_K_M.gguf")
+    assert one.exit_code == 0 and "Cleared 1 entries, 2.0 KB" in one.output
+    assert not (home / "packaged" / "gemma-3-270m-Q4_K_M.gguf").exists() and converted.exists()
+    rest = cli("cache", "clear", "--json")
+    assert rest.exit_code == 0 and sorted(__import__("json").loads(rest.output)["cleared"]) == [
+        "models/SmolLM2-135M-Instruct.Q4_1-0123abcd",
+        "models/gemma-3-270m-Q4_K_M-4567ef",
+    ]
+    assert (home / "pgdata" / "PG_VERSION").exists()  # the database is not a cache
+    assert "No cached models." in cli("cache", "list").output
+
+
+def test_slow_loading_steps_say_what_runs_and_how_long(capsys) -> None:
+    from layerbase.ingest.steps import step
+
+    with step("gemma: de-quantizing model.gguf to float32 (once)"):
+        pass
+    with pytest.raises(KeyboardInterrupt), step("gemma: caching"):
+        raise KeyboardInterrupt
+    with step("hidden", shown=False):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "gemma: de-quantizing model.gguf to float32 (once) ..."
+    assert err[1].startswith("gemma: de-quantizing model.gguf to float32 (once): done in ")
+    assert err[2:] == ["gemma: caching ...", "gemma: caching: failed"]
+
+
+def test_the_on_off_scatter_keeps_its_labels_inside_the_axes() -> None:
+    from layerbase.analysis.reporting.plots import on_off_scatter
+
+    points = [
+        ("SmolLM2-135M-Instruct × gemma-3-270m @ bbc-news-leads-512", 0.145, 0.203),
+        ("SmolLM2-135M-Instruct × gemma-3-270m @ random-strings-512", 0.021, 0.024),
+        ("gemma-3-270m × all-MiniLM-L6-v2 @ bbc-news-leads-512", 0.30, 0.31),
+    ]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = on_off_scatter(points, chance=0.0196)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    [ax] = fig.axes
+    box = ax.get_window_extent(renderer)
+    for label in ax.texts:
+        extent = label.get_window_extent(renderer)
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, (
+            label.get_text()
+        )

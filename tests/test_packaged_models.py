@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,5 +138,14 @@ def test_demo_end_to_end_and_rerun(db_url: str, tmp_path: Path) -> None:
     rerun = json.loads(second.stdout)
     assert all(j["prompts_written_now"] == 0 for j in rerun["jobs"])
     assert rerun["seconds"] < summary["seconds"]
-    text = cli("demo", "--prompts", "24", "--out", str(out), "--no-progress")
-    assert "diagonal test" in text.output and "Report:" in text.output
+    # without --out the report goes to the data directory, never into the working directory;
+    # each step is printed as it starts
+    text = cli("demo", "--prompts", "24", "--no-progress")
+    lines = text.output.splitlines()
+    assert lines[0].startswith("Warehouse: ") and "PostgreSQL 18" in lines[0] and "pgvector 0.8" in lines[0]
+    home = Path(os.environ["LAYERBASE_HOME"]).resolve()
+    assert lines[1] == f"Report to: {home / 'demo-report'}"
+    assert lines[2].startswith("Datasets: bbc-news-leads-24 (24 prompts, stored before)")
+    order = [next(i for i, line in enumerate(lines) if line.startswith(p)) for p in ("Ingesting", "k-NN", "Report:")]
+    assert order == sorted(order) and "diagonal test" in text.output
+    assert (home / "demo-report" / "report.html").exists() and not Path("layerbase-report").exists()

@@ -24,6 +24,12 @@ def upgrade_schema(wh: Warehouse) -> tuple[str | None, str, str]:
     return before, after, wh.display_url
 
 
+def server_versions(wh: Warehouse) -> tuple[str, str | None]:
+    """The server's version and pgvector's (None before `db upgrade` creates it)."""
+    with translate_errors(wh), wh.engine.connect() as conn:
+        return str(conn.execute(sa.text("SHOW server_version")).scalar()), pgvector_version(conn)
+
+
 def database_status(wh: Warehouse) -> dict[str, Any]:
     """Server, pgvector version, schema revision and exact row counts."""
     with translate_errors(wh), wh.engine.connect() as conn:

@@ -198,7 +198,18 @@ def on_off_scatter(points: list[tuple[str, float, float]], chance: float | None 
     for label, x, y in points:
         pair, _, dataset = label.partition(" @ ")
         text = pair + (f"\non {dataset}" if dataset else "")
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4, 6), fontsize=6.5, ha="right")
+        # The label goes on the side of the point with more room, so that it stays inside
+        # the axes: points sit near the left (off-diagonal means near chance) and the top.
+        right = x < top / 2
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(6 if right else -6, -4 if y > top * 0.8 else 6),
+            fontsize=6.5,
+            ha="left" if right else "right",
+            va="top" if y > top * 0.8 else "bottom",
+        )
     if chance is not None:
         ax.axvline(chance, color="#ff5a36", linewidth=0.8, linestyle=":", label=f"chance {chance:.3f}")
     ax.set_xlim(0, top)
