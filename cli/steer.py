@@ -139,6 +139,12 @@ def compare(obj: Context, first: str, second: str, as_json: bool) -> None:
 @click.argument("vector")
 @click.option("--prompt", type=TEXT, required=True, help="Text to continue.")
 @click.option("--coefficient", type=float, default=1.0, show_default=True, help="Multiplier of the vector.")
+@click.option(
+    "--both-signs/--one-sign",
+    default=True,
+    show_default=True,
+    help="Also continue with the vector subtracted (-coefficient), as the sign is half the evidence.",
+)
 @click.option("--max-new-tokens", type=int, default=40, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -153,6 +159,7 @@ def generate_(
     vector: str,
     prompt: str,
     coefficient: float,
+    both_signs: bool,
     max_new_tokens: int,
     sample: bool,
     temperature: float,
@@ -162,27 +169,36 @@ def generate_(
     device: str | None,
     as_json: bool,
 ) -> None:
-    """Continue a prompt with and without the vector added to the residual stream."""
-    out = obj.api().generate(
-        vector,
-        prompt,
-        coefficient,
-        max_new_tokens=max_new_tokens,
-        sample=sample,
-        seed=seed,
-        temperature=temperature,
-        model=model,
-        layer=layer,
-        device=device,
-    )
-    emit(
-        out,
-        as_json,
-        f"{out['model']} layer {out['layer']}, {out['decoding']} decoding\n"
-        f"prompt:              {prompt}\n"
-        f"unsteered:           {out['unsteered']}\n"
+    """Continue a prompt unsteered, with the vector added to the residual stream, and (by
+    default) with it subtracted."""
+    lb = obj.api()
+
+    def run(c: float) -> dict:
+        return lb.generate(
+            vector,
+            prompt,
+            c,
+            max_new_tokens=max_new_tokens,
+            sample=sample,
+            seed=seed,
+            temperature=temperature,
+            model=model,
+            layer=layer,
+            device=device,
+        )
+
+    out = run(coefficient)
+    lines = [
+        f"{out['model']} layer {out['layer']}, {out['decoding']} decoding",
+        f"prompt:              {prompt}",
+        f"unsteered:           {out['unsteered']}",
         f"steered ({coefficient:+g} x {vector}): {out['steered']}",
-    )
+    ]
+    if both_signs and coefficient != 0:
+        opposite = run(-coefficient)
+        out["opposite"] = {"coefficient": -coefficient, "steered": opposite["steered"]}
+        lines.append(f"steered ({-coefficient:+g} x {vector}): {opposite['steered']}")
+    emit(out, as_json, "\n".join(lines))
 
 
 @steer.command("transfer")
@@ -212,10 +228,11 @@ def generate_(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train / held-out split.")
 @click.option(
     "--calibrate",
-    default="relative",
+    default="contrast",
     show_default=True,
-    help="relative: keep the vector's norm relative to the layer's activation norm; none; "
-    "or native:VECTOR to match a native vector's norm.",
+    help="contrast: the norm of the target model's own vector from the same contrast prompts; "
+    "relative: keep the vector's norm relative to the layer's activation norm (large, and "
+    "generations can degenerate); none; or native:VECTOR to match a native vector's norm.",
 )
 @click.option("--name", help="Name of the new vector (default: VECTOR->MODEL).")
 @device_option

@@ -670,13 +670,16 @@ class Layerbase:
         bias: bool = True,
         ridge: float = 0.0,
         seed: int = 0,
-        calibrate: str = "relative",
+        calibrate: str = "contrast",
         name: str | None = None,
         device: str | None = None,
     ) -> Transferred:
         """Map a steering vector into model ``to`` through a least-squares Emb2Emb map (fitted
         on shared-vocabulary token embeddings, or on stored hidden states with
-        ``pairs="prompts"``; a stored map is reused), calibrate its norm, and store it."""
+        ``pairs="prompts"``; a stored map is reused), calibrate its norm, and store it.
+        ``calibrate``: ``contrast`` (the norm of the target's own vector from the same
+        contrast prompts), ``relative`` (the source's norm relative to its activations),
+        ``none``, or ``native:VECTOR``."""
         from layerbase.analysis.steering.emb2emb import transfer
 
         info, map_info, calibration = transfer(

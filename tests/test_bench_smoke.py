@@ -12,7 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-MODULES = ["bench.knn_blas", "bench.knn_indb", "bench.affinity", "bench.ingest_overhead", "bench.lookup"]
+MODULES = [
+    "bench.knn_blas",
+    "bench.knn_indb",
+    "bench.affinity",
+    "bench.ingest_overhead",
+    "bench.lookup",
+    "bench.steering_calibration",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)

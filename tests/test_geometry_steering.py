@@ -330,6 +330,10 @@ def test_generate_and_evaluate(world: dict, tmp_path: Path) -> None:
         ).output
     )
     assert strong["steered"] != strong["unsteered"]
+    # by default the opposite sign is shown too, as the sign is half the evidence
+    assert strong["opposite"]["coefficient"] == -500 and strong["opposite"]["steered"] != strong["steered"]
+    text = cli("steer", "generate", "v", "--prompt", "the cat", "--coefficient", "2", "--max-new-tokens", "4").output
+    assert "unsteered:" in text and "steered (+2 x v)" in text and "steered (-2 x v)" in text
     prompts = write_lines(tmp_path / "eval.txt", random_texts(6, seed=9))
     plot = tmp_path / "sweep.png"
     result = cli(
@@ -442,29 +446,15 @@ def test_transfer_recovers_the_planted_map(world: dict) -> None:
     assert before is not None and after == before
 
 
-def test_transfer_on_prompt_pairs_with_relative_calibration(world: dict) -> None:
+def test_transfer_on_prompt_pairs_with_relative_and_contrast_calibration(world: dict) -> None:
     assert (
         cli(
             "steer", "make", "--model", "A", "--layer", "4", "--positive", "pos", "--negative", "neg", "--name", "v4"
         ).exit_code
         == 0
     )
-    result = cli(
-        "steer",
-        "transfer",
-        "v4",
-        "--to",
-        "B",
-        "--pairs",
-        "prompts",
-        "--dataset",
-        "pos",
-        "--ridge",
-        "1",
-        "--layer",
-        "5",
-        "--json",
-    )
+    transfer = ["steer", "transfer", "v4", "--to", "B", "--pairs", "prompts", "--dataset", "pos", "--ridge", "1"]
+    result = cli(*transfer, "--layer", "5", "--calibrate", "relative", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["map"]["pairs"] == "prompts" and out["map"]["n_pairs"] == 12 and out["map"]["layer_b"] == 5
@@ -481,3 +471,18 @@ def test_transfer_on_prompt_pairs_with_relative_calibration(world: dict) -> None
             (out["map"]["id"],),
         ).fetchone()
     assert stored == (32, 48, 32 * 48, 1.0)
+    # the default calibration gives the mapped vector the norm of B's own vector from the
+    # same contrast prompts, and records the relative norm beside it
+    default = cli(*transfer, "--layer", "5", "--name", "v4-contrast", "--json")
+    assert default.exit_code == 0, default.output
+    native = cli(
+        "steer", "make", "--model", "B", "--layer", "5", "--positive", "pos", "--negative", "neg", "--name", "native-b5"
+    )
+    assert native.exit_code == 0, native.output
+    mapped, info = _vector(world["db"], "v4-contrast")
+    _, native_info = _vector(world["db"], "native-b5")
+    assert info["calibration"]["rule"] == "contrast"
+    assert info["norm"] == pytest.approx(native_info["norm"], rel=1e-4)
+    assert info["calibration"]["relative_norm"] == pytest.approx(
+        source_info["norm"] / source_info["activation_norm"] * info["activation_norm"], rel=1e-4
+    )

@@ -417,3 +417,61 @@ def test_the_on_off_scatter_keeps_its_labels_inside_the_axes() -> None:
         assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, (
             label.get_text()
         )
+
+
+def _near_ties(n: int = 300, d: int = 64, seed: int = 0):
+    """Nearly collinear vectors, as last-token activations are: cosine distances about 1e-6
+    apart, below float32's rounding of a dot product, with some exact duplicates."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(d)
+    x = (base + 1e-3 * rng.standard_normal((n, d))).astype(np.float32)
+    x[10] = x[3]
+    x[200] = x[3]  # duplicates of row 3: the same distance to everything, ties go by position
+    return x
+
+
+def _float64_truth(x, k: int):
+    """The definition, computed independently: exactly rounded float64 dot products
+    (math.fsum), then by distance, equal distances by position."""
+    import math
+
+    import numpy as np
+
+    x64 = x.astype(np.float64)
+    norms = [math.sqrt(math.fsum(v * v)) for v in x64]
+    out = []
+    for q in range(len(x)):
+        dist = np.array([1.0 - math.fsum(x64[j] * x64[q]) / (norms[j] * norms[q]) for j in range(len(x))])
+        dist[q] = np.inf
+        out.append(np.lexsort((np.arange(len(x)), dist))[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [10, 20])
+def test_exact_engines_agree_with_a_float64_brute_force_on_near_ties(wh, k: int) -> None:
+    import numpy as np
+
+    from layerbase.analysis.knn.materialize import materialize
+    from layerbase.analysis.knn.topk import exact_topk, normalize
+    from tests.test_knn_affinity import stored_sets
+
+    x = _near_ties()
+    truth = _float64_truth(x, k)
+    # the data are what the red-team run met: a float32 ranking gets sets wrong
+    xn = normalize(x)
+    f32 = 1.0 - xn @ xn.T
+    np.fill_diagonal(f32, np.inf)
+    by_float32 = np.lexsort((np.broadcast_to(np.arange(len(x)), f32.shape), f32), axis=1)[:, :k]
+    assert (np.sort(by_float32, axis=1) != np.sort(truth, axis=1)).any(axis=1).sum() > 0
+    # the blas engine's blocks (whatever their shape) and the sql engine equal the definition
+    for block_rows in (7, 64, None):
+        idx, _ = exact_topk(x, k, block_rows=block_rows)
+        assert np.array_equal(idx, truth), block_rows
+    store_synthetic(wh, "tied", "d", n=len(x), d=x.shape[1], n_layers=1, layer_vectors={1: x})
+    for engine in ("blas", "sql"):
+        materialize(wh, "tied", "d", k_max=k, engine=engine, progress=False)
+        assert np.array_equal(stored_sets(wh, "tied", engine, k)[1], truth), engine
+    # duplicates (rows 3, 10, 200) are each other's nearest, at distance 0, by position
+    assert list(truth[3][:2]) == [10, 200] and list(truth[10][:2]) == [3, 200] and list(truth[200][:2]) == [3, 10]

@@ -10,7 +10,6 @@ from psycopg import sql
 
 from layerbase.analysis.knn.index import IndexPlan
 from layerbase.analysis.knn.search import Search
-from layerbase.analysis.knn.topk import DISTANCE_DECIMALS
 from layerbase.warehouse.engine import Warehouse
 from layerbase.warehouse.parallel import run_in_parallel
 from layerbase.warehouse.storage import Storage
@@ -20,8 +19,9 @@ QUERY_BLOCK = 128  # prompts per in-database statement
 # One statement ranks the neighbours of a block of query prompts. The inner scan takes
 # {candidates} candidates (self is among them) ordered by {order}: the exact ``vec <=> q``
 # for the sql engine, or the indexed expression (so that the planner uses the partial
-# index). Candidates are then ranked by exact distance, ties by prompt id, and the first k
-# returned as arrays. Prompt ids grow with position within a dataset, so ties break by
+# index). Candidates are then ranked by pgvector's distance, ties by prompt id, and the first
+# k returned as arrays; the sql engine asks for more than it keeps, and the caller re-ranks
+# them in float64 (``topk.rerank_candidates``). Prompt ids grow with position within a dataset, so ties break by
 # position as in the blas engine; ids are mapped to positions by the caller, which keeps
 # the prompt table out of the statement (joining it cost a tenth of the time). A wide
 # vector is stored out of line (TOAST); the cast to the layer's width in a subquery that
@@ -40,7 +40,7 @@ FROM (
     OFFSET 0
 ) q
 CROSS JOIN LATERAL (
-    SELECT cand.prompt_id AS neighbor_id, round((cand.vec <=> q.vec)::numeric, {decimals})::real AS distance
+    SELECT cand.prompt_id AS neighbor_id, cand.vec <=> q.vec AS distance
     FROM (
         SELECT a2.prompt_id, a2.{column} AS vec FROM activation a2
         WHERE a2.model_id = {model} AND a2.layer = {layer} AND a2.dataset_id = {dataset}
@@ -122,7 +122,6 @@ def neighbors_in_db(
                 order=order,
                 candidates=sql.Literal(candidates),
                 k=sql.Literal(k),
-                decimals=sql.Literal(DISTANCE_DECIMALS),
             )
         )
         rows = cur.fetchall()

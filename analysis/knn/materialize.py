@@ -42,7 +42,13 @@ from layerbase.analysis.knn.index import (
     plan_index,
 )
 from layerbase.analysis.knn.search import RECALL_K, SampleRecall, Search, calibrate_lookups, initial_search
-from layerbase.analysis.knn.topk import default_device, exact_topk, topk_blocks
+from layerbase.analysis.knn.topk import (
+    EXTRA_CANDIDATES,
+    default_device,
+    exact_topk,
+    rerank_candidates,
+    topk_blocks,
+)
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers, parse_layers
 from layerbase.analysis.vectors import layer_vectors
 from layerbase.warehouse.copy import copy_column_blocks
@@ -384,7 +390,11 @@ def _search_in_db(
         return SampleRecall.of([len(np.intersect1d(f[:rk], e)) / rk for f, e in zip(found, exact)])
 
     if plan is None:
-        return query(np.arange(n), progress=job.progress), None, None
+        # pgvector's float32 ranking finds candidates; float64 orders them (``topk.rerank_exact``),
+        # so that the sql and blas engines give identical sets, near ties included.
+        wide = min(n - 1, k + EXTRA_CANDIDATES)
+        candidates, distances = query(np.arange(n), k=wide, progress=job.progress)
+        return rerank_candidates(vectors, candidates, distances, k), None, None
     rk = min(RECALL_K, k)
     sample = np.sort(np.random.default_rng(0).choice(n, size=min(job.recall_queries, n), replace=False))
     exact = positions[exact_topk(vectors, rk, queries=sample)[0]]

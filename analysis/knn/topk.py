@@ -1,13 +1,13 @@
 """Exact blocked top-k cosine neighbours in memory (numpy, or torch on a GPU).
 
 Memory stays bounded: similarities are computed for a block of query rows at a time,
-never as an n x n matrix. Ties are broken by row index, as the SQL engine breaks them
-by dataset position.
+never as an n x n matrix. The float32 product finds candidates; the final order comes from
+float64 distances (``rerank_exact``), ties broken by row index, as in the SQL engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -15,11 +15,77 @@ from layerbase.warehouse.errors import InputError
 
 BLOCK_BYTES = 64 << 20  # similarities held at once
 BLOCK_ROWS = 256  # query rows per block at most
-# Distances are rounded to this many decimals before ranking, in every engine: BLAS
-# kernels give duplicate vectors distances that differ in the last bits depending on the
-# block shape, and rounding makes them tie, so that ties break by position everywhere.
-DISTANCE_DECIMALS = 6
-EXTRA_CANDIDATES = 16  # partition slack so that ties at the k-th place resolve by index
+EXTRA_CANDIDATES = 16  # float32 candidates beyond k, so that most rows re-rank among them
+
+# Exactness (docs/reliability.md, "What exact means"). A k-NN set is exact when it holds the
+# k prompts with the smallest cosine distance computed in float64 from the stored values,
+# equal float64 distances broken by position. Fast float32 arithmetic (BLAS here, pgvector's
+# float accumulators in SQL) only finds candidates. Its rounding error on a distance between
+# unit vectors of width d grows like sqrt(d) * 2^-24 (independent roundings; the worst case,
+# d * 2^-24, is never approached by blocked or vectorized sums); ROUNDING_MARGIN sets it 8
+# times wider than that. Every prompt whose float32 distance is within twice this bound of
+# the k-th float32 distance is re-ranked in float64, which then holds the float64 top k.
+# Last-token activations are nearly collinear (neighbours 1e-5 apart): rounding decided 2-5 %
+# of the sets of early layers before. A worst-case bound (d * 2^-24) cost 2.5x the blas
+# engine's time at d = 2048, k = 100, because nearly every row then re-ranked all its prompts.
+ROUNDING_MARGIN = 8.0
+
+
+def rounding_bound(width: int) -> float:
+    """The error a float32 cosine distance between vectors of this width stays within."""
+    return ROUNDING_MARGIN * width**0.5 * 2.0**-24
+
+
+def exact_distances(x: np.ndarray, norms: np.ndarray, query: int, rows: np.ndarray) -> np.ndarray:
+    """float64 cosine distances of ``rows`` to row ``query``. einsum sums each row in the same
+    order wherever the row sits (a BLAS product need not: with one, two copies of a vector
+    came out in the wrong order), so a pair's distance never depends on the call, and
+    identical vectors tie exactly."""
+    q = x[query].astype(np.float64) / norms[query]
+    return 1.0 - np.einsum("ij,j->i", x[rows].astype(np.float64), q) / norms[rows]
+
+
+def rerank_exact(
+    x: np.ndarray,
+    norms: np.ndarray,
+    queries: np.ndarray,
+    cand: np.ndarray,
+    cand_dist: np.ndarray,
+    k: int,
+    full_row: Callable[[int], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k-NN sets (indices, float64 distances as float32) of ``queries``, from
+    float32 candidates (``cand`` ranked by ``cand_dist``, self excluded). A row whose
+    candidates may not reach past the rounding bound of its k-th distance is re-ranked over
+    every prompt within it, from ``full_row(i)`` (its float32 distances, self at inf)."""
+    bound = 2 * rounding_bound(x.shape[1])
+    out_idx = np.empty((len(queries), k), dtype=np.int64)
+    out_dist = np.empty((len(queries), k), dtype=np.float32)
+    for i, query in enumerate(queries):
+        threshold = cand_dist[i, k - 1] + bound
+        if cand.shape[1] > k and cand_dist[i, -1] > threshold:
+            pool = cand[i][cand_dist[i] <= threshold]  # at least k: the first k are within it
+        else:  # the pool may reach past the candidates: take it from the whole row
+            row = full_row(i)
+            pool = np.nonzero(row <= threshold)[0]
+        d64 = exact_distances(x, norms, int(query), pool)
+        order = np.lexsort((pool, d64))[:k]
+        out_idx[i], out_dist[i] = pool[order], d64[order]
+    return out_idx, out_dist
+
+
+def rerank_candidates(x: np.ndarray, cand: np.ndarray, cand_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rerank_exact`` for candidates found elsewhere (the sql engine): query i is row i."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    xn = normalize(x)
+
+    def full_row(i: int) -> np.ndarray:
+        row = 1.0 - xn @ xn[i]
+        row[i] = np.inf
+        return row
+
+    return rerank_exact(x, norms, np.arange(len(x)), cand, cand_dist, k, full_row)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -60,8 +126,8 @@ def exact_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices [q, k], cosine distances [q, k]) of each query row's k nearest other rows.
 
-    Queries are all rows, or the row indices given. Self is excluded; distances are
-    rounded to 1e-6 and ties broken by the smaller index.
+    Queries are all rows, or the row indices given. Self is excluded; the order is by float64
+    distance, ties broken by the smaller index (``rerank_exact``).
     """
     n_queries = len(x) if queries is None else len(queries)
     out_idx = np.empty((n_queries, k), dtype=np.int64)
@@ -91,22 +157,20 @@ def topk_blocks(
     if not 0 < k < n:
         raise InputError(f"k must be between 1 and n - 1 = {n - 1} (got k = {k}); lower k or add prompts")
     query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
-    xn = normalize(np.asarray(x, dtype=np.float32))
+    x = np.asarray(x, dtype=np.float32)
+    xn = normalize(x)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
     block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n), BLOCK_ROWS))
     cand = min(n - 1, k + EXTRA_CANDIDATES)
     for start in range(0, len(query_rows), block):
         stop = min(len(query_rows), start + block)
         rows_here = query_rows[start:stop]
-        dist = np.round(1.0 - _similarities(xn[rows_here], xn, device), DISTANCE_DECIMALS)
+        dist = 1.0 - _similarities(xn[rows_here], xn, device)
         dist[np.arange(stop - start), rows_here] = np.inf  # self
         part = np.argpartition(dist, cand - 1, axis=1)[:, :cand]
         part_dist = np.take_along_axis(dist, part, axis=1)
         order = np.lexsort((part, part_dist), axis=1)
         idx = np.take_along_axis(part, order, axis=1)
         dd = np.take_along_axis(part_dist, order, axis=1)
-        if cand < n - 1:
-            # A tie at the k-th distance could continue past the candidates: redo those rows fully.
-            for r in np.nonzero(dd[:, k - 1] >= dd[:, cand - 1])[0]:
-                full = np.lexsort((np.arange(n), dist[r]))[:k]
-                idx[r, :k], dd[r, :k] = full, dist[r, full]
-        yield start, idx[:, :k], dd[:, :k]
+        # The lambda runs inside this call, while ``dist`` is this block's.
+        yield start, *rerank_exact(x, norms, rows_here, idx, dd, k, lambda i: dist[i])  # noqa: B023

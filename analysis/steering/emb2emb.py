@@ -34,7 +34,12 @@ if TYPE_CHECKING:
     from layerbase.ingest.model_cache import ModelCache
 
 PAIRS = ("tokens-input", "tokens-output", "prompts")
-CALIBRATIONS = ("relative", "none")
+# How a mapped vector's norm is set (docs/geometry-and-steering.md, measured with
+# bench/steering_calibration.py): ``contrast``, the default, gives it the norm of the target
+# model's own mean difference over the same contrast prompts; ``relative`` keeps its norm
+# relative to the layer's median activation norm; ``none`` keeps the map's output.
+CALIBRATIONS = ("contrast", "relative", "none")
+DEFAULT_CALIBRATION = "contrast"
 TEST_SHARE = 0.1
 
 
@@ -272,18 +277,22 @@ def corresponding_layer(wh: Warehouse, a: Model, b: Model, layer_a: int, dataset
     return proportional, "same relative depth (no affinity run of the pair is stored)"
 
 
-def typical_norm(
-    wh: Warehouse,
+def target_norms(
     model: Model,
     layer: int,
-    texts: list[str],
+    positive: list[str],
+    negative: list[str],
     token_rule: str,
     device: str | None = None,
     models: ModelCache | None = None,
-) -> float:
-    """Median activation norm of a model at a layer over the given prompts."""
+) -> tuple[float, float]:
+    """A model's median activation norm at a layer over the contrast prompts, and the norm of
+    the mean difference between its activations on the two sides: the norm a native vector
+    made from the same prompts has."""
     lm = open_stored_model(model, device=device, models=models)
-    return float(np.median(np.linalg.norm(extract_layer(lm, model, texts, layer, token_rule), axis=1)))
+    acts = extract_layer(lm, model, positive + negative, layer, token_rule)
+    contrast = acts[: len(positive)].mean(axis=0) - acts[len(positive) :].mean(axis=0)
+    return float(np.median(np.linalg.norm(acts, axis=1))), float(np.linalg.norm(contrast))
 
 
 def transfer(
@@ -297,14 +306,14 @@ def transfer(
     bias: bool = True,
     ridge: float = 0.0,
     seed: int = 0,
-    calibration: str = "relative",
+    calibration: str = DEFAULT_CALIBRATION,
     name: str | None = None,
     device: str | None = None,
     models: ModelCache | None = None,
 ) -> tuple[VectorInfo, MapInfo, dict[str, Any]]:
     """Map a steering vector of model A into model B through a fitted Emb2Emb map and store it."""
     if calibration not in CALIBRATIONS and not calibration.startswith("native:"):
-        raise InputError(f"unknown --calibrate {calibration!r}; use relative, none or native:VECTOR")
+        raise InputError(f"unknown --calibrate {calibration!r}; use contrast, relative, none or native:VECTOR")
     with Session(wh.engine) as session:
         source, a, vector = load_vector(session, vector_name)
         b = get_model(session, target)
@@ -345,28 +354,46 @@ def transfer(
     mapped_norm = float(np.linalg.norm(mapped))
     if not mapped_norm > 0:
         raise InputError("the map sends this vector to zero; fit it on other pairs")
-    texts = (source.positive or {}).get("texts", []) + (source.negative or {}).get("texts", [])
+    positive = (source.positive or {}).get("texts", [])
+    negative = (source.negative or {}).get("texts", [])
     target_activation_norm = 0.0
-    if calibration == "relative":
-        if not texts or not source.activation_norm:
-            raise InputError(
-                f"{vector_name} records no contrast prompts to calibrate on; use --calibrate none or native:VECTOR"
-            )
-        target_activation_norm = typical_norm(wh, b, layer, texts, source.token_rule, device, models)
-        wanted = source.norm / source.activation_norm * target_activation_norm
+    detail: dict[str, Any] = {}
+    if positive and negative and source.activation_norm:
+        # Both norms are recorded whatever the rule, so that a user can compare them.
+        target_activation_norm, target_contrast_norm = target_norms(
+            b, layer, positive, negative, source.token_rule, device, models
+        )
+        relative_norm = source.norm / source.activation_norm * target_activation_norm
         detail = {
-            "rule": "relative",
             "source_norm": source.norm,
             "source_activation_norm": source.activation_norm,
             "target_activation_norm": target_activation_norm,
+            "target_contrast_norm": target_contrast_norm,
+            "relative_norm": relative_norm,
+        }
+    elif calibration in ("contrast", "relative"):
+        raise InputError(
+            f"{vector_name} records no contrast prompts to calibrate on; use --calibrate none or native:VECTOR"
+        )
+    if calibration == "contrast":
+        wanted = detail["target_contrast_norm"]
+        detail |= {
+            "rule": "contrast",
+            "explanation": "||v_B|| = ||mean h_B(positive) - mean h_B(negative)||: the norm of "
+            f"{b.name}'s own vector from the same contrast prompts",
+        }
+    elif calibration == "relative":
+        wanted = detail["relative_norm"]
+        detail |= {
+            "rule": "relative",
             "explanation": "||v_B|| / median ||h_B|| = ||v_A|| / median ||h_A|| over the same contrast prompts",
         }
     elif native is not None:
         wanted = native
-        detail = {"rule": calibration, "native_norm": native}
+        detail |= {"rule": calibration, "native_norm": native}
     else:
         wanted = mapped_norm
-        detail = {"rule": "none"}
+        detail |= {"rule": "none"}
     scale = wanted / mapped_norm
     detail |= {"mapped_norm": mapped_norm, "scale": scale}
     final = (mapped * scale).astype(np.float32)

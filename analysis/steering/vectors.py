@@ -76,14 +76,13 @@ def prompt_source(
             texts = [text for _, _, text in dataset_prompts(session, ds.id, 0, ds.n_prompts - 1)]
         return PromptSource(f"dataset {dataset}", texts, dataset)
     if file is not None:
+        from layerbase.ingest.sources import read_lines
+
         try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {what} file {file}: {exc}") from None
-        texts = [line.strip() for line in lines if line.strip()]
-        if not texts:
-            raise InputError(f"the {what} file {file} holds no prompts (one per line)")
-        return PromptSource(f"file {Path(file).name}", texts)
+            prompts = read_lines(Path(file))  # bounded, and checked as any dataset's prompts are
+        except InputError as exc:
+            raise InputError(f"the {what} file: {exc}") from None
+        return PromptSource(f"file {Path(file).name}", [t.strip() for t in prompts.texts])
     assert preset is not None  # exactly one of the three was given
     return PromptSource(f"preset {preset}", list(preset_texts(preset, what)))
 
