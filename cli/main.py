@@ -14,7 +14,7 @@ from typing import Any
 import click
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from layerbase.cli import analyze, cache, dataset, db, demo, geometry, ingest, steer
+from layerbase.cli import analyze, cache, dataset, db, demo, geometry, ingest, serve, steer
 from layerbase.cli.common import Context
 from layerbase.warehouse.errors import LayerbaseError
 
@@ -115,6 +115,7 @@ def _register() -> None:
         analyze.report,
         geometry.geometry,
         steer.steer,
+        serve.serve,
     ):
         root.add_command(command)
 

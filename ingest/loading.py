@@ -182,8 +182,10 @@ def load_model(
     device: str | None = None,
     gguf_file: str | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM or encoder with its tokenizer, in eval mode on the chosen device.
+    ``label`` names the model in progress lines (default: ``source``).
 
     ``progress`` shows the one bar loading can need: a GGUF file's conversion (about 30 s the
     first time, before the converted model is cached)."""
@@ -197,7 +199,7 @@ def load_model(
     where, gguf_file = _locate(source, gguf_file)
     local_only = Path(where).exists() or hub.prepare(where, revision)
     model, tokenizer, causal, from_cache = _load_weights(
-        source, where, gguf_file, revision, dtype, progress, local_only
+        source, where, gguf_file, revision, dtype, progress, local_only, label or source
     )
     model.to(device).eval()
     lm = _describe(model, tokenizer, causal, source, revision, gguf_file, dtype, device, from_cache)
@@ -237,6 +239,7 @@ def _load_weights(
     dtype: str,
     progress: bool,
     local_only: bool = True,
+    label: str = "",
 ) -> tuple[Any, Any, bool, bool]:
     """(model, tokenizer, whether it is a causal LM, whether a cached conversion was used). A GGUF file is read from its
     safetensors cache when one is complete, else de-quantized and then cached."""
@@ -260,9 +263,12 @@ def _load_weights(
     # A GGUF file's first load is slow (about 50 s for Gemma-3-270M): each step says so.
     slow = progress and bool(load_gguf)
     try:
-        with step(f"{source}: reading the tokenizer from {load_gguf}", slow):
+        with step(f"{label or source}: reading the tokenizer from {load_gguf}", slow):
             tokenizer = _from_pretrained(AutoTokenizer, load_from, **options)
-        with step(f"{source}: de-quantizing {load_gguf} to {dtype} (once)", slow), _gguf_conversion_bar(shown=progress):
+        with (
+            step(f"{label or source}: de-quantizing {load_gguf} to {dtype} (once)", slow),
+            _gguf_conversion_bar(shown=progress),
+        ):
             model = _from_pretrained(cls, load_from, dtype=_torch_dtype(dtype), **options)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
@@ -270,7 +276,7 @@ def _load_weights(
     if load_gguf:
         size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
         cache_dir = gguf_cache_dir(Path(where) / load_gguf, dtype)
-        with step(f"{source}: caching the converted model ({size:.1f} GB) in {cache_dir}", slow):
+        with step(f"{label or source}: caching the converted model ({size:.1f} GB) in {cache_dir}", slow):
             model = _cache_gguf(model, tokenizer, Path(where) / load_gguf, dtype)
     return model, tokenizer, causal, from_cache
 
@@ -426,8 +432,9 @@ def open_model(
     packaged = resolve_packaged(source, progress)
     if packaged:
         _, path = packaged
-        lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress)
-        lm.source = source_identity(source)
+        name = source_identity(source)
+        lm = load_model(str(path), revision=revision, dtype=dtype, device=device, progress=progress, label=name)
+        lm.source = name
         return lm
     return load_model(source, revision=revision, dtype=dtype, device=device, progress=progress)
 

@@ -43,6 +43,7 @@ def make_files(tmp: Path) -> dict[str, Path]:
     np.save(tmp / "wide.npy", np.ones(16, dtype=np.float32))
     np.save(tmp / "nan.npy", np.array([np.nan] * 8, dtype=np.float32))
     np.save(tmp / "matrix.npy", np.ones((2, 8), dtype=np.float32))
+    np.save(tmp / "huge.npy", np.ones((2100, 2048), dtype=np.float32))  # 17 MB: refused unread
     return {p.name: p for p in tmp.iterdir()}
 
 
@@ -164,6 +165,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "steering vector with NaN",
         ["steer", "import", "--model", "A", "--layer", "1", "--file", "{nan.npy}", "--name", "w"],
         ["NaN"],
+    ),
+    (
+        "a steering vector file of 17 MB",
+        ["steer", "import", "--model", "A", "--layer", "1", "--file", "{huge.npy}", "--name", "w"],
+        ["17,203,328 bytes", "save just the vector"],
     ),
     (
         "steering vector that is a matrix",

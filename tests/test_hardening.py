@@ -475,3 +475,19 @@ def test_exact_engines_agree_with_a_float64_brute_force_on_near_ties(wh, k: int)
         assert np.array_equal(stored_sets(wh, "tied", engine, k)[1], truth), engine
     # duplicates (rows 3, 10, 200) are each other's nearest, at distance 0, by position
     assert list(truth[3][:2]) == [10, 200] and list(truth[10][:2]) == [3, 200] and list(truth[200][:2]) == [3, 10]
+
+
+def test_lookup_output_says_what_its_numbers_are(wh, tiny_models, tmp_path) -> None:
+    from tests.conftest import random_texts, write_lines
+
+    assert "0-based" in cli("neighbors", "--help").output
+    assert cli("dataset", "add", "p", str(write_lines(tmp_path / "p.txt", random_texts(8)))).exit_code == 0
+    args = ("--model", str(tiny_models["gpt2"]), "--dataset", "p", "--name", "g", "--no-progress")
+    assert cli("ingest", *args).exit_code == 0
+    found = cli("neighbors", "--model", "g", "--layer", "1", "--dataset", "p", "--prompt", "0", "-k", "3")
+    lines = found.output.splitlines()
+    assert lines[2].split() == ["rank", "position", "cosine", "distance", "text"]
+    distance = lines[3].split()[2]
+    assert len(distance.split(".")[1]) == 8  # near-tied neighbours 1e-5 apart stay apart
+    jobs = cli("jobs")
+    assert jobs.exit_code == 0 and "None" not in jobs.output

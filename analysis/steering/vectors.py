@@ -240,11 +240,21 @@ def make_vector(
     )
 
 
+# Read before the file is loaded, so that a large array is refused without reading it.
+MAX_VECTOR_FILE_BYTES = 16 << 20
+
+
 def import_vector(
     wh: Warehouse, model_name: str, layer: int, path: Path, *, name: str, token_rule: str = "last"
 ) -> VectorInfo:
     """Store a vector from a .npy or .pt file (a researcher's own) for a model and layer."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_VECTOR_FILE_BYTES:
+            raise InputError(
+                f"{path} holds {size:,} bytes; a steering vector is one row (64 KB at width 16384): "
+                "save just the vector"
+            )
         if Path(path).suffix == ".npy":
             vector = np.load(path, allow_pickle=False)
         elif Path(path).suffix in (".pt", ".pth"):

@@ -1,0 +1,61 @@
+"""``layerbase serve``: the HTTP JSON API, with models, connections and caches kept warm."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from layerbase.cli.common import Context
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--allow-writes", is_flag=True, help="Serve the routes that store (a transferred vector).")
+@click.option(
+    "--token-env",
+    default="LAYERBASE_TOKEN",
+    show_default=True,
+    metavar="VAR",
+    help="With --allow-writes: the environment variable that holds the bearer token writes need.",
+)
+@click.pass_obj
+def serve(obj: Context, host: str, port: int, allow_writes: bool, token_env: str) -> None:
+    """Serve the warehouse over HTTP: JSON under /api, OpenAPI at /openapi.json.
+
+    Reads run in read-only transactions. Writes need --allow-writes and a bearer token, which
+    is read from an environment variable, never from the command line."""
+    import sqlalchemy as sa
+    import uvicorn
+
+    from layerbase.api import Layerbase
+    from layerbase.cli.server.app import create_app
+    from layerbase.warehouse.engine import Warehouse
+
+    token = os.environ.get(token_env) if allow_writes else None
+    if allow_writes and not token:
+        raise click.UsageError(f"--allow-writes needs a bearer token in ${token_env}; set it, or leave writes off")
+    if host not in LOOPBACK:
+        click.echo(f"Warning: serving on {host}, beyond this machine; put TLS and a firewall in front", err=True)
+    lb = obj.api()
+    wh = lb.warehouse
+    # Every read runs in a read-only transaction; the pool keeps connections for the threads.
+    engine = sa.create_engine(
+        wh.url.render_as_string(hide_password=False),
+        connect_args={"options": "-c default_transaction_read_only=on"},
+        pool_size=8,
+        max_overflow=8,
+        pool_pre_ping=True,
+    )
+    read = Layerbase(Warehouse(engine, wh.url, wh.embedded, wh.source), progress=False)
+    read.model_cache = lb.model_cache
+    write = None
+    if allow_writes:
+        write = Layerbase(wh, progress=False)
+        write.model_cache = lb.model_cache  # one set of loaded models for both
+    app = create_app(read, write, token)
+    click.echo(f"Layerbase on {read.url}: http://{host}:{port}/ (API under /api, OpenAPI at /openapi.json)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,1 @@
+"""``layerbase serve``: the HTTP API over the Python API (``app``)."""
