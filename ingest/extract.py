@@ -134,6 +134,10 @@ class Extractor:
         return enc, n_full
 
     def __call__(self, texts: list[str]) -> ExtractedBatch:
+        with self.lm.lock:  # hooks and tokenizer state are the model's, shared across threads
+            return self._extract(texts)
+
+    def _extract(self, texts: list[str]) -> ExtractedBatch:
         import torch
 
         enc, n_full = self.encode(texts)

@@ -12,10 +12,11 @@ import functools
 import hashlib
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,10 @@ class LoadedModel:
     tied_embeddings: bool
     from_cache: bool = False
     fingerprint: str | None = None  # ingest.fingerprint: sha256 over the files loaded
+    # Held by every use that installs hooks or sets tokenizer state (extraction, steering,
+    # next-token scores): threads that share a loaded model (``layerbase serve``) would
+    # otherwise see each other's hooks, and a steering vector would leak into a lookup.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def architecture(self) -> str:

@@ -19,6 +19,7 @@ MODULES = [
     "bench.ingest_overhead",
     "bench.lookup",
     "bench.steering_calibration",
+    "bench.serve",
 ]
 
 
@@ -59,6 +60,11 @@ def test_bench_help(module: str) -> None:
             "bench.ingest_overhead",
             ["--model", "all-MiniLM-L6-v2", "--prompts", "8", "--batch-size", "4", "--repeats", "1"],
             ["outside the forward pass"],
+        ),
+        (
+            "bench.serve",
+            ["--n", "300", "--d", "16", "--seconds", "1", "--clients", "2", "--no-text"],
+            ["stored prompt", "p50/in_process", "rss_growth_%"],
         ),
         (
             "bench.lookup",

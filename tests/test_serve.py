@@ -187,3 +187,33 @@ def test_allow_writes_without_a_token_is_refused() -> None:
 
     result = cli("serve", "--allow-writes", "--token-env", "NO_SUCH_TOKEN_VAR")
     assert_clean_error(result, "needs a bearer token", "$NO_SUCH_TOKEN_VAR")
+
+
+def test_threads_that_share_a_model_never_see_each_others_steering(served) -> None:
+    """The server runs lookups and generations on one loaded model from many threads: a
+    steering hook of one must never reach another's forward pass."""
+    import threading
+
+    lb = served["lb"]
+    reference = lb.neighbors("g", "pos", 2, text="a new text", k=3)
+    seen, failures = [], []
+
+    def lookups() -> None:
+        for _ in range(25):
+            found = lb.neighbors("g", "pos", 2, text="a new text", k=3)
+            seen.append(found["distance"].tolist())
+
+    def steering() -> None:
+        try:
+            for _ in range(8):
+                lb.generate("v", "the cat", 500.0, max_new_tokens=6)
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=lookups), threading.Thread(target=steering), threading.Thread(target=lookups)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len(seen) == 50
+    assert all(distances == reference["distance"].tolist() for distances in seen)

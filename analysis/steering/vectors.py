@@ -333,9 +333,12 @@ def list_vectors(wh: Warehouse) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def added_to_residual(lm: LoadedModel, layer: int, delta: np.ndarray | None) -> Iterator[None]:
-    """Add ``delta`` to decoder block ``layer``'s output at every position, inside the block."""
+    """Add ``delta`` to decoder block ``layer``'s output at every position, inside the block.
+    The model's lock is held throughout, also without a delta, so that no other thread's
+    hook is active during an unsteered pass either."""
     if delta is None:
-        yield
+        with lm.lock:
+            yield
         return
     import torch
 
@@ -348,11 +351,12 @@ def added_to_residual(lm: LoadedModel, layer: int, delta: np.ndarray | None) -> 
             return (output[0] + shift,) + output[1:]
         return output + shift
 
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    with lm.lock:
+        handle = block.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def generate(
@@ -371,7 +375,6 @@ def generate(
     models: ModelCache | None = None,
 ) -> dict[str, Any]:
     """The model's continuation of a prompt, unsteered and with the vector added."""
-    import torch
 
     if max_new_tokens <= 0:
         raise InputError("--max-new-tokens must be positive")
@@ -386,6 +389,35 @@ def generate(
     if model.kind != "causal":
         raise InputError(f"{model.name} is an encoder; steering generation needs a causal language model")
     lm = open_stored_model(model, device=device, models=models)
+    with lm.lock:
+        outputs = _generate_both(
+            lm, model, prompt, layer, coefficient * vector, max_new_tokens, sample, temperature, seed
+        )
+    return {
+        "vector": vector_name,
+        "model": model.name,
+        "layer": layer,
+        "coefficient": coefficient,
+        "prompt": prompt,
+        "decoding": "sampled" if sample else "greedy",
+        **outputs,
+    }
+
+
+def _generate_both(
+    lm: LoadedModel,
+    model: Model,
+    prompt: str,
+    layer: int,
+    delta: np.ndarray,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    seed: int,
+) -> dict[str, str]:
+    """The unsteered and the steered continuation, with the model's lock held by the caller."""
+    import torch
+
     tok = lm.tokenizer
     text = (
         tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -394,7 +426,7 @@ def generate(
     )
     enc = tok(text, return_tensors="pt", add_special_tokens=not model.chat_template).to(lm.device)
     outputs = {}
-    for label, delta in (("unsteered", None), ("steered", coefficient * vector)):
+    for label, added in (("unsteered", None), ("steered", delta)):
         torch.manual_seed(seed)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
@@ -405,18 +437,10 @@ def generate(
             kwargs["temperature"] = temperature
         else:  # greedy: clear sampling defaults a generation config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with added_to_residual(lm, layer, delta), torch.inference_mode():
+        with added_to_residual(lm, layer, added), torch.inference_mode():
             out = lm.model.generate(**enc, **kwargs)
         outputs[label] = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return {
-        "vector": vector_name,
-        "model": model.name,
-        "layer": layer,
-        "coefficient": coefficient,
-        "prompt": prompt,
-        "decoding": "sampled" if sample else "greedy",
-        **outputs,
-    }
+    return outputs
 
 
 # ------------------------------------------------------------------- evaluation
@@ -435,6 +459,11 @@ def target_ids(tokenizer: Any, words: list[str]) -> list[int]:
 
 def next_token_logprobs(lm: LoadedModel, texts: list[str], batch_size: int = 16) -> np.ndarray:
     """[n, vocab] log-probabilities of the token after each text (right padding)."""
+    with lm.lock:  # sets the shared tokenizer's padding side, and runs the shared model
+        return _next_token_logprobs(lm, texts, batch_size)
+
+
+def _next_token_logprobs(lm: LoadedModel, texts: list[str], batch_size: int) -> np.ndarray:
     import torch
 
     tok = lm.tokenizer

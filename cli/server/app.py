@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import secrets
+from pathlib import Path as PathLib
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
 from fastapi import Body, FastAPI, Header, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from layerbase.api import Layerbase
@@ -31,6 +33,8 @@ from layerbase.warehouse.errors import DatabaseError, LayerbaseError, NotFoundEr
 # The limits on a request (docs/serve.md). k: the neighbours of one answer; text: a new
 # text or a prompt to continue; tokens: one generation; body: a request's bytes.
 LIMITS = {"k": 1000, "text_chars": 10_000, "max_new_tokens": 256, "body_bytes": 64 * 1024}
+# The explorer's page, script and style: shipped in the package, no CDN (users may be offline).
+STATIC = PathLib(__file__).with_name("static")
 
 
 class TextQuery(BaseModel):
@@ -111,6 +115,13 @@ def create_app(read: Layerbase, write: Layerbase | None = None, token: str | Non
         if length is not None and (not length.isdigit() or int(length) > LIMITS["body_bytes"]):
             return JSONResponse({"error": f"the body is over {LIMITS['body_bytes']} bytes"}, status_code=413)
         return await call_next(request)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def explorer() -> FileResponse:
+        """The web explorer: one page over this API, its assets shipped in the package."""
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
