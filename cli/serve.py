@@ -16,6 +16,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--allow-writes", is_flag=True, help="Serve the routes that store (a transferred vector).")
 @click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds a request may run before it is answered 503.",
+)
+@click.option(
     "--token-env",
     default="LAYERBASE_TOKEN",
     show_default=True,
@@ -23,7 +30,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
     help="With --allow-writes: the environment variable that holds the bearer token writes need.",
 )
 @click.pass_obj
-def serve(obj: Context, host: str, port: int, allow_writes: bool, token_env: str) -> None:
+def serve(obj: Context, host: str, port: int, allow_writes: bool, request_timeout: float, token_env: str) -> None:
     """Serve the warehouse over HTTP: JSON under /api, OpenAPI at /openapi.json.
 
     Reads run in read-only transactions. Writes need --allow-writes and a bearer token, which
@@ -56,6 +63,6 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, token_env: str
     if allow_writes:
         write = Layerbase(wh, progress=False)
         write.model_cache = lb.model_cache  # one set of loaded models for both
-    app = create_app(read, write, token)
+    app = create_app(read, write, token, request_timeout)
     click.echo(f"Layerbase on {read.url}: http://{host}:{port}/ (API under /api, OpenAPI at /openapi.json)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

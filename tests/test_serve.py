@@ -217,3 +217,27 @@ def test_threads_that_share_a_model_never_see_each_others_steering(served) -> No
         t.join()
     assert not failures and len(seen) == 50
     assert all(distances == reference["distance"].tolist() for distances in seen)
+
+
+def test_a_request_past_the_time_limit_is_answered_503(served) -> None:
+    """A request whose work runs past --request-timeout gets a JSON 503 with Retry-After,
+    and the server keeps answering others."""
+    import time as clock
+
+    from fastapi.testclient import TestClient
+
+    from layerbase.api import Layerbase
+    from layerbase.cli.server.app import create_app
+
+    class Slow(Layerbase):
+        def models(self):  # type: ignore[override]
+            clock.sleep(1.5)
+            return super().models()
+
+    lb = served["lb"]
+    slow = Slow(lb.warehouse, progress=False)
+    with TestClient(create_app(slow, request_timeout=0.3)) as client:
+        late = client.get("/api/models")
+        assert late.status_code == 503 and "--request-timeout" in late.json()["error"]
+        assert late.headers["retry-after"] == "5"
+        assert client.get("/api/datasets").status_code == 200

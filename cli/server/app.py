@@ -13,6 +13,7 @@ names the problem, as the CLI's one line does; FastAPI's own validation errors a
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from pathlib import Path as PathLib
@@ -81,9 +82,12 @@ def _status(exc: LayerbaseError) -> int:
     return 400
 
 
-def create_app(read: Layerbase, write: Layerbase | None = None, token: str | None = None) -> FastAPI:
+def create_app(
+    read: Layerbase, write: Layerbase | None = None, token: str | None = None, request_timeout: float = 300.0
+) -> FastAPI:
     """The app over ``read`` (a Layerbase on read-only transactions), and over ``write`` for
-    the routes that store something, when writes are allowed (then ``token`` is required)."""
+    the routes that store something, when writes are allowed (then ``token`` is required).
+    A request that runs past ``request_timeout`` seconds is answered 503."""
     if write is not None and not token:
         raise ValueError("writes need a bearer token")
     app = FastAPI(
@@ -108,6 +112,21 @@ def create_app(read: Layerbase, write: Layerbase | None = None, token: str | Non
     async def not_unicode(request: Request, exc: UnicodeEncodeError) -> JSONResponse:
         bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else ""
         return JSONResponse({"error": f"a text holds {bad!r}, which is not valid Unicode"}, status_code=400)
+
+    @app.middleware("http")
+    async def limit_time(request: Request, call_next: Any) -> Any:
+        # The route's thread cannot be stopped: its work may still finish, unseen.
+        try:
+            return await asyncio.wait_for(call_next(request), request_timeout)
+        except TimeoutError:
+            return JSONResponse(
+                {
+                    "error": f"the request ran past this server's limit of {request_timeout:g} s "
+                    "(--request-timeout); ask for less (k, max_new_tokens), or retry when it is less busy"
+                },
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
