@@ -359,7 +359,7 @@ def _neighbors_dict(frame: pd.DataFrame, about: dict) -> dict:
 
 def _neighbors_text(answer: dict, shared: set[int]) -> str:
     lines = [
-        f"{answer['model']} layer {answer['layer']} on {answer['dataset']} — {answer['query'][:90]}",
+        f"{answer['model']} layer {answer['layer']} on {answer['dataset']} — {' '.join(answer['query'].split())[:90]}",
         f"  answered by: {answer['path']}",
         *([f"  only prompts whose {answer['only']}"] if answer.get("only") else []),
         # Cosine distances to 8 decimals: last-token activations are nearly collinear, and

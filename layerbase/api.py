@@ -449,8 +449,8 @@ class Layerbase:
         """The ``k`` nearest prompts of a stored prompt (by its 0-based position) or of a new
         text at (model, layer): position, text, cosine distance. ``where_text`` (a substring,
         case-insensitive) and ``where_source`` (a LIKE pattern on the prompt's source, e.g.
-        ``'%/sport/%'``) limit the answer to the prompts that pass. ``.attrs`` holds the query
-        and the path that answered (stored set, index or exact scan)."""
+        ``'sports/%'``, one folder of the BBC corpus) limit the answer to the prompts that pass.
+        ``.attrs`` holds the query and the path that answered (stored set, index or exact scan)."""
         from layerbase.analysis.knn.lookup import PromptFilter, nearest
 
         answer = nearest(

@@ -572,6 +572,8 @@ def test_filtered_lookups_keep_their_recall_through_iterative_index_scans(wh, mo
     fallback = nearest(wh, "syn", 1, "d", position=5, only=only)
     assert fallback.path.startswith("exact scan; the HNSW index found fewer than 10")
     assert fallback.positions == nearest(wh, "syn", 1, "d", position=5, only=only, exact=True).positions
+    with pytest.raises(InputError, match=r"no prompt of 'd' other than the query passes the filter"):
+        nearest(wh, "syn", 1, "d", position=5, only=PromptFilter(source="nothing%"))
     with pytest.raises(InputError, match=r"only 1 prompts of 'd' other than the query pass the filter"):
         nearest(wh, "syn", 1, "d", position=5, only=PromptFilter(source="2777"), k=3)
     with pytest.raises(InputError, match="an empty filter"):

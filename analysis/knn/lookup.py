@@ -77,7 +77,7 @@ ITERATIVE_SCAN = (0, 8, 0)
 class PromptFilter:
     """Which prompts of the dataset a lookup may answer with: those whose text contains
     ``text`` (case-insensitive) and whose source matches the LIKE pattern ``source``
-    (e.g. ``%/sport/%`` for one folder of BBC news)."""
+    (e.g. ``sports/%`` for one folder of the BBC news corpus)."""
 
     text: str | None = None
     source: str | None = None
@@ -340,6 +340,11 @@ def _lookup(
         path += f"; the HNSW index found fewer than {k} prompts that pass the filter"
     else:
         path, rows = _scan(conn, target, layer, query, position, k, ef_search, exact, only)
+    if only and not rows:
+        raise InputError(
+            f"no prompt of {target.dataset_name!r} other than the query passes the filter ({only.describe()}); "
+            "widen it (`layerbase dataset show` lists the prompts, `prompt.source_ref` their sources)"
+        )
     if only and len(rows) < k:
         raise InputError(
             f"only {len(rows)} prompts of {target.dataset_name!r} other than the query pass the filter "
