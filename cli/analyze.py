@@ -13,6 +13,7 @@ from layerbase.cli.common import (
     emit,
     json_option,
     names,
+    neighbors_answer,
     plot_option,
     progress_option,
     records,
@@ -20,8 +21,6 @@ from layerbase.cli.common import (
 )
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from layerbase.analysis.similarity.affinity import AffinityMatrix
 
 # The engine names, kept here so that `--help` does not import the analysis stack.
@@ -318,7 +317,7 @@ def neighbors(
             raise click.UsageError("an overlap needs --prompt, --vs-model (default: --model) and --vs-layer")
         both = lb.overlap(position, (model, layer, dataset), (vs_model or model, vs_layer, vs_dataset or dataset), k)
         sides = [
-            _neighbors_dict(
+            neighbors_answer(
                 both[both["side"] == side].drop(columns=["side", "model", "layer", "shared"]), both.attrs[side]
             )
             for side in ("first", "second")
@@ -346,15 +345,8 @@ def neighbors(
         where_text=where_text,
         where_source=where_source,
     )
-    answer = _neighbors_dict(found, found.attrs)
+    answer = neighbors_answer(found, found.attrs)
     emit(answer, as_json, _neighbors_text(answer, set()))
-
-
-def _neighbors_dict(frame: pd.DataFrame, about: dict) -> dict:
-    """One neighbour set as the JSON answer gives it."""
-    return {key: about.get(key) for key in ("model", "layer", "dataset", "query", "path", "only")} | {
-        "neighbors": records(frame.reset_index(drop=True))
-    }
 
 
 def _neighbors_text(answer: dict, shared: set[int]) -> str:

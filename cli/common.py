@@ -110,6 +110,14 @@ def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+def neighbors_answer(frame: pd.DataFrame, about: dict, *, ranks: bool = False) -> dict[str, Any]:
+    """One neighbour set (``Layerbase.neighbors``'s DataFrame and its ``attrs``) as the JSON
+    answers of the CLI and the server give it; ``ranks`` keeps each neighbour's rank."""
+    return {key: about.get(key) for key in ("model", "layer", "dataset", "query", "path", "only")} | {
+        "neighbors": records(frame.reset_index(drop=not ranks))
+    }
+
+
 def names(text: str) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c']."""
     return [n.strip() for n in text.split(",") if n.strip()]

@@ -35,12 +35,9 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, request_timeou
 
     Reads run in read-only transactions. Writes need --allow-writes and a bearer token, which
     is read from an environment variable, never from the command line."""
-    import sqlalchemy as sa
     import uvicorn
 
-    from layerbase.api import Layerbase
-    from layerbase.cli.server.app import create_app
-    from layerbase.warehouse.engine import Warehouse
+    from layerbase.cli.server.app import create_app, read_only_api
 
     token = os.environ.get(token_env) if allow_writes else None
     if allow_writes and not token:
@@ -48,21 +45,8 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, request_timeou
     if host not in LOOPBACK:
         click.echo(f"Warning: serving on {host}, beyond this machine; put TLS and a firewall in front", err=True)
     lb = obj.api()
-    wh = lb.warehouse
-    # Every read runs in a read-only transaction; the pool keeps connections for the threads.
-    engine = sa.create_engine(
-        wh.url.render_as_string(hide_password=False),
-        connect_args={"options": "-c default_transaction_read_only=on"},
-        pool_size=8,
-        max_overflow=8,
-        pool_pre_ping=True,
-    )
-    read = Layerbase(Warehouse(engine, wh.url, wh.embedded, wh.source), progress=False)
-    read.model_cache = lb.model_cache
-    write = None
-    if allow_writes:
-        write = Layerbase(wh, progress=False)
-        write.model_cache = lb.model_cache  # one set of loaded models for both
-    app = create_app(read, write, token, request_timeout)
+    lb.progress = False
+    read = read_only_api(lb)  # every read in a read-only transaction, the same loaded models
+    app = create_app(read, lb if allow_writes else None, token, request_timeout)
     click.echo(f"Layerbase on {read.url}: http://{host}:{port}/ (API under /api, OpenAPI at /openapi.json)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -456,10 +456,10 @@ def ingest_datasets(
             reports.append(
                 _finished_report(session, name, dataset, source, revision, dtype, settings, include_layer0, storage)
             )
-    complete = [r for r in reports if r is not None]
-    if len(complete) == len(reports):
-        return complete
-    with Session(wh.engine) as session:  # changed files are refused before the model loads
+        complete = [r for r in reports if r is not None]
+        if len(complete) == len(reports):
+            return complete
+        # Files that changed since the name's activations were stored: refused before loading.
         stored = session.scalar(sa.select(Model).where(Model.name == name))
         if stored is not None and stored.source == source_identity(source):
             check_fingerprint(stored, source_fingerprint(source, revision))

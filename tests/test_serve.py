@@ -19,13 +19,10 @@ TOKEN = "s3cret-token"
 @pytest.fixture
 def served(wh, db_url: str, tiny_models, tmp_path):
     """A warehouse with synthetic and tiny real models, and the app over it (writes allowed)."""
-    import sqlalchemy as sa
     from fastapi.testclient import TestClient
 
     import layerbase
-    from layerbase.api import Layerbase
-    from layerbase.cli.server.app import create_app
-    from layerbase.warehouse.engine import Warehouse
+    from layerbase.cli.server.app import create_app, read_only_api
 
     store_synthetic(wh, "A", "d", n=60, d=8, n_layers=3, seed=1)
     store_synthetic(wh, "B", "d", n=60, d=8, n_layers=2, seed=2)
@@ -37,16 +34,11 @@ def served(wh, db_url: str, tiny_models, tmp_path):
         assert cli("dataset", "add", name, str(prompts)).exit_code == 0
     lb.ingest(str(tiny_models["gpt2"]), ["pos", "neg"], name="g")
     lb.make_steering_vector("g", 2, "pos", "neg", name="v")
-    read_engine = sa.create_engine(
-        lb.warehouse.url.render_as_string(hide_password=False),
-        connect_args={"options": "-c default_transaction_read_only=on"},
-    )
-    w = lb.warehouse
-    read = Layerbase(Warehouse(read_engine, w.url, w.embedded, w.source), progress=False)
+    read = read_only_api(lb)
     app = create_app(read, lb, TOKEN)
     with TestClient(app) as client:
         yield {"client": client, "lb": lb, "app": app}
-    read_engine.dispose()
+    read.warehouse.engine.dispose()
 
 
 def test_routes_answer_and_a_stored_prompt_gets_its_exact_neighbours(served) -> None:

@@ -96,6 +96,20 @@ class translate_errors:
         raise DatabaseError(f"cannot reach the database at {self.url_text}: {reason}; {fix}") from None
 
 
+def read_only(wh: Warehouse, pool_size: int = 8) -> Warehouse:
+    """The same warehouse through an engine whose every transaction is read-only
+    (``default_transaction_read_only``): what ``layerbase serve`` reads through. Its pool keeps
+    ``pool_size`` connections for the server's threads, and as many again at peaks."""
+    engine = sa.create_engine(
+        wh.url.render_as_string(hide_password=False),
+        connect_args={"options": "-c default_transaction_read_only=on"},
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+    return Warehouse(engine, wh.url, wh.embedded, wh.source)
+
+
 def analyze(wh: Warehouse, *tables: str) -> None:
     """Refresh the planner's statistics of tables after a bulk write. Autovacuum gets there
     eventually; until it does, the planner sees the tables as they were (measured: an affinity

@@ -37,6 +37,11 @@ CURRENT = """NOT EXISTS (
           AND n.dataset_b_id = r.dataset_b_id AND n.k = r.k AND n.include_layer0 = r.include_layer0 AND n.id > r.id
     )"""
 PAIR_KIND = "CASE WHEN r.model_a_id = r.model_b_id THEN 'within-model' ELSE 'cross-model' END"
+# A run's models and datasets by name.
+NAMES = """JOIN model ma ON ma.id = r.model_a_id
+    JOIN model mb ON mb.id = r.model_b_id
+    JOIN dataset da ON da.id = r.dataset_a_id
+    JOIN dataset db ON db.id = r.dataset_b_id"""
 
 # New columns go last: CREATE OR REPLACE VIEW keeps the existing ones in place.
 VIEWS = [
@@ -52,10 +57,7 @@ VIEWS = [
            r.created_at
     FROM affinity_cell c
     JOIN affinity_run r ON r.id = c.run_id
-    JOIN model ma ON ma.id = r.model_a_id
-    JOIN model mb ON mb.id = r.model_b_id
-    JOIN dataset da ON da.id = r.dataset_a_id
-    JOIN dataset db ON db.id = r.dataset_b_id
+    {NAMES}
     """,
     f"""
     CREATE OR REPLACE VIEW bi_diagonal_test AS
@@ -70,10 +72,7 @@ VIEWS = [
            r.created_at
     FROM diagonal_test t
     JOIN affinity_run r ON r.id = t.run_id
-    JOIN model ma ON ma.id = r.model_a_id
-    JOIN model mb ON mb.id = r.model_b_id
-    JOIN dataset da ON da.id = r.dataset_a_id
-    JOIN dataset db ON db.id = r.dataset_b_id
+    {NAMES}
     """,
 ]
 

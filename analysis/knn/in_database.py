@@ -21,8 +21,8 @@ QUERY_BLOCK = 128  # prompts per in-database statement
 # for the sql engine, or the indexed expression (so that the planner uses the partial
 # index). Candidates are then ranked by pgvector's distance, ties by prompt id, and the first
 # k returned as arrays; the sql engine asks for more than it keeps, and the caller re-ranks
-# them in float64 (``topk.rerank_candidates``). Prompt ids grow with position within a dataset, so ties break by
-# position as in the blas engine; ids are mapped to positions by the caller, which keeps
+# them in float64 (``topk.rerank_candidates``). Prompt ids grow with position within a
+# dataset, so ties break by position as in the blas engine; ids are mapped to positions by the caller, which keeps
 # the prompt table out of the statement (joining it cost a tenth of the time). A wide
 # vector is stored out of line (TOAST); the cast to the layer's width in a subquery that
 # is not flattened (OFFSET 0) reads each query vector once, not once per candidate. The

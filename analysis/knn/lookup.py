@@ -35,6 +35,8 @@ from layerbase.warehouse.errors import InputError
 from layerbase.warehouse.storage import HALF_MAX, STORAGES, Storage
 
 if TYPE_CHECKING:
+    import psycopg
+
     from layerbase.ingest.model_cache import ModelCache
     from layerbase.warehouse.models import Model
 
@@ -313,10 +315,12 @@ def _stored_set(conn: sa.Connection, target: _Target, position: int, k: int) -> 
             k=sql.Literal(k),
         )
     )
-    return (
-        f"stored k-NN set (run {run_id}, {engine} engine, exact)",
-        [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()],
-    )
+    return f"stored k-NN set (run {run_id}, {engine} engine, exact)", _rows(cur)
+
+
+def _rows(cur: psycopg.Cursor) -> list[dict]:
+    """A lookup statement's (position, text, distance) rows as the answer holds them."""
+    return [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
 
 
 def _lookup(
@@ -331,15 +335,15 @@ def _lookup(
     only: PromptFilter,
 ) -> tuple[str, list[dict]]:
     """(the path that answered, neighbour rows) for a query vector expression."""
-    if only and target.indexed and not exact:
-        path, rows = _scan(conn, target, layer, query, position, k, ef_search, False, only)
-        if len(rows) == k:
-            return path, rows
+
+    def scan(exact: bool) -> tuple[str, list[dict]]:
+        return _scan(conn, target, layer, query, position, k, ef_search, exact, only)
+
+    path, rows = scan(exact)
+    if only and target.indexed and not exact and len(rows) < k:
         # Fewer than k passed the filter among the rows the index scan visited.
-        path, rows = _scan(conn, target, layer, query, position, k, ef_search, True, only)
+        path, rows = scan(True)
         path += f"; the HNSW index found fewer than {k} prompts that pass the filter"
-    else:
-        path, rows = _scan(conn, target, layer, query, position, k, ef_search, exact, only)
     if only and not rows:
         raise InputError(
             f"no prompt of {target.dataset_name!r} other than the query passes the filter ({only.describe()}); "
@@ -407,7 +411,7 @@ def _scan(
         k=sql.Literal(k),
     )
     cur.execute(statement)
-    return path, [{"position": r[0], "text": r[1], "distance": float(r[2])} for r in cur.fetchall()]
+    return path, _rows(cur)
 
 
 def _embed_text(model: Model, layer: int, text: str, models: ModelCache | None) -> np.ndarray:

@@ -61,8 +61,8 @@ from layerbase.warehouse.storage import STORAGES, Storage
 ENGINES = ("blas", "sql", *METHODS)
 EXACT_ENGINES = ("blas", "sql")
 K_MAX_DEFAULT = 100
-log = logging.getLogger(__name__)
 MIN_RECALL_DEFAULT = 0.99
+log = logging.getLogger(__name__)
 
 
 # Whether activation or prompt has not been analyzed since the newest ingest job changed.

@@ -63,7 +63,7 @@ def rerank_exact(
     out_dist = np.empty((len(queries), k), dtype=np.float32)
     for i, query in enumerate(queries):
         threshold = cand_dist[i, k - 1] + bound
-        if cand.shape[1] > k and cand_dist[i, -1] > threshold:
+        if cand_dist[i, -1] > threshold:  # never when there are only k candidates
             pool = cand[i][cand_dist[i] <= threshold]  # at least k: the first k are within it
         else:  # the pool may reach past the candidates: take it from the whole row
             row = full_row(i)
@@ -76,9 +76,7 @@ def rerank_exact(
 
 def rerank_candidates(x: np.ndarray, cand: np.ndarray, cand_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``rerank_exact`` for candidates found elsewhere (the sql engine): query i is row i."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    xn = normalize(x)
+    x, xn, norms = _prepared(x)
 
     def full_row(i: int) -> np.ndarray:
         row = 1.0 - xn @ xn[i]
@@ -86,6 +84,13 @@ def rerank_candidates(x: np.ndarray, cand: np.ndarray, cand_dist: np.ndarray, k:
         return row
 
     return rerank_exact(x, norms, np.arange(len(x)), cand, cand_dist, k, full_row)
+
+
+def _prepared(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x as float32, its rows at unit length for the float32 search, float64 row norms for
+    the re-rank)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x, normalize(x), np.linalg.norm(x.astype(np.float64), axis=1)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -157,9 +162,7 @@ def topk_blocks(
     if not 0 < k < n:
         raise InputError(f"k must be between 1 and n - 1 = {n - 1} (got k = {k}); lower k or add prompts")
     query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
-    x = np.asarray(x, dtype=np.float32)
-    xn = normalize(x)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    x, xn, norms = _prepared(x)
     block = block_rows or max(1, min(n, BLOCK_BYTES // (4 * n), BLOCK_ROWS))
     cand = min(n - 1, k + EXTRA_CANDIDATES)
     for start in range(0, len(query_rows), block):

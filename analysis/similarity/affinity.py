@@ -420,10 +420,18 @@ def _store_run(
     return run_id
 
 
+# Whether run ``r`` is the newest of its key (model A, model B, datasets, k, layer 0): the
+# current run, as the BI views' ``is_current`` says too (migration 0008).
+NEWEST = """NOT EXISTS (
+    SELECT 1 FROM affinity_run newer
+    WHERE newer.model_a_id = r.model_a_id AND newer.model_b_id = r.model_b_id
+      AND newer.dataset_a_id = r.dataset_a_id AND newer.dataset_b_id = r.dataset_b_id
+      AND newer.k = r.k AND newer.include_layer0 = r.include_layer0 AND newer.id > r.id
+)"""
 # The newest run of a key, unless a k-NN set of either side was computed after it (then it
 # was made from other sets, and is not current); for a study, only when its diagonal test
 # was corrected for the same number of pairs in a study of the same name.
-CURRENT_RUN = """
+CURRENT_RUN = f"""
 SELECT r.id FROM affinity_run r
 LEFT JOIN diagonal_test t ON t.run_id = r.id
 WHERE r.model_a_id = :ma AND r.model_b_id = :mb AND r.dataset_a_id = :da AND r.dataset_b_id = :db
@@ -434,12 +442,7 @@ WHERE r.model_a_id = :ma AND r.model_b_id = :mb AND r.dataset_a_id = :da AND r.d
       WHERE ((n.model_id = :ma AND n.dataset_id = :da) OR (n.model_id = :mb AND n.dataset_id = :db))
         AND n.created_at > r.created_at
   )
-  AND NOT EXISTS (
-      SELECT 1 FROM affinity_run newer
-      WHERE newer.model_a_id = r.model_a_id AND newer.model_b_id = r.model_b_id
-        AND newer.dataset_a_id = r.dataset_a_id AND newer.dataset_b_id = r.dataset_b_id
-        AND newer.k = r.k AND newer.include_layer0 = r.include_layer0 AND newer.id > r.id
-  )
+  AND {NEWEST}
 """
 
 
@@ -598,18 +601,13 @@ def compute_study(
     ]
 
 
-RUNS_SQL = """
+RUNS_SQL = f"""
 SELECT r.id AS run_id, ma.name AS model_a, mb.name AS model_b, da.name AS dataset_a, db.name AS dataset_b, r.k,
        r.include_layer0, r.n_prompts, r.n_layers_a, r.n_layers_b, r.chance, r.null_sd, r.knn_engine, r.study,
        r.seconds, r.created_at, t.mean_on, t.mean_off, t.t, t.log10_p, t.n_pairs, t.log10_p_bonferroni,
        t.rows_model, t.undefined_reason,
        CASE WHEN r.model_a_id = r.model_b_id THEN 'within-model' ELSE 'cross-model' END AS pair_kind,
-       NOT EXISTS (
-           SELECT 1 FROM affinity_run n
-           WHERE n.model_a_id = r.model_a_id AND n.model_b_id = r.model_b_id AND n.dataset_a_id = r.dataset_a_id
-             AND n.dataset_b_id = r.dataset_b_id AND n.k = r.k AND n.include_layer0 = r.include_layer0
-             AND n.id > r.id
-       ) AS is_current
+       {NEWEST} AS is_current
 FROM affinity_run r
 JOIN model ma ON ma.id = r.model_a_id
 JOIN model mb ON mb.id = r.model_b_id
@@ -623,29 +621,6 @@ def list_runs(wh: Warehouse) -> list[dict[str, Any]]:
     """Every stored affinity run with its models, datasets, k and diagonal test."""
     with wh.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.text(RUNS_SQL + " ORDER BY r.id"))]
-
-
-def stored_affinity(
-    wh: Warehouse,
-    model_a: str,
-    model_b: str,
-    dataset_a: str,
-    dataset_b: str | None = None,
-    *,
-    k: int = 10,
-    include_layer0: bool = False,
-) -> AffinityMatrix | None:
-    """The newest stored matrix of exactly this (model A, model B, datasets, k, layer 0), or None."""
-    where = (
-        " WHERE ma.name = :a AND mb.name = :b AND da.name = :da AND db.name = :db AND r.k = :k"
-        " AND r.include_layer0 = :l0 ORDER BY r.id DESC LIMIT 1"
-    )
-    with wh.engine.connect() as conn:
-        run_id = conn.execute(
-            sa.text(RUNS_SQL + where),
-            {"a": model_a, "b": model_b, "da": dataset_a, "db": dataset_b or dataset_a, "k": k, "l0": include_layer0},
-        ).scalar()
-    return None if run_id is None else load_run(wh, run_id)
 
 
 def load_run(wh: Warehouse, run_id: int) -> AffinityMatrix:
@@ -732,5 +707,4 @@ __all__ = [
     "load_matrix",
     "load_run",
     "relative_depths",
-    "stored_affinity",
 ]

@@ -6,6 +6,7 @@ layer already removed.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -94,44 +95,34 @@ def diagonal_test(matrix: np.ndarray, n_pairs: int = 1) -> DiagonalTest:
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_ind(on, off, equal_var=True, alternative="greater")
     t = float(result.statistic)
-    # Both groups constant: the pooled variance is zero (or rounding error, which gives t of
-    # 1e16 instead of inf), and t has no meaning.
-    if not np.isfinite(t) or (np.ptp(on) == 0 and np.ptp(off) == 0):
-        same = np.ptp(m) == 0
-        return DiagonalTest(
-            n_on=int(len(on)),
-            n_off=int(len(off)),
-            mean_on=float(on.mean()),
-            mean_off=float(off.mean()),
-            t=None,
-            p=None,
-            p_bonferroni=None,
-            log10_p=None,
-            log10_p_bonferroni=None,
-            n_pairs=n_pairs,
-            transposed=transposed,
-            undefined_reason=(
-                f"every cell has the same score ({float(m.flat[0]):.4g}), so there is nothing to compare"
-                if same
-                else "the on- and off-diagonal cells have no variance, so the t statistic is not finite"
-            ),
-        )
-    df = len(on) + len(off) - 2
-    log10_p = float(stats.t.logsf(t, df) / LN10)
-    p = float(result.pvalue)
-    log10_p_bonf = min(0.0, log10_p + math.log10(n_pairs))
-    return DiagonalTest(
+    result_of = functools.partial(
+        DiagonalTest,
         n_on=int(len(on)),
         n_off=int(len(off)),
         mean_on=float(on.mean()),
         mean_off=float(off.mean()),
+        n_pairs=n_pairs,
+        transposed=transposed,
+    )
+    # Both groups constant: the pooled variance is zero (or rounding error, which gives t of
+    # 1e16 instead of inf), and t has no meaning.
+    if not np.isfinite(t) or (np.ptp(on) == 0 and np.ptp(off) == 0):
+        reason = (
+            f"every cell has the same score ({float(m.flat[0]):.4g}), so there is nothing to compare"
+            if np.ptp(m) == 0
+            else "the on- and off-diagonal cells have no variance, so the t statistic is not finite"
+        )
+        return result_of(
+            t=None, p=None, p_bonferroni=None, log10_p=None, log10_p_bonferroni=None, undefined_reason=reason
+        )
+    log10_p = float(stats.t.logsf(t, len(on) + len(off) - 2) / LN10)
+    p = float(result.pvalue)
+    return result_of(
         t=t,
         p=p,
         p_bonferroni=min(1.0, p * n_pairs),
         log10_p=log10_p,
-        log10_p_bonferroni=log10_p_bonf,
-        n_pairs=n_pairs,
-        transposed=transposed,
+        log10_p_bonferroni=min(0.0, log10_p + math.log10(n_pairs)),
     )
 
 

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from layerbase.api import Layerbase
-from layerbase.cli.common import records
+from layerbase.cli.common import neighbors_answer, records
 from layerbase.warehouse.engine import first_line
 from layerbase.warehouse.errors import DatabaseError, LayerbaseError, NotFoundError
 
@@ -80,6 +80,15 @@ def _status(exc: LayerbaseError) -> int:
     if isinstance(exc, DatabaseError):
         return 503
     return 400
+
+
+def read_only_api(lb: Layerbase) -> Layerbase:
+    """``lb``'s warehouse in read-only transactions, sharing ``lb``'s loaded models."""
+    from layerbase.warehouse.engine import read_only
+
+    read = Layerbase(read_only(lb.warehouse), progress=False)
+    read.model_cache = lb.model_cache
+    return read
 
 
 def create_app(
@@ -184,11 +193,7 @@ def create_app(
         )
 
     def _answer(frame: Any) -> dict[str, Any]:
-        about = frame.attrs
-        return _clean(
-            {key: about.get(key) for key in ("model", "layer", "dataset", "query", "path", "only")}
-            | {"neighbors": [{"rank": rank, **row} for rank, row in zip(frame.index, records(frame))]}
-        )
+        return _clean(neighbors_answer(frame, frame.attrs, ranks=True))
 
     @app.get("/api/neighbors")
     def neighbors(
