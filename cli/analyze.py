@@ -134,11 +134,80 @@ def knn(
     )
 
 
+# The measures and preprocessings, kept here so that `--help` does not import the analysis stack
+# (tests check that they match the API's).
+MEASURE_NAMES = (
+    "mutual_knn",
+    "jaccard_knn",
+    "cknna",
+    "linear_cka",
+    "unbiased_cka",
+    "rbf_cka",
+    "svcca",
+    "pwcca",
+    "procrustes",
+    "rsa",
+)
+PREPROCESS_NAMES = ("none", "center", "clamp95")
+
+
+def _cells(text: str | None) -> list[tuple[int, int]]:
+    """'3:5,10:7' -> [(3, 5), (10, 7)]."""
+    if not text:
+        return []
+    try:
+        return [(int(a), int(b)) for a, b in (part.split(":") for part in text.split(",") if part.strip())]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give cells as LAYER_A:LAYER_B, comma-separated (e.g. 3:5,10:7)") from None
+
+
 @click.command()
 @click.option("--models", required=True, help="Comma-separated stored model names (every pair is computed).")
 @click.option("--dataset", required=True, help="Dataset (read by every model, or by the first of a parallel pair).")
 @click.option("--dataset-b", help="Parallel dataset read by the second model (prompt i <-> prompt i).")
-@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbourhood size.")
+@click.option(
+    "--measure",
+    "measures",
+    default="mutual_knn",
+    show_default=True,
+    help=f"Similarity measure(s), comma-separated: {', '.join(MEASURE_NAMES)} (docs/measures.md).",
+)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbourhood size (k-NN measures).")
+@click.option(
+    "--preprocess",
+    type=click.Choice(PREPROCESS_NAMES),
+    default="none",
+    show_default=True,
+    help="How measures see the activations: as stored, mean-centered, or clamped at the 95th percentile of |x| "
+    "(platonic-rep's outlier clamp).",
+)
+@click.option(
+    "--rbf-bandwidth",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="rbf_cka: sigma as a fraction of the median pairwise distance.",
+)
+@click.option(
+    "--cca-dims", type=int, default=10, show_default=True, help="svcca, pwcca: SVD directions kept per layer."
+)
+@click.option(
+    "--permutations",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Shuffles of the second model's prompts for the null level of measures without a closed form (0: none).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permutations and the bootstrap.")
+@click.option(
+    "--bootstrap",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Resamples of the prompts for confidence intervals of the diagonal test's statistic (0: none).",
+)
+@click.option("--bootstrap-cells", help="Also intervals of these cells, LAYER_A:LAYER_B comma-separated.")
+@click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")
 @click.option("--layer0", is_flag=True, help="Include layer 0 (the embedding output) in the matrix.")
 @click.option(
     "--engine",
@@ -171,7 +240,16 @@ def affinity(
     models: str,
     dataset: str,
     dataset_b: str | None,
+    measures: str,
     k: int,
+    preprocess: str,
+    rbf_bandwidth: float,
+    cca_dims: int,
+    permutations: int,
+    seed: int,
+    bootstrap: int,
+    bootstrap_cells: str | None,
+    level: float,
     layer0: bool,
     engine: str,
     study: str | None,
@@ -182,28 +260,49 @@ def affinity(
     progress: bool,
     as_json: bool,
 ) -> None:
-    """Layer x layer mutual k-NN matrices for every pair of models, with the diagonal test.
+    """Layer x layer similarity matrices (mutual k-NN by default) for every pair of models,
+    with the null level and the diagonal test, for each --measure.
 
-    A pair's current stored run is reused (one whose k-NN sets were not recomputed since);
-    otherwise a new run is added. --plot writes each matrix's heatmap (PATH, or
-    PATH-<model a>-<model b>.png for several)."""
-    matrices = obj.api().affinity_study(
-        names(models),
-        dataset,
-        dataset_b,
-        k=k,
-        layer0=layer0,
-        engine=engine,
-        study=study,
-        overlap=overlap,
-        recompute=recompute,
-        progress=progress,
-    )
+    A pair's current stored run of the measure and its parameters is reused (one whose k-NN
+    sets were not recomputed since); otherwise a new run is added. --plot writes each
+    matrix's heatmap (PATH, or PATH-<model a>-<model b>[-<measure>].png for several)."""
+    api = obj.api()
+    matrices = [
+        m
+        for measure in names(measures)
+        for m in api.affinity_study(
+            names(models),
+            dataset,
+            dataset_b,
+            measure=measure,
+            k=k,
+            preprocess=preprocess,
+            rbf_bandwidth=rbf_bandwidth,
+            cca_dims=cca_dims,
+            permutations=permutations,
+            seed=seed,
+            bootstrap=bootstrap,
+            bootstrap_cells=_cells(bootstrap_cells),
+            level=level,
+            layer0=layer0,
+            engine=engine,
+            study=study,
+            overlap=overlap,
+            recompute=recompute,
+            progress=progress,
+        )
+    ]
     if plot is not None:
         from layerbase.analysis.reporting.plots import save
 
+        several_measures = len({m.measure for m in matrices}) > 1
         for m in matrices:
-            where = plot if len(matrices) == 1 else plot.with_name(f"{plot.stem}-{m.model_a}-{m.model_b}{plot.suffix}")
+            suffix = f"-{m.measure}" if several_measures else ""
+            where = (
+                plot
+                if len(matrices) == 1
+                else plot.with_name(f"{plot.stem}-{m.model_a}-{m.model_b}{suffix}{plot.suffix}")
+            )
             save(m.plot(), where)
             if not as_json:
                 click.echo(f"Heatmap: {where}")
@@ -238,22 +337,47 @@ def affinity_runs(obj: Context, show_all: bool, as_json: bool) -> None:
             if r["t"] is not None
             else f"undefined: {r['undefined_reason']}"
         )
-    columns = ["run_id", "model_a", "model_b", "dataset_a", "dataset_b", "k", "pair_kind", "is_current", "test"]
+    columns = [
+        "run_id",
+        "model_a",
+        "model_b",
+        "dataset_a",
+        "dataset_b",
+        "measure",
+        "k",
+        "pair_kind",
+        "is_current",
+        "test",
+    ]
     emit(rows, as_json, table(rows, columns))
 
 
 def describe_affinity(m: AffinityMatrix, show_matrix: bool) -> str:
-    """An affinity matrix in a few lines: shape, chance, the diagonal test and the path."""
+    """An affinity matrix in a few lines: measure, shape, null level, the diagonal test, the
+    bootstrap intervals and the path."""
     shape = f"{len(m.layers_a)}x{len(m.layers_b)}"
+    null = (
+        "no null level"
+        if m.chance is None
+        else f"chance {m.chance:.4f}"
+        + (f" ({m.parameters['permutations']} permutations)" if m.null_method == "permutation" else "")
+    )
+    parameters = f" ({m.describe_parameters})" if m.describe_parameters else ""
     lines = [
         f"{m.model_a} × {m.model_b} on {m.dataset_a}"
         + (f" | {m.dataset_b}" if m.dataset_b != m.dataset_a else "")
-        + f": {shape} layers, k = {m.k}, |D| = {m.n_prompts}, chance {m.chance:.4f}, max {m.scores.max():.3f} "
+        + f", {m.label}{parameters}: {shape} layers, |D| = {m.n_prompts}, {null}, max {m.scores.max():.3f} "
         f"(affinity run {m.run_id})"
     ]
     t = m.test
     if t is not None:
         lines.append(f"  diagonal test: {t.describe()}")
+    for i, settings in zip(m.intervals, m.interval_settings):
+        what = f"cell {i.layer_a}:{i.layer_b}" if i.statistic == "cell" else i.statistic.replace("_", " ")
+        lines.append(
+            f"  {what}: {i.estimate:.4f}, {settings[2]:.0%} interval [{i.low:.4f}, {i.high:.4f}] "
+            f"({settings[0]} bootstrap resamples, seed {settings[1]})"
+        )
     lines.append(
         "  max-similarity path (layer A -> layer B): "
         + ", ".join(f"{a}->{b}" for a, b in zip(m.path["layer_a"], m.path["layer_b"]))
@@ -385,6 +509,16 @@ def _neighbors_text(answer: dict, shared: set[int]) -> str:
     type=click.Choice(["csv", "parquet", "json"]),
     help="Also export every table of the report in this format (under OUT/tables).",
 )
+@click.option(
+    "--measures",
+    help="Also show every model pair under these similarity measures (comma-separated, or 'all'), side by side "
+    "with their diagonal tests and rank correlations.",
+)
+@click.option(
+    "--preprocess", type=click.Choice(PREPROCESS_NAMES), default="none", show_default=True, help="As for affinity."
+)
+@click.option("--permutations", type=int, default=10, show_default=True, help="As for affinity.")
+@click.option("--seed", type=int, default=0, show_default=True, help="As for affinity.")
 @progress_option
 @json_option
 @click.pass_obj
@@ -397,6 +531,10 @@ def report(
     prompt: int,
     square_size: int,
     export_format: str | None,
+    measures: str | None,
+    preprocess: str,
+    permutations: int,
+    seed: int,
     progress: bool,
     as_json: bool,
 ) -> None:
@@ -409,6 +547,10 @@ def report(
         prompt=prompt,
         square_size=square_size,
         export_format=export_format,
+        measures=list(MEASURE_NAMES) if measures == "all" else names(measures) if measures else [],
+        preprocess=preprocess,
+        permutations=permutations,
+        seed=seed,
         progress=progress,
     )
     text = "\n".join(

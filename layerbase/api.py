@@ -15,6 +15,8 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from layerbase.analysis.similarity.measures import MEASURES as _MEASURE_SPECS
+from layerbase.analysis.similarity.measures import PREPROCESSING as PREPROCESSING
 from layerbase.warehouse.engine import Warehouse
 from layerbase.warehouse.engine import connect as connect_warehouse
 from layerbase.warehouse.errors import InputError
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from layerbase.analysis.knn.lookup import Neighbors
     from layerbase.analysis.reporting.report import Report
     from layerbase.analysis.similarity.affinity import AffinityMatrix
+    from layerbase.analysis.similarity.measures import MeasureOptions
     from layerbase.analysis.steering.emb2emb import MapInfo
     from layerbase.analysis.steering.vectors import EvalResult, PromptSource, VectorInfo
     from layerbase.ingest.model_cache import ModelCache
@@ -36,8 +39,9 @@ if TYPE_CHECKING:
 # of one prompt per line, or the texts themselves.
 PromptsArg = str | Path | Sequence[str]
 
-# The similarity measures of a layer pair that the warehouse computes and stores.
-MEASURES = ("mutual_knn",)
+# The similarity measures of a layer pair that the warehouse computes and stores
+# (docs/measures.md), and how a measure may see the activations.
+MEASURES = tuple(_MEASURE_SPECS)
 
 
 def connect(url: str | None = None, *, upgrade: bool = True, progress: bool = True) -> Layerbase:
@@ -356,33 +360,54 @@ class Layerbase:
         k: int = 10,
         dataset_b: str | None = None,
         layer0: bool = False,
+        preprocess: str = "none",
+        rbf_bandwidth: float = 1.0,
+        cca_dims: int = 10,
+        permutations: int = 10,
+        seed: int = 0,
+        bootstrap: int = 0,
+        bootstrap_cells: Sequence[tuple[int, int]] = (),
+        level: float = 0.95,
         engine: str = "blas",
         overlap: str = "sparse",
         recompute: bool = False,
         progress: bool | None = None,
     ) -> AffinityMatrix:
-        """The layer x layer affinity matrix of two models (rows: ``model_a``'s layers), with
-        its diagonal test and max-similarity path: the current stored run (none of the k-NN
-        sets it used was recomputed since), else computed (k-NN sets first, where missing) and
-        stored as a new run; ``recompute`` always adds one. Stored runs never change. ``dataset_b``: a parallel
-        dataset that ``model_b`` reads (prompt i <-> prompt i). ``engine`` computes missing k-NN
-        sets; ``overlap`` counts shared neighbours (``sparse`` in memory, or ``sql``)."""
+        """The layer x layer matrix of a similarity ``measure`` (one of ``MEASURES``) between two
+        models (rows: ``model_a``'s layers), with its null level, diagonal test and
+        max-similarity path: the current stored run of that measure and those parameters
+        (none of the k-NN sets it used was recomputed since), else computed and stored as a
+        new run; ``recompute`` always adds one. Stored runs never change.
+
+        ``k``: the neighbourhood of the k-NN measures (mutual_knn, jaccard_knn, cknna).
+        ``preprocess``: ``none`` (the activations as stored), ``center`` or ``clamp95``.
+        ``rbf_bandwidth``: rbf_cka's sigma as a fraction of the median distance. ``cca_dims``:
+        SVD directions kept by svcca and pwcca. ``permutations`` of model B's prompts give the
+        null level of the measures without a closed form (``seed`` fixes them, and the
+        bootstrap). ``bootstrap``: resamples of the prompts for percentile intervals
+        (``level``) of the diagonal test's statistic and of ``bootstrap_cells`` ((layer A,
+        layer B) pairs), in ``.intervals``. ``dataset_b``: a parallel dataset that ``model_b``
+        reads (prompt i <-> prompt i). ``engine`` computes missing k-NN sets; ``overlap`` counts
+        mutual k-NN's shared neighbours (``sparse`` in memory, or ``sql``)."""
         from layerbase.analysis.similarity.affinity import compute_affinity
 
-        if measure not in MEASURES:
-            raise InputError(f"unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
         return compute_affinity(
             self.warehouse,
             model_a,
             model_b,
             dataset,
             dataset_b,
+            measure=measure,
             k=k,
+            options=_measure_options(preprocess, rbf_bandwidth, cca_dims, permutations, seed),
             include_layer0=layer0,
             engine=engine,
             overlap=overlap,
             recompute=recompute,
             any_study=True,
+            bootstrap=bootstrap,
+            bootstrap_cells=bootstrap_cells,
+            level=level,
             progress=self._progress(progress),
         )
 
@@ -392,17 +417,27 @@ class Layerbase:
         dataset: str,
         dataset_b: str | None = None,
         *,
+        measure: str = "mutual_knn",
         k: int = 10,
         layer0: bool = False,
+        preprocess: str = "none",
+        rbf_bandwidth: float = 1.0,
+        cca_dims: int = 10,
+        permutations: int = 10,
+        seed: int = 0,
+        bootstrap: int = 0,
+        bootstrap_cells: Sequence[tuple[int, int]] = (),
+        level: float = 0.95,
         engine: str = "blas",
         study: str | None = None,
         overlap: str = "sparse",
         recompute: bool = False,
         progress: bool | None = None,
     ) -> list[AffinityMatrix]:
-        """The affinity matrix of every pair of ``models`` (each once, in list order), with the
-        diagonal tests Bonferroni-corrected over the pairs: the study's current stored runs
-        where there are, new runs for the rest (all new with ``recompute``)."""
+        """The matrix of ``measure`` for every pair of ``models`` (each once, in list order),
+        with the diagonal tests Bonferroni-corrected over the pairs: the study's current
+        stored runs where there are, new runs for the rest (all new with ``recompute``). The
+        options are ``affinity``'s."""
         from layerbase.analysis.similarity.affinity import compute_study
 
         return compute_study(
@@ -410,12 +445,17 @@ class Layerbase:
             list(models),
             dataset,
             dataset_b,
+            measure=measure,
             k=k,
+            options=_measure_options(preprocess, rbf_bandwidth, cca_dims, permutations, seed),
             include_layer0=layer0,
             engine=engine,
             study=study,
             overlap=overlap,
             recompute=recompute,
+            bootstrap=bootstrap,
+            bootstrap_cells=bootstrap_cells,
+            level=level,
             progress=self._progress(progress),
         )
 
@@ -424,7 +464,9 @@ class Layerbase:
         whether it is the current run of its pair (``is_current``)."""
         from layerbase.analysis.similarity.affinity import list_runs
 
-        return _frame(list_runs(self.warehouse), ["run_id", "model_a", "model_b", "dataset_a", "dataset_b", "k"])
+        return _frame(
+            list_runs(self.warehouse), ["run_id", "model_a", "model_b", "dataset_a", "dataset_b", "measure", "k"]
+        )
 
     def affinity_run(self, run_id: int) -> AffinityMatrix:
         """A stored affinity run by id, exactly as it was computed; a missing id is an error."""
@@ -744,10 +786,16 @@ class Layerbase:
         prompt: int = 0,
         square_size: int = 32,
         export_format: str | None = None,
+        measures: Sequence[str] = (),
+        preprocess: str = "none",
+        permutations: int = 10,
+        seed: int = 0,
         progress: bool | None = None,
     ) -> Report:
         """Write the self-contained HTML report (affinity heatmaps, tests, neighbour lists)
-        for every pair of ``models`` on each of ``datasets``."""
+        for every pair of ``models`` on each of ``datasets``; ``measures`` adds each pair's
+        matrix and diagonal test under those measures, side by side, with their rank
+        correlations."""
         from layerbase.analysis.reporting.report import build_report
 
         return build_report(
@@ -759,6 +807,8 @@ class Layerbase:
             prompt=prompt,
             square_size=square_size,
             export_format=export_format,
+            measures=measures,
+            options=_measure_options(preprocess, 1.0, 10, permutations, seed),
             progress=self._progress(progress),
         )
 
@@ -780,6 +830,14 @@ class Layerbase:
         if not texts:
             raise InputError(f"the {what} are empty; give at least one text")
         return PromptSource(f"{len(texts)} texts from Python", texts)
+
+
+def _measure_options(
+    preprocess: str, rbf_bandwidth: float, cca_dims: int, permutations: int, seed: int
+) -> MeasureOptions:
+    from layerbase.analysis.similarity.measures import MeasureOptions
+
+    return MeasureOptions(preprocess, rbf_bandwidth, cca_dims, permutations, seed).check()
 
 
 def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -294,8 +295,30 @@ class KnnNeighbor(Base):
     distances: Mapped[list[float]] = mapped_column(ARRAY(REAL), comment="cosine distances, ascending")
 
 
+# The measures an affinity run may hold (analysis.similarity.measures defines them), and
+# those with a neighbourhood size k.
+AFFINITY_MEASURES = (
+    "mutual_knn",
+    "jaccard_knn",
+    "cknna",
+    "linear_cka",
+    "unbiased_cka",
+    "rbf_cka",
+    "svcca",
+    "pwcca",
+    "procrustes",
+    "rsa",
+)
+K_MEASURES = ("mutual_knn", "jaccard_knn", "cknna")
+
+
+def _sql_list(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
 class AffinityRun(Base):
-    """A layer x layer mutual k-NN matrix between two models (Wolfram & Schein 2025)."""
+    """A layer x layer similarity matrix between two models (Wolfram & Schein 2025), of one
+    measure with its parameters."""
 
     __tablename__ = "affinity_run"
 
@@ -304,15 +327,15 @@ class AffinityRun(Base):
     model_b_id: Mapped[int] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"))
     dataset_a_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
     dataset_b_id: Mapped[int] = mapped_column(ForeignKey("dataset.id", ondelete="CASCADE"))
-    k: Mapped[int] = mapped_column(SmallInteger)
+    k: Mapped[int | None] = mapped_column(SmallInteger)
     include_layer0: Mapped[bool] = mapped_column(Boolean)
     n_prompts: Mapped[int] = mapped_column(Integer)
     n_layers_a: Mapped[int] = mapped_column(Integer)
     n_layers_b: Mapped[int] = mapped_column(Integer)
-    chance: Mapped[float] = mapped_column(comment="null mean k/(|D|-1)")
-    null_sd: Mapped[float] = mapped_column(comment="null standard deviation of M_k")
-    knn_engine: Mapped[str] = mapped_column(Text)
-    overlap_engine: Mapped[str] = mapped_column(
+    chance: Mapped[float | None] = mapped_column(comment="mean of the null level over the cells")
+    null_sd: Mapped[float | None] = mapped_column(comment="mean of the null level's standard deviation over the cells")
+    knn_engine: Mapped[str | None] = mapped_column(Text)
+    overlap_engine: Mapped[str | None] = mapped_column(
         Text,
         server_default="sql",
         comment="sql: one join of the unnested neighbour arrays; sparse: one scipy.sparse product of them",
@@ -320,16 +343,30 @@ class AffinityRun(Base):
     study: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float] = mapped_column()
     created_at: Mapped[datetime] = _now()
+    measure: Mapped[str] = mapped_column(Text, server_default="mutual_knn", comment="the similarity measure")
+    parameters: Mapped[dict[str, Any]] = mapped_column(
+        server_default=text("'{}'::jsonb"),
+        comment="every option the measure depends on (preprocessing, k, bandwidth, dimensions, permutations, seed)",
+    )
+    null_method: Mapped[str] = mapped_column(
+        Text,
+        server_default="closed_form",
+        comment="closed_form (random neighbour sets), permutation (model B's prompts shuffled) or none",
+    )
 
     # Runs are immutable: computing a pair again adds a run, and the newest of a key is current.
     __table_args__ = (
         CheckConstraint("overlap_engine IN ('sql', 'sparse')", name="overlap_engine"),
+        CheckConstraint(f"measure IN {_sql_list(AFFINITY_MEASURES)}", name="measure"),
+        CheckConstraint(f"(k IS NOT NULL) = (measure IN {_sql_list(K_MEASURES)})", name="k_if_needed"),
+        CheckConstraint("null_method IN ('closed_form', 'permutation', 'none')", name="null_method"),
         Index(
             "ix_affinity_run_key",
             "model_a_id",
             "model_b_id",
             "dataset_a_id",
             "dataset_b_id",
+            "measure",
             "k",
             "include_layer0",
             "id",
@@ -347,9 +384,10 @@ class AffinityCell(Base):
     layer_b: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     depth_a: Mapped[float] = mapped_column(comment="layer_a / n_layers_a")
     depth_b: Mapped[float] = mapped_column(comment="layer_b / n_layers_b")
-    score: Mapped[float] = mapped_column(comment="mutual k-NN in [0, 1]")
-    chance: Mapped[float] = mapped_column()
-    log10_p_null: Mapped[float] = mapped_column(comment="log10 p of the score under random neighbour sets")
+    score: Mapped[float] = mapped_column(comment="the run's measure of the two layers")
+    chance: Mapped[float | None] = mapped_column(comment="the null level's mean for this cell")
+    log10_p_null: Mapped[float | None] = mapped_column(comment="log10 p of the score under random neighbour sets")
+    null_sd: Mapped[float | None] = mapped_column(comment="the null level's standard deviation")
 
     __table_args__ = (CheckConstraint("score <> 'NaN' AND log10_p_null <> 'NaN'", name="no_nan"),)
 
@@ -382,6 +420,34 @@ class DiagonalTest(Base):
             "AND p_bonferroni <> 'NaN' AND log10_p_bonferroni <> 'NaN'",
             name="no_nan",
         ),
+    )
+
+
+class AffinityBootstrap(Base):
+    """A percentile bootstrap interval over prompts of an affinity run's diagonal-test
+    statistic or of one of its cells."""
+
+    __tablename__ = "affinity_bootstrap"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("affinity_run.id", ondelete="CASCADE"), index=False)
+    statistic: Mapped[str] = mapped_column(Text, comment="diagonal_t, diagonal_difference (mean on - mean off) or cell")
+    layer_a: Mapped[int | None] = mapped_column(SmallInteger)
+    layer_b: Mapped[int | None] = mapped_column(SmallInteger)
+    estimate: Mapped[float] = mapped_column(comment="the statistic on the prompts themselves")
+    low: Mapped[float] = mapped_column()
+    high: Mapped[float] = mapped_column()
+    std_error: Mapped[float] = mapped_column()
+    level: Mapped[float] = mapped_column(comment="confidence level of [low, high] (percentile)")
+    replicates: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("statistic IN ('diagonal_t', 'diagonal_difference', 'cell')", name="statistic"),
+        CheckConstraint("(statistic = 'cell') = (layer_a IS NOT NULL AND layer_b IS NOT NULL)", name="cell_has_layers"),
+        CheckConstraint("estimate <> 'NaN' AND low <> 'NaN' AND high <> 'NaN' AND std_error <> 'NaN'", name="no_nan"),
+        Index("ix_affinity_bootstrap_run", "run_id"),
     )
 
 

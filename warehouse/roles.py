@@ -22,7 +22,14 @@ from psycopg import sql
 from layerbase.warehouse.engine import Warehouse, raw_connection, translate_errors
 from layerbase.warehouse.errors import InputError
 
-BI_VIEWS = ("bi_affinity_cell", "bi_diagonal_test", "bi_max_similarity_path", "bi_steering_eval", "bi_geometry")
+BI_VIEWS = (
+    "bi_affinity_cell",
+    "bi_diagonal_test",
+    "bi_max_similarity_path",
+    "bi_affinity_bootstrap",
+    "bi_steering_eval",
+    "bi_geometry",
+)
 MARK = "Layerbase BI reader: SELECT on the bi_* views only (layerbase db grant-reader)"
 
 ROLE = """

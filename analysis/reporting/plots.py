@@ -46,11 +46,14 @@ def save(fig: Figure, path: Path) -> Path:
 
 
 def _subplots(
-    *grid: int, figsize: tuple[float, float], layout: Literal["constrained", "tight"] | None = None
+    *grid: int,
+    figsize: tuple[float, float],
+    layout: Literal["constrained", "tight"] | None = None,
+    squeeze: bool = True,
 ) -> tuple[Figure, Any]:
     """pyplot.subplots without pyplot: a new Figure and its axes."""
     fig = Figure(figsize=figsize, layout=layout)
-    return fig, fig.subplots(*grid)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
 
 
 def mask_outline(
@@ -94,8 +97,9 @@ def affinity_heatmap(
     name_a: str,
     name_b: str,
     *,
-    k: int,
-    chance: float,
+    label: str = "mutual k-NN",
+    k: int | None = None,
+    chance: float | None = None,
     subtitle: str = "",
     diagonal: bool = True,
     path: bool = True,
@@ -108,12 +112,50 @@ def affinity_heatmap(
     """
     n_a, n_b = len(layers_a), len(layers_b)
     fig, ax = _subplots(figsize=heatmap_size(n_a, n_b), layout="constrained")
+    image = _draw_affinity(ax, scores, layers_a, layers_b, diagonal=diagonal, path=path, vmax=vmax)
+    bar = fig.colorbar(image, ax=ax, pad=0.02)
+    bar.set_label(
+        label + (f", k = {k}" if k is not None else "") + (f"  (chance {chance:.3f})" if chance is not None else "")
+    )
+    ax.set_xlabel(f"{name_b} layer")
+    ax.set_ylabel(f"{name_a} layer")
+    n_layers_a, n_layers_b = max(layers_a), max(layers_b)
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers_b, lambda d: d * n_layers_b))
+    top.set_xlabel(f"{name_b} relative depth")
+    right = ax.secondary_yaxis("right", functions=(lambda y: y / n_layers_a, lambda d: d * n_layers_a))
+    right.set_ylabel(f"{name_a} relative depth")
+    title = f"{name_a} × {name_b}"
+    if subtitle:
+        title += "\n" + textwrap.fill(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _draw_affinity(
+    ax: Any,
+    scores: np.ndarray,
+    layers_a: list[int],
+    layers_b: list[int],
+    *,
+    diagonal: bool = True,
+    path: bool = True,
+    vmax: float | None = None,
+    legend: bool = True,
+) -> Any:
+    """The matrix on ``ax`` (rows = A's layers, bottom to top) with the generalized diagonal
+    outlined and the max-similarity path; returns the image for a colour bar."""
+    n_a, n_b = len(layers_a), len(layers_b)
     extent = (layers_b[0] - 0.5, layers_b[-1] + 0.5, layers_a[0] - 0.5, layers_a[-1] + 0.5)
     image = ax.imshow(
-        scores, origin="lower", extent=extent, cmap=CMAP, aspect="auto", vmin=0, vmax=vmax, interpolation="nearest"
+        scores,
+        origin="lower",
+        extent=extent,
+        cmap=CMAP,
+        aspect="auto",
+        vmin=min(0.0, float(np.min(scores))),  # unbiased CKA and RSA can fall below 0
+        vmax=vmax,
+        interpolation="nearest",
     )
-    bar = fig.colorbar(image, ax=ax, pad=0.02)
-    bar.set_label(f"mutual k-NN, k = {k}  (chance {chance:.3f})")
     if diagonal and n_a > 1 and n_b > 1:
         ax.add_collection(
             mask_outline(
@@ -136,20 +178,30 @@ def affinity_heatmap(
             linewidth=1.2,
             label="max-similarity path",
         )
-        ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
-    ax.set_xlabel(f"{name_b} layer")
-    ax.set_ylabel(f"{name_a} layer")
+        if legend:
+            ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    n_layers_a, n_layers_b = max(layers_a), max(layers_b)
-    top = ax.secondary_xaxis("top", functions=(lambda x: x / n_layers_b, lambda d: d * n_layers_b))
-    top.set_xlabel(f"{name_b} relative depth")
-    right = ax.secondary_yaxis("right", functions=(lambda y: y / n_layers_a, lambda d: d * n_layers_a))
-    right.set_ylabel(f"{name_a} relative depth")
-    title = f"{name_a} × {name_b}"
-    if subtitle:
-        title += "\n" + textwrap.fill(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))
-    ax.set_title(title, fontsize=9)
+    return image
+
+
+def measure_grid(
+    panels: list[tuple[str, np.ndarray]], layers_a: list[int], layers_b: list[int], name_a: str, name_b: str, title: str
+) -> Figure:
+    """One layer pair's matrices under several measures side by side (``panels``: (caption,
+    scores)), each on its own colour scale, with the diagonal and the path."""
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = _subplots(rows, columns, figsize=(4.1 * columns, 3.6 * rows + 0.6), layout="constrained", squeeze=False)
+    for ax, (caption, scores) in zip(axes.flat, panels):
+        image = _draw_affinity(ax, scores, layers_a, layers_b, legend=False)
+        fig.colorbar(image, ax=ax, pad=0.02)
+        ax.set_title(textwrap.fill(caption, 48), fontsize=8)
+        ax.set_xlabel(f"{name_b} layer", fontsize=8)
+        ax.set_ylabel(f"{name_a} layer", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
     return fig
 
 

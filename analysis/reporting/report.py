@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from layerbase.analysis.knn.lookup import overlap
 from layerbase.analysis.reporting import plots
 from layerbase.analysis.similarity.affinity import AffinityMatrix, compute_affinity, compute_study
+from layerbase.analysis.similarity.measures import MeasureOptions, parse_measures
 from layerbase.analysis.similarity.stats import max_similarity_path, mean_square, resize_square
 from layerbase.warehouse.engine import Warehouse
 from layerbase.warehouse.errors import InputError
@@ -77,6 +79,16 @@ class _PairFigures:
 
 
 @dataclass
+class _MeasureFigures:
+    """One model pair on one dataset under every measure: the matrices side by side and the
+    rank correlations between the measures."""
+
+    label: str
+    grid: Path
+    correlations: Path
+
+
+@dataclass
 class _Section:
     """What the report shows for one dataset."""
 
@@ -87,6 +99,7 @@ class _Section:
     mean_square: Path
     within: list[Path]
     neighbours: Path
+    measures: list[_MeasureFigures] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +112,8 @@ class _Tables:
     mean_square: list[dict[str, Any]] = field(default_factory=list)
     neighbours: list[dict[str, Any]] = field(default_factory=list)
     truncation: list[dict[str, Any]] = field(default_factory=list)
+    measure_tests: list[dict[str, Any]] = field(default_factory=list)
+    measure_correlations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def build_report(
@@ -111,10 +126,18 @@ def build_report(
     prompt: int = 0,
     square_size: int = 32,
     export_format: str | None = None,
+    measures: Sequence[str] = (),
+    options: MeasureOptions | None = None,
     progress: bool = True,
 ) -> Report:
-    """Compute what is missing, draw every figure, and write the report into ``out_dir``."""
+    """Compute what is missing, draw every figure, and write the report into ``out_dir``.
+
+    The paper's figures use mutual k-NN; ``measures`` adds a section with each model pair's
+    matrix and diagonal test under every measure given (and mutual k-NN), side by side, and
+    the rank correlations between the measures."""
     _check_options(models, datasets, export_format)
+    others = [m.name for m in parse_measures(list(measures))] if measures else []
+    compared = list(dict.fromkeys(["mutual_knn", *others])) if others else []
     plots.make_folder(out_dir)
     tables = _Tables(truncation=_truncation(wh, models, datasets))
     warnings = _truncation_warnings(tables.truncation)
@@ -123,6 +146,10 @@ def build_report(
         pairs = compute_study(wh, models, dataset, k=k, progress=progress)
         shown += pairs
         sections.append(_dataset_section(wh, models, dataset, pairs, k, prompt, square_size, out_dir, progress, tables))
+        if compared:
+            sections[-1].measures = _measure_figures(
+                wh, models, dataset, compared, k, options, out_dir, progress, tables
+            )
         scatter += [
             (f"{m.model_a} × {m.model_b} @ {dataset}", m.test.mean_off, m.test.mean_on) for m in pairs if m.test
         ]
@@ -132,10 +159,12 @@ def build_report(
     )
     html_path = out_dir / "report.html"
     html_path.write_text(
-        _render(models, datasets, k, prompt, sections, tables, scatter_png, warnings), encoding="utf-8"
+        _render(models, datasets, k, prompt, sections, tables, scatter_png, warnings, compared), encoding="utf-8"
     )
     images = [p for s in sections for p in _section_images(s)] + [scatter_png]
-    report = Report(html_path, images, asdict(tables), warnings=warnings, matrices=shown)
+    # The measures' tables only when measures were asked for.
+    exported = {name: rows for name, rows in asdict(tables).items() if rows or not name.startswith("measure_")}
+    report = Report(html_path, images, exported, warnings=warnings, matrices=shown)
     if export_format:
         report.exported = export_tables(report.tables, out_dir / "tables", export_format)
     return report
@@ -207,7 +236,9 @@ def _dataset_section(
     ]
     neighbour_png, rows = _neighbour_figure(wh, pairs[0], dataset, prompt, k, out_dir)
     tables.neighbours += rows
-    return _Section(dataset, pairs[0].n_prompts, pairs[0].chance, figures, mean_png, within, neighbour_png)
+    chance = pairs[0].chance
+    assert chance is not None  # mutual k-NN always has its closed-form null
+    return _Section(dataset, pairs[0].n_prompts, chance, figures, mean_png, within, neighbour_png)
 
 
 def _pair_figures(
@@ -283,7 +314,76 @@ def _within_figure(w: AffinityMatrix, dataset: str, k: int, out_dir: Path) -> Pa
 
 
 def _section_images(s: _Section) -> list[Path]:
-    return [p for pair in s.pairs for p in (pair.heatmap, pair.square)] + [s.mean_square, *s.within, s.neighbours]
+    return (
+        [p for pair in s.pairs for p in (pair.heatmap, pair.square)]
+        + [s.mean_square, *s.within, s.neighbours]
+        + [p for m in s.measures for p in (m.grid, m.correlations)]
+    )
+
+
+def _measure_figures(
+    wh: Warehouse,
+    models: list[str],
+    dataset: str,
+    measures: list[str],
+    k: int,
+    options: MeasureOptions | None,
+    out_dir: Path,
+    progress: bool,
+    tables: _Tables,
+) -> list[_MeasureFigures]:
+    """Every cross-model pair under every measure: the matrices side by side, each one's
+    diagonal test as a table row, and the Spearman correlation of the cells between measures."""
+    from scipy.stats import spearmanr
+
+    by_measure = {
+        measure: compute_study(wh, models, dataset, measure=measure, k=k, options=options, progress=progress)
+        for measure in measures
+    }
+    figures = []
+    for index, first in enumerate(by_measure[measures[0]]):
+        runs = [by_measure[measure][index] for measure in measures]
+        for m in runs:
+            t = m.test
+            tables.measure_tests.append(
+                {
+                    "model_a": m.model_a,
+                    "model_b": m.model_b,
+                    "dataset": dataset,
+                    "measure": m.measure,
+                    "parameters": m.describe_parameters,
+                    "chance": m.chance,
+                    **(t.as_dict() if t else {}),
+                    "run_id": m.run_id,
+                }
+            )
+        label = f"{first.model_a} × {first.model_b} @ {dataset}"
+        name = f"{_slug(first.model_a)}__{_slug(first.model_b)}__{_slug(dataset)}.png"
+        panels = [(f"{m.label} ({m.describe_parameters or 'no parameters'}); {_test_line(m)}", m.scores) for m in runs]
+        grid = plots.save(
+            plots.measure_grid(panels, first.layers_a, first.layers_b, first.model_a, first.model_b, label),
+            out_dir / f"measures_{name}",
+        )
+        rho = np.ones((len(runs), len(runs)))
+        for i, a in enumerate(runs):
+            for j, b in enumerate(runs[:i]):
+                rho[i, j] = rho[j, i] = float(spearmanr(a.scores.ravel(), b.scores.ravel()).statistic)
+                tables.measure_correlations.append(
+                    {
+                        "model_a": a.model_a,
+                        "model_b": a.model_b,
+                        "dataset": dataset,
+                        "first": b.measure,
+                        "second": a.measure,
+                        "spearman": rho[i, j],
+                    }
+                )
+        correlations = plots.save(
+            plots.model_matrix(rho, measures, f"{label}\nrank correlation of the cells", label="Spearman ρ"),
+            out_dir / f"measure_correlations_{name}",
+        )
+        figures.append(_MeasureFigures(label, grid, correlations))
+    return figures
 
 
 TEST_COLUMNS = [
@@ -299,6 +399,20 @@ TEST_COLUMNS = [
     ("n_pairs", "pairs"),
     ("log10_p_bonferroni", "log10 p (Bonferroni)"),
     ("undefined_reason", "no test because"),
+]
+MEASURE_TEST_COLUMNS = [
+    ("model_a", "model A"),
+    ("model_b", "model B"),
+    ("dataset", "dataset"),
+    ("measure", "measure"),
+    ("parameters", "parameters"),
+    ("chance", "null mean"),
+    ("mean_on", "mean on"),
+    ("mean_off", "mean off"),
+    ("t", "t"),
+    ("log10_p_bonferroni", "log10 p (Bonferroni)"),
+    ("undefined_reason", "no test because"),
+    ("run_id", "run"),
 ]
 TRUNCATION_COLUMNS = [
     ("model", "model"),
@@ -318,6 +432,7 @@ def _render(
     tables: _Tables,
     scatter: Path,
     warnings: list[str],
+    measures: Sequence[str] = (),
 ) -> str:
     """The page, from templates/report.html (Jinja2 escapes every value it inserts)."""
     import jinja2
@@ -341,6 +456,9 @@ def _render(
         truncation_columns=TRUNCATION_COLUMNS,
         scatter=scatter,
         warnings=warnings,
+        measures=measures,
+        measure_tests=tables.measure_tests,
+        measure_test_columns=MEASURE_TEST_COLUMNS,
     )
 
 

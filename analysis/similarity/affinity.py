@@ -1,17 +1,23 @@
-"""Cross-model layer affinity: A[i, j] = M_k(f_A^(i), f_B^(j)) (Wolfram & Schein 2025),
-computed in SQL from the materialized neighbour lists, stored with its statistics.
+"""Cross-model layer affinity: A[i, j] = S(f_A^(i), f_B^(j)) (Wolfram & Schein 2025) for a
+similarity measure S (``measures``), stored with its parameters, null level, diagonal test
+and bootstrap intervals.
 
-The overlap counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one join of the
-unnested neighbour arrays on (position, neighbour position); positions make parallel
-datasets (prompt i of D1 <-> prompt i of D2) intersect directly.
+Mutual k-NN (the default) is computed from the materialized neighbour lists: the overlap
+counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one scipy.sparse product or
+one join of the unnested neighbour arrays on (position, neighbour position); positions
+make parallel datasets (prompt i of D1 <-> prompt i of D2) intersect directly. The other
+k-NN measures read the same stored sets; the rest read every layer's activations
+(``all_pairs``).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,18 +28,20 @@ from sqlalchemy.orm import Session
 
 from layerbase.analysis.knn.materialize import DERIVED_DATA_COMMIT, EXACT_ENGINES, lock_key, materialize
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
+from layerbase.analysis.similarity.all_pairs import AllPairs, Interval, NullLevel, Side
+from layerbase.analysis.similarity.layer_data import activation_side, neighbourhood_side, stored_sets
+from layerbase.analysis.similarity.measures import MEASURES, Measure, MeasureOptions, get_measure
 from layerbase.analysis.similarity.stats import (
     DiagonalTest,
     diagonal_test,
-    log10_p_null,
     max_similarity_path,
     null_model,
     relative_depths,
 )
-from layerbase.warehouse.copy import copy_columns, read_keyed_int_arrays
+from layerbase.warehouse.copy import copy_columns
 from layerbase.warehouse.engine import Warehouse, analyze, raw_connection
 from layerbase.warehouse.errors import InputError, NotFoundError
-from layerbase.warehouse.models import AffinityRun, KnnRun
+from layerbase.warehouse.models import AffinityBootstrap, AffinityRun, KnnRun
 from layerbase.warehouse.models import DiagonalTest as DiagonalTestRow
 from layerbase.warehouse.parallel import default_workers, run_in_parallel
 
@@ -60,25 +68,48 @@ GROUP BY a.layer, b.layer
 
 @dataclass
 class AffinityMatrix:
-    """A stored affinity matrix with its test (rows = model A's layers)."""
+    """A stored affinity matrix with its test (rows = model A's layers).
+
+    ``chance`` and ``null_sd``: the null level's mean and standard deviation, averaged over
+    the cells (None without a null level); ``cell_chance`` per cell. ``intervals``: bootstrap
+    intervals of the diagonal test's statistic and of chosen cells."""
 
     run_id: int
     model_a: str
     model_b: str
     dataset_a: str
     dataset_b: str
-    k: int
+    k: int | None
     n_prompts: int
     layers_a: list[int]
     layers_b: list[int]
     scores: np.ndarray
-    chance: float
-    null_sd: float
+    chance: float | None
+    null_sd: float | None
     test: DiagonalTest | None
     seconds: float
-    knn_engine: str
+    knn_engine: str | None
     n_layers_a: int
     n_layers_b: int
+    measure: str = "mutual_knn"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    null_method: str = "closed_form"
+    cell_chance: np.ndarray | None = None
+    intervals: list[Interval] = field(default_factory=list)
+    interval_settings: list[tuple[int, int, float]] = field(default_factory=list)  # (resamples, seed, level)
+
+    @property
+    def label(self) -> str:
+        """The measure's name for people (e.g. 'linear CKA')."""
+        return MEASURES[self.measure].label
+
+    @property
+    def describe_parameters(self) -> str:
+        """The run's parameters in one phrase, e.g. 'k = 10' or 'cca_dims = 10, center'."""
+        shown = [f"{key} = {value}" for key, value in self.parameters.items() if key not in ("preprocess", "seed")]
+        if self.parameters.get("preprocess", "none") != "none":
+            shown.append(f"preprocess {self.parameters['preprocess']}")
+        return ", ".join(shown)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -134,6 +165,7 @@ class AffinityMatrix:
             self.layers_b,
             self.model_a,
             self.model_b,
+            label=self.label,
             k=self.k,
             chance=self.chance,
             subtitle=f"{dataset}, |D| = {self.n_prompts}",
@@ -146,10 +178,12 @@ class AffinityMatrix:
         import html
 
         test = f"diagonal test: {self.test.describe()}" if self.test else "no diagonal test"
+        chance = "no null level" if self.chance is None else f"chance {self.chance:.4f}"
         return (
-            f"<p><b>{html.escape(self.model_a)} × {html.escape(self.model_b)}</b> on "
-            f"{html.escape(self.dataset_a)}: {len(self.layers_a)}×{len(self.layers_b)} layers, k = {self.k}, "
-            f"|D| = {self.n_prompts}, chance {self.chance:.4f}; {test} (affinity run {self.run_id})</p>"
+            f"<p><b>{html.escape(self.model_a)} × {html.escape(self.model_b)}</b>, {html.escape(self.label)} "
+            f"({html.escape(self.describe_parameters)}) on {html.escape(self.dataset_a)}: "
+            f"{len(self.layers_a)}×{len(self.layers_b)} layers, |D| = {self.n_prompts}, {chance}; {test} "
+            f"(affinity run {self.run_id})</p>"
         )
 
     def summary(self) -> dict:
@@ -160,12 +194,16 @@ class AffinityMatrix:
             "model_b": self.model_b,
             "dataset_a": self.dataset_a,
             "dataset_b": self.dataset_b,
+            "measure": self.measure,
+            "parameters": self.parameters,
             "k": self.k,
             "n_prompts": self.n_prompts,
             "shape": list(self.scores.shape),
             "chance": self.chance,
+            "null_method": self.null_method,
             "max_score": float(self.scores.max()),
             "test": t.as_dict() if t else None,
+            "bootstrap": [i.as_dict() for i in self.intervals],
             "seconds": round(self.seconds, 3),
         }
 
@@ -206,6 +244,16 @@ class _Pair:
         return self.model_ids[0] == self.model_ids[1] and self.dataset_ids[0] == self.dataset_ids[1]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What identifies a run besides its pair: measure, k, parameters, layer 0."""
+
+    measure: Measure
+    k: int | None
+    parameters: dict[str, Any]
+    include_layer0: bool
+
+
 def compute_affinity(
     wh: Warehouse,
     model_a: str,
@@ -213,7 +261,9 @@ def compute_affinity(
     dataset_a: str,
     dataset_b: str | None = None,
     *,
+    measure: str = "mutual_knn",
     k: int = 10,
+    options: MeasureOptions | None = None,
     include_layer0: bool = False,
     engine: str = "blas",
     study: str | None = None,
@@ -222,75 +272,239 @@ def compute_affinity(
     overlap: str = "sparse",
     recompute: bool = False,
     any_study: bool = False,
+    bootstrap: int = 0,
+    bootstrap_cells: Sequence[tuple[int, int]] = (),
+    level: float = 0.95,
     progress: bool = True,
 ) -> AffinityMatrix:
-    """The affinity matrix ``A[i, j] = M_k(f_A^(i), f_B^(j))`` (docs/design.md §4) with its
-    diagonal test: the current stored run when there is one (``CURRENT_RUN``), else computed
-    (materializing missing k-NN sets first) and stored as a new run. Stored runs are never
-    changed nor replaced; ``recompute`` adds a new run even when a current one exists.
-    ``any_study``: a current run of another study (another Bonferroni count) is reused too.
-    ``overlap``: where the shared neighbours of all layer pairs are counted, ``sparse`` (one
-    scipy.sparse product, the default) or ``sql`` (one join in the database); the two give
-    identical matrices."""
+    """The affinity matrix ``A[i, j] = S(f_A^(i), f_B^(j))`` of ``measure`` (docs/measures.md)
+    with its null level and diagonal test: the current stored run when there is one
+    (``CURRENT_RUN``: same measure and parameters), else computed (materializing missing k-NN
+    sets first) and stored as a new run. Stored runs are never changed nor replaced;
+    ``recompute`` adds a new run even when a current one exists. ``any_study``: a current
+    run of another study (another Bonferroni count) is reused too. ``overlap``: where mutual
+    k-NN counts shared neighbours, ``sparse`` (one scipy.sparse product, the default) or
+    ``sql`` (one join in the database); the two give identical matrices. ``bootstrap``:
+    that many resamples of the prompts give percentile intervals (``level``) of the diagonal
+    test's t and mean difference and of ``bootstrap_cells`` ((layer A, layer B) pairs),
+    added to the run."""
     if overlap not in OVERLAP_ENGINES:
         raise InputError(f"unknown overlap engine {overlap!r}; use one of {', '.join(OVERLAP_ENGINES)}")
+    spec = get_measure(measure)
+    options = (options or MeasureOptions()).check()
     dataset_b = dataset_b or dataset_a
     pair = _resolve_pair(wh, model_a, model_b, dataset_a, dataset_b, include_layer0)
-    if not 0 < k < pair.n_prompts:
-        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({pair.n_prompts}); lower -k")
-    if k >= pair.n_prompts - 1:
-        raise InputError(
-            f"k = {k} on {pair.n_prompts} prompts: every prompt's {k} neighbours are all the others, so every "
-            f"score is 1 and the test means nothing; lower -k to at most {pair.n_prompts - 2}"
-        )
-    key = (*pair.model_ids, *pair.dataset_ids, k, include_layer0)
+    if spec.uses_k:
+        _check_k(k, pair.n_prompts)
+    elif pair.n_prompts < 4:
+        raise InputError(f"{spec.label} needs at least 4 prompts ({dataset_a} has {pair.n_prompts})")
+    _check_bootstrap(bootstrap, bootstrap_cells, level, pair)
+    run = _Run(spec, k if spec.uses_k else None, options.parameters(spec, k), include_layer0)
+    names = (model_a, model_b, dataset_a, dataset_b)
+    boot = _Bootstrap(bootstrap, tuple(bootstrap_cells), level, options.seed)
     if not recompute:
         with wh.engine.connect() as conn:
-            current = _current_run(conn, key, n_pairs, study, any_study)
+            current = _current_run(conn, pair, run, n_pairs, study, any_study)
         if current is not None:
-            return load_run(wh, current)
-    _ensure_knn_sets(wh, pair, (model_a, model_b), (dataset_a, dataset_b), k, engine, progress)
+            return _with_bootstrap(wh, load_run(wh, current), pair, run, options, engine, boot)
+    if spec.family == "neighbours" and options.preprocess == "none":
+        _ensure_knn_sets(wh, pair, names[:2], names[2:], k, engine, progress)
     started = time.perf_counter()
     with wh.engine.begin() as conn:
         conn.execute(
             sa.text("SELECT pg_advisory_xact_lock(:key)"),
-            {"key": lock_key("affinity", *pair.model_ids, *pair.dataset_ids, k)},
+            {"key": lock_key("affinity", *pair.model_ids, *pair.dataset_ids, measure, k)},
         )
         # Another process may have stored it while this one waited for the lock.
-        current = None if recompute else _current_run(conn, key, n_pairs, study, any_study)
-        if current is not None:
-            return load_run(wh, current)
-        conn.execute(sa.text(DERIVED_DATA_COMMIT))
-        scores, engines = _scores(wh, conn, pair, k, engine, workers, overlap)
-        # The diagonal test never includes the embedding layer (docs/design.md §4).
-        block = scores[np.array(pair.layers_a) > 0][:, np.array(pair.layers_b) > 0]
-        # Within one model on one dataset the diagonal is 1 by construction: no test.
-        testable = block.size - min(block.shape) >= 2 and not pair.same_side
-        test = diagonal_test(block, n_pairs) if testable else None
-        elapsed = time.perf_counter() - started
-        chance, null_sd = null_model(k, pair.n_prompts)
-        run_id = _store_run(
-            conn, pair, k, include_layer0, scores, test, n_pairs, (chance, null_sd), engines, overlap, study, elapsed
+        current = None if recompute else _current_run(conn, pair, run, n_pairs, study, any_study)
+        if current is None:
+            conn.execute(sa.text(DERIVED_DATA_COMMIT))
+            computed = _compute(wh, conn, pair, run, options, engine, workers, overlap)
+            test = _test(computed.scores, pair, n_pairs)
+            intervals = _intervals(computed.all_pairs(), computed.scores, pair, test, boot) if boot.replicates else []
+            elapsed = time.perf_counter() - started
+            current = _store_run(conn, pair, run, computed, test, n_pairs, overlap, study, elapsed)
+            _store_intervals(conn, current, intervals, boot)
+            analyze_after = True
+        else:
+            analyze_after = False
+    if not analyze_after:
+        return _with_bootstrap(wh, load_run(wh, current), pair, run, options, engine, boot)
+    analyze(wh, "affinity_run", "affinity_cell", "diagonal_test", "affinity_bootstrap")
+    return load_run(wh, current)
+
+
+def _check_k(k: int, n: int) -> None:
+    if not 0 < k < n:
+        raise InputError(f"k = {k} needs 0 < k < the number of prompts ({n}); lower -k")
+    if k >= n - 1:
+        raise InputError(
+            f"k = {k} on {n} prompts: every prompt's {k} neighbours are all the others, so every "
+            f"score is 1 and the test means nothing; lower -k to at most {n - 2}"
         )
-    analyze(wh, "affinity_run", "affinity_cell", "diagonal_test")
-    return AffinityMatrix(
-        run_id,
-        model_a,
-        model_b,
-        dataset_a,
-        dataset_b,
-        k,
-        pair.n_prompts,
-        pair.layers_a,
-        pair.layers_b,
-        scores,
-        chance,
-        null_sd,
-        test,
-        elapsed,
-        engines,
-        *pair.n_layers,
+
+
+@dataclass(frozen=True)
+class _Bootstrap:
+    """What a bootstrap was asked for: resamples (0: none), cells, confidence level, seed."""
+
+    replicates: int
+    cells: tuple[tuple[int, int], ...]
+    level: float
+    seed: int
+
+    @property
+    def settings(self) -> tuple[int, int, float]:
+        return self.replicates, self.seed, self.level
+
+
+def _check_bootstrap(replicates: int, cells: Sequence[tuple[int, int]], level: float, pair: _Pair) -> None:
+    if not 0 <= replicates <= 100_000:
+        raise InputError(f"--bootstrap must be between 0 and 100000 resamples (got {replicates})")
+    if cells and not replicates:
+        raise InputError("--bootstrap-cells needs --bootstrap N (the number of resamples)")
+    if not 0 < level < 1:
+        raise InputError(f"the confidence level must lie between 0 and 1 (got {level})")
+    for a, b in cells:
+        if a not in pair.layers_a or b not in pair.layers_b:
+            raise InputError(
+                f"cell {a}:{b} is not in the matrix: its layers are {pair.layers_a[0]}..{pair.layers_a[-1]} "
+                f"(model A) by {pair.layers_b[0]}..{pair.layers_b[-1]} (model B)"
+            )
+
+
+@dataclass
+class _Computed:
+    """A new run's matrix, null level and provenance; ``all_pairs`` gives the in-memory
+    computation (for the bootstrap), made when first asked for."""
+
+    scores: np.ndarray
+    null: NullLevel | None
+    knn_engines: str | None
+    all_pairs: Any
+
+
+def _compute(
+    wh: Warehouse,
+    conn: sa.Connection,
+    pair: _Pair,
+    run: _Run,
+    options: MeasureOptions,
+    engine: str,
+    workers: int | None,
+    overlap: str,
+) -> _Computed:
+    spec, k = run.measure, run.k
+    made: list[AllPairs] = []
+
+    def all_pairs() -> AllPairs:
+        if not made:
+            made.append(AllPairs(spec, options, k, *_sides(conn, pair, run, options, engine)))
+        return made[0]
+
+    if spec.name == "mutual_knn" and options.preprocess == "none":
+        assert k is not None
+        scores, engines = _scores(wh, conn, pair, k, engine, workers, overlap)
+        mean, sd = null_model(k, pair.n_prompts)
+        null = NullLevel.of(scores, np.full(scores.shape, mean), np.full(scores.shape, sd), "closed_form")
+        return _Computed(scores, null, engines, all_pairs)
+    computation = all_pairs()
+    scores = computation.matrix()
+    used: str | None = None  # the k-NN engines whose sets the run read
+    if spec.family == "neighbours":
+        assert k is not None
+        used = _engines(conn, pair, k, engine) if options.preprocess == "none" else "blas"
+    return _Computed(scores, computation.null(scores), used, all_pairs)
+
+
+def _sides(conn: sa.Connection, pair: _Pair, run: _Run, options: MeasureOptions, engine: str) -> tuple[Side, Side]:
+    """Both models' layers as the measure reads them: stored k-NN sets (k-NN measures on the
+    activations as they are), else the activations, preprocessed."""
+    if run.measure.family == "neighbours" and options.preprocess == "none":
+        assert run.k is not None
+        runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, run.k, engine)
+        runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, run.k, engine)
+        return (
+            neighbourhood_side(conn, [runs_a[layer] for layer in pair.layers_a], run.k, pair.n_prompts),
+            neighbourhood_side(conn, [runs_b[layer] for layer in pair.layers_b], run.k, pair.n_prompts),
+        )
+    return (
+        activation_side(
+            conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, pair.n_prompts, options.preprocess
+        ),
+        activation_side(
+            conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, pair.n_prompts, options.preprocess
+        ),
     )
+
+
+def _test(scores: np.ndarray, pair: _Pair, n_pairs: int) -> DiagonalTest | None:
+    """The diagonal test of a matrix (never over the embedding layer, docs/design.md §4); none
+    within one model on one dataset, where the diagonal is 1 by construction."""
+    block = _test_block(scores, pair)
+    testable = block.size - min(block.shape) >= 2 and not pair.same_side
+    return diagonal_test(block, n_pairs) if testable else None
+
+
+def _test_block(scores: np.ndarray, pair: _Pair) -> np.ndarray:
+    return scores[np.array(pair.layers_a) > 0][:, np.array(pair.layers_b) > 0]
+
+
+def _intervals(
+    computation: AllPairs, scores: np.ndarray, pair: _Pair, test: DiagonalTest | None, boot: _Bootstrap
+) -> list[Interval]:
+    """Percentile intervals over resamples of the prompts: the diagonal test's t and mean
+    difference (when the run has a test), and the chosen cells."""
+    resampled = computation.bootstrap(boot.replicates, boot.seed)
+    level = boot.level
+    out = []
+    if test is not None:
+        tests = [diagonal_test(_test_block(m, pair), test.n_pairs) for m in resampled]
+        t_values = np.array([np.nan if r.t is None else r.t for r in tests])
+        if test.t is not None:
+            out.append(Interval.of("diagonal_t", test.t, t_values, level))
+        differences = np.array([r.mean_on - r.mean_off for r in tests])
+        out.append(Interval.of("diagonal_difference", test.mean_on - test.mean_off, differences, level))
+    for a, b in boot.cells:
+        i, j = pair.layers_a.index(a), pair.layers_b.index(b)
+        out.append(Interval.of("cell", scores[i, j], np.array([m[i, j] for m in resampled]), level, (a, b)))
+    return out
+
+
+def _with_bootstrap(
+    wh: Warehouse, m: AffinityMatrix, pair: _Pair, run: _Run, options: MeasureOptions, engine: str, boot: _Bootstrap
+) -> AffinityMatrix:
+    """A stored run with the bootstrap intervals asked for: those it lacks (for another count
+    of resamples, seed, level or cell) are computed and added to it."""
+    if not boot.replicates:
+        return m
+    have = {(i.statistic, i.layer_a, i.layer_b) for i, s in zip(m.intervals, m.interval_settings) if s == boot.settings}
+    wanted = {("cell", a, b) for a, b in boot.cells} | ({("diagonal_difference", None, None)} if m.test else set())
+    if wanted <= have:
+        return m
+    with wh.engine.begin() as conn:
+        computation = AllPairs(run.measure, options, run.k, *_sides(conn, pair, run, options, engine))
+        intervals = _intervals(computation, m.scores, pair, m.test, boot)
+        missing = [i for i in intervals if (i.statistic, i.layer_a, i.layer_b) not in have]
+        _store_intervals(conn, m.run_id, missing, boot)
+    return load_run(wh, m.run_id)
+
+
+def _store_intervals(conn: sa.Connection, run_id: int, intervals: list[Interval], boot: _Bootstrap) -> None:
+    for i in intervals:
+        conn.execute(
+            sa.insert(AffinityBootstrap).values(
+                run_id=run_id, **i.as_dict(), level=boot.level, replicates=boot.replicates, seed=boot.seed
+            )
+        )
+
+
+def _engines(conn: sa.Connection, pair: _Pair, k: int, engine: str) -> str:
+    """The engines that computed the k-NN sets a run read (e.g. 'blas', or 'blas+sql')."""
+    runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine)
+    runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
+    run_ids = list(runs_a.values()) + list(runs_b.values())
+    return "+".join(sorted(set(conn.execute(sa.select(KnnRun.engine).where(KnnRun.id.in_(run_ids))).scalars())))
 
 
 def _resolve_pair(
@@ -345,8 +559,6 @@ def _scores(
     computed those sets ('blas', or e.g. 'blas+sql')."""
     runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine)
     runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
-    run_ids = list(runs_a.values()) + list(runs_b.values())
-    engines = set(conn.execute(sa.select(KnnRun.engine).where(KnnRun.id.in_(run_ids))).scalars())
     if overlap == "sparse":
         counts = _sparse_overlap_counts(conn, runs_a, runs_b, k, pair.n_prompts)
     else:
@@ -356,27 +568,24 @@ def _scores(
     col = {layer: j for j, layer in enumerate(pair.layers_b)}
     for (layer_a, layer_b), shared in counts.items():
         scores[row[layer_a], col[layer_b]] = shared / (k * pair.n_prompts)
-    return scores, "+".join(sorted(engines))
+    return scores, _engines(conn, pair, k, engine)
 
 
 def _store_run(
     conn: sa.Connection,
     pair: _Pair,
-    k: int,
-    include_layer0: bool,
-    scores: np.ndarray,
+    run: _Run,
+    computed: _Computed,
     test: DiagonalTest | None,
     n_pairs: int,
-    null: tuple[float, float],
-    engines: str,
     overlap: str,
     study: str | None,
     seconds: float,
 ) -> int:
-    """Store a new run of this pair and k: run, cells and test. Earlier runs stay as they are.
-    ``null``: the null model's mean (chance) and standard deviation of M_k."""
+    """Store a new run of this pair, measure and parameters: run, cells and test. Earlier
+    runs stay as they are."""
     (model_a, model_b), (dataset_a, dataset_b) = pair.model_ids, pair.dataset_ids
-    chance, null_sd = null
+    null = computed.null
     run_id: int = conn.execute(
         sa.insert(AffinityRun)
         .values(
@@ -384,21 +593,24 @@ def _store_run(
             model_b_id=model_b,
             dataset_a_id=dataset_a,
             dataset_b_id=dataset_b,
-            k=k,
-            include_layer0=include_layer0,
+            measure=run.measure.name,
+            parameters=run.parameters,
+            k=run.k,
+            include_layer0=run.include_layer0,
             n_prompts=pair.n_prompts,
             n_layers_a=pair.n_layers[0],
             n_layers_b=pair.n_layers[1],
-            chance=chance,
-            null_sd=null_sd,
-            knn_engine=engines,
-            overlap_engine=overlap,
+            chance=None if null is None else float(null.mean.mean()),
+            null_sd=None if null is None else float(null.sd.mean()),
+            null_method="none" if null is None else null.method,
+            knn_engine=computed.knn_engines,
+            overlap_engine=overlap if run.measure.name == "mutual_knn" and computed.knn_engines else None,
             study=study,
             seconds=seconds,
         )
         .returning(AffinityRun.id)
     ).scalar_one()
-    _store_cells(conn, run_id, scores, pair.layers_a, pair.layers_b, *pair.n_layers, k, pair.n_prompts, chance)
+    _store_cells(conn, run_id, computed.scores, pair, null)
     if test is not None:
         conn.execute(
             sa.insert(DiagonalTestRow).values(
@@ -420,37 +632,50 @@ def _store_run(
     return run_id
 
 
-# Whether run ``r`` is the newest of its key (model A, model B, datasets, k, layer 0): the
-# current run, as the BI views' ``is_current`` says too (migration 0008).
+# Whether run ``r`` is the newest of its key (models, datasets, measure, k, parameters, layer
+# 0): the current run, as the BI views' ``is_current`` says too (migration 0009).
 NEWEST = """NOT EXISTS (
     SELECT 1 FROM affinity_run newer
     WHERE newer.model_a_id = r.model_a_id AND newer.model_b_id = r.model_b_id
       AND newer.dataset_a_id = r.dataset_a_id AND newer.dataset_b_id = r.dataset_b_id
-      AND newer.k = r.k AND newer.include_layer0 = r.include_layer0 AND newer.id > r.id
+      AND newer.measure = r.measure AND newer.k IS NOT DISTINCT FROM r.k AND newer.parameters = r.parameters
+      AND newer.include_layer0 = r.include_layer0 AND newer.id > r.id
 )"""
 # The newest run of a key, unless a k-NN set of either side was computed after it (then it
-# was made from other sets, and is not current); for a study, only when its diagonal test
-# was corrected for the same number of pairs in a study of the same name.
+# may have been made from other sets, and is not current); for a study, only when its
+# diagonal test was corrected for the same number of pairs in a study of the same name.
 CURRENT_RUN = f"""
 SELECT r.id FROM affinity_run r
 LEFT JOIN diagonal_test t ON t.run_id = r.id
 WHERE r.model_a_id = :ma AND r.model_b_id = :mb AND r.dataset_a_id = :da AND r.dataset_b_id = :db
-  AND r.k = :k AND r.include_layer0 = :l0
+  AND r.measure = :measure AND r.k IS NOT DISTINCT FROM CAST(:k AS smallint)
+  AND r.parameters = CAST(:parameters AS jsonb) AND r.include_layer0 = :l0
   AND (:any_study OR ((t.run_id IS NULL OR t.n_pairs = :n_pairs) AND r.study IS NOT DISTINCT FROM :study))
-  AND NOT EXISTS (
+  AND (r.knn_engine IS NULL OR NOT EXISTS (
       SELECT 1 FROM knn_run n
       WHERE ((n.model_id = :ma AND n.dataset_id = :da) OR (n.model_id = :mb AND n.dataset_id = :db))
         AND n.created_at > r.created_at
-  )
+  ))
   AND {NEWEST}
 """
 
 
-def _current_run(conn: sa.Connection, key: tuple, n_pairs: int, study: str | None, any_study: bool) -> int | None:
-    ma, mb, da, db, k, l0 = key
-    values = {"ma": ma, "mb": mb, "da": da, "db": db, "k": k, "l0": l0}
+def _current_run(
+    conn: sa.Connection, pair: _Pair, run: _Run, n_pairs: int, study: str | None, any_study: bool
+) -> int | None:
+    (ma, mb), (da, db) = pair.model_ids, pair.dataset_ids
+    values = {"ma": ma, "mb": mb, "da": da, "db": db, "l0": run.include_layer0}
     return conn.execute(
-        sa.text(CURRENT_RUN), {**values, "n_pairs": n_pairs, "study": study, "any_study": any_study}
+        sa.text(CURRENT_RUN),
+        {
+            **values,
+            "measure": run.measure.name,
+            "k": run.k,
+            "parameters": json.dumps(run.parameters),
+            "n_pairs": n_pairs,
+            "study": study,
+            "any_study": any_study,
+        },
     ).scalar()
 
 
@@ -489,16 +714,6 @@ def _overlap_counts(
     return counts
 
 
-# The stored sets of several runs (layers) in one binary COPY, one row per run: its index in
-# the list, the prompts' positions, and their first k neighbours as one [n, k] array. One
-# statement per side rather than one per layer (each costs a few milliseconds), and a row per
-# layer rather than per prompt (each COPY row costs Python a few microseconds).
-NEIGHBOUR_SETS = """
-SELECT array_position({runs}, run_id) - 1, array_agg(position), array_agg(neighbors[1:{k}])
-FROM knn_neighbor WHERE run_id = ANY({runs}) GROUP BY run_id
-"""
-
-
 def _sparse_overlap_counts(
     conn: sa.Connection, runs_a: dict[int, int], runs_b: dict[int, int], k: int, n: int
 ) -> Counter[tuple[int, int]]:
@@ -507,10 +722,8 @@ def _sparse_overlap_counts(
     import scipy.sparse as sp
 
     def stack(runs: dict[int, int]) -> sp.csr_matrix:
-        run_ids = sql.SQL("{}::int[]").format(sql.Literal(list(runs.values())))
-        query = sql.SQL(NEIGHBOUR_SETS).format(runs=run_ids, k=sql.Literal(k))
         rows, cols = [], []
-        for layer_index, (positions, sets) in read_keyed_int_arrays(raw_connection(conn).cursor(), query):
+        for layer_index, (positions, sets) in stored_sets(conn, list(runs.values()), k):
             found = sets >= 0  # -1 marks a neighbour an index could not find
             cells = positions.astype(np.int64)[:, None] * n + sets.astype(np.int64)
             cols.append(cells[found])
@@ -525,36 +738,42 @@ def _sparse_overlap_counts(
     return Counter({(layers_a[i], layers_b[j]): int(round(shared[i, j])) for i, j in np.ndindex(*shared.shape)})
 
 
-def _store_cells(
-    conn: sa.Connection,
-    run_id: int,
-    scores: np.ndarray,
-    layers_a: list[int],
-    layers_b: list[int],
-    n_layers_a: int,
-    n_layers_b: int,
-    k: int,
-    n: int,
-    chance: float,
-) -> None:
-    la = np.repeat(np.array(layers_a, dtype=np.int16), len(layers_b))
-    lb = np.tile(np.array(layers_b, dtype=np.int16), len(layers_a))
+def _store_cells(conn: sa.Connection, run_id: int, scores: np.ndarray, pair: _Pair, null: NullLevel | None) -> None:
+    la = np.repeat(np.array(pair.layers_a, dtype=np.int16), len(pair.layers_b))
+    lb = np.tile(np.array(pair.layers_b, dtype=np.int16), len(pair.layers_a))
     flat = scores.ravel()
+    columns: list[tuple[str, str, np.ndarray]] = [
+        ("run_id", "int4", np.full(flat.size, run_id, dtype=np.int32)),
+        ("layer_a", "int2", la),
+        ("layer_b", "int2", lb),
+        ("depth_a", "float8", la / pair.n_layers[0]),
+        ("depth_b", "float8", lb / pair.n_layers[1]),
+        ("score", "float8", flat),
+    ]
+    if null is not None:
+        columns += [
+            ("chance", "float8", null.mean.ravel()),
+            ("null_sd", "float8", null.sd.ravel()),
+        ]
     copy_columns(
-        raw_connection(conn).cursor(),
-        "affinity_cell",
-        ("run_id", "layer_a", "layer_b", "depth_a", "depth_b", "score", "chance", "log10_p_null"),
-        [
-            ("int4", np.full(flat.size, run_id, dtype=np.int32)),
-            ("int2", la),
-            ("int2", lb),
-            ("float8", la / n_layers_a),
-            ("float8", lb / n_layers_b),
-            ("float8", flat),
-            ("float8", np.full(flat.size, chance)),
-            ("float8", log10_p_null(flat, k, n)),
-        ],
+        raw_connection(conn).cursor(), "affinity_cell", tuple(c[0] for c in columns), [(c[1], c[2]) for c in columns]
     )
+    if null is not None and np.isfinite(null.log10_p).any():
+        # log10 p is NULL where the null has no spread (NaN here): a second pass, since the
+        # binary COPY writer takes no NULLs.
+        finite = np.isfinite(null.log10_p.ravel())
+        conn.execute(
+            sa.text(
+                "UPDATE affinity_cell c SET log10_p_null = v.p FROM unnest(CAST(:a AS int[]), CAST(:b AS int[]), "
+                "CAST(:p AS float8[])) AS v(a, b, p) WHERE c.run_id = :run AND c.layer_a = v.a AND c.layer_b = v.b"
+            ),
+            {
+                "run": run_id,
+                "a": la[finite].tolist(),
+                "b": lb[finite].tolist(),
+                "p": null.log10_p.ravel()[finite].tolist(),
+            },
+        )
 
 
 def compute_study(
@@ -563,16 +782,22 @@ def compute_study(
     dataset: str,
     dataset_b: str | None = None,
     *,
+    measure: str = "mutual_knn",
     k: int = 10,
+    options: MeasureOptions | None = None,
     include_layer0: bool = False,
     engine: str = "blas",
     study: str | None = None,
     overlap: str = "sparse",
     recompute: bool = False,
+    bootstrap: int = 0,
+    bootstrap_cells: Sequence[tuple[int, int]] = (),
+    level: float = 0.95,
     progress: bool = True,
 ) -> list[AffinityMatrix]:
-    """Affinity matrices for every pair of models, Bonferroni-corrected over the pairs: the
-    current stored runs where there are, new runs for the rest (``compute_affinity``).
+    """Affinity matrices of one measure for every pair of models, Bonferroni-corrected over
+    the pairs: the current stored runs where there are, new runs for the rest
+    (``compute_affinity``).
 
     With one dataset, pairs are unordered (A, B) for A before B in the list. With a
     parallel pair of datasets, the first model reads ``dataset`` and the second ``dataset_b``.
@@ -588,13 +813,18 @@ def compute_study(
             b,
             dataset,
             dataset_b,
+            measure=measure,
             k=k,
+            options=options,
             include_layer0=include_layer0,
             engine=engine,
             study=study,
             overlap=overlap,
             n_pairs=len(pairs),
             recompute=recompute,
+            bootstrap=bootstrap,
+            bootstrap_cells=bootstrap_cells,
+            level=level,
             progress=progress,
         )
         for a, b in pairs
@@ -602,7 +832,8 @@ def compute_study(
 
 
 RUNS_SQL = f"""
-SELECT r.id AS run_id, ma.name AS model_a, mb.name AS model_b, da.name AS dataset_a, db.name AS dataset_b, r.k,
+SELECT r.id AS run_id, ma.name AS model_a, mb.name AS model_b, da.name AS dataset_a, db.name AS dataset_b,
+       r.measure, r.k, r.parameters, r.null_method,
        r.include_layer0, r.n_prompts, r.n_layers_a, r.n_layers_b, r.chance, r.null_sd, r.knn_engine, r.study,
        r.seconds, r.created_at, t.mean_on, t.mean_off, t.t, t.log10_p, t.n_pairs, t.log10_p_bonferroni,
        t.rows_model, t.undefined_reason,
@@ -618,13 +849,17 @@ LEFT JOIN diagonal_test t ON t.run_id = r.id
 
 
 def list_runs(wh: Warehouse) -> list[dict[str, Any]]:
-    """Every stored affinity run with its models, datasets, k and diagonal test."""
+    """Every stored affinity run with its models, datasets, measure, parameters and diagonal test."""
     with wh.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.text(RUNS_SQL + " ORDER BY r.id"))]
 
 
+TEST_FIELDS = ("mean_on", "mean_off", "t", "p", "p_bonferroni", "log10_p", "log10_p_bonferroni", "undefined_reason")
+
+
 def load_run(wh: Warehouse, run_id: int) -> AffinityMatrix:
-    """A stored affinity run by id, as computed: matrix, diagonal test and provenance."""
+    """A stored affinity run by id, as computed: matrix, null level, diagonal test, bootstrap
+    intervals and provenance."""
     with wh.engine.connect() as conn:
         run = conn.execute(sa.text(RUNS_SQL + " WHERE r.id = :id"), {"id": run_id}).mappings().first()
         if run is None:
@@ -634,30 +869,26 @@ def load_run(wh: Warehouse, run_id: int) -> AffinityMatrix:
             .mappings()
             .first()
         )
-    scores, layers_a, layers_b = load_matrix(wh, run["run_id"])
+        boots = (
+            conn.execute(
+                sa.select(AffinityBootstrap.__table__)
+                .where(AffinityBootstrap.run_id == run_id)
+                .order_by(AffinityBootstrap.id)
+            )
+            .mappings()
+            .all()
+        )
+    scores, layers_a, layers_b, chance = _load_cells(wh, run["run_id"])
     test = None
     if test_row is not None:
-        stored = {
-            f: test_row[f]
-            for f in (
-                "mean_on",
-                "mean_off",
-                "t",
-                "p",
-                "p_bonferroni",
-                "log10_p",
-                "log10_p_bonferroni",
-                "undefined_reason",
-            )
-        }
         test = DiagonalTest(
             n_on=test_row["n_on"],
             n_off=test_row["n_off"],
             n_pairs=test_row["n_pairs"],
             transposed=test_row["rows_model"] == "b",
-            **stored,
+            **{f: test_row[f] for f in TEST_FIELDS},
         )
-    return AffinityMatrix(
+    m = AffinityMatrix(
         run["run_id"],
         run["model_a"],
         run["model_b"],
@@ -675,21 +906,40 @@ def load_run(wh: Warehouse, run_id: int) -> AffinityMatrix:
         run["knn_engine"],
         run["n_layers_a"],
         run["n_layers_b"],
+        measure=run["measure"],
+        parameters=dict(run["parameters"]),
+        null_method=run["null_method"],
+        cell_chance=chance,
+        intervals=[
+            Interval(b["statistic"], b["estimate"], b["low"], b["high"], b["std_error"], b["layer_a"], b["layer_b"])
+            for b in boots
+        ],
+        interval_settings=[(b["replicates"], b["seed"], b["level"]) for b in boots],
     )
+    return m
 
 
-def load_matrix(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int]]:
-    """(scores, layers_a, layers_b) of a stored affinity run; a missing id is an error."""
+def _load_cells(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int], np.ndarray | None]:
     with wh.engine.connect() as conn:
         cells = conn.execute(
-            sa.text("SELECT layer_a, layer_b, score FROM affinity_cell WHERE run_id = :r ORDER BY layer_a, layer_b"),
+            sa.text(
+                "SELECT layer_a, layer_b, score, chance FROM affinity_cell WHERE run_id = :r ORDER BY layer_a, layer_b"
+            ),
             {"r": run_id},
         ).all()
     if not cells:
         raise _missing_run(run_id)
     layers_a = sorted({c[0] for c in cells})
     layers_b = sorted({c[1] for c in cells})
-    scores = np.array([c[2] for c in cells]).reshape(len(layers_a), len(layers_b))
+    shape = (len(layers_a), len(layers_b))
+    scores = np.array([c[2] for c in cells]).reshape(shape)
+    chance = None if cells[0][3] is None else np.array([c[3] for c in cells], dtype=np.float64).reshape(shape)
+    return scores, layers_a, layers_b, chance
+
+
+def load_matrix(wh: Warehouse, run_id: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """(scores, layers_a, layers_b) of a stored affinity run; a missing id is an error."""
+    scores, layers_a, layers_b, _ = _load_cells(wh, run_id)
     return scores, layers_a, layers_b
 
 

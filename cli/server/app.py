@@ -171,18 +171,21 @@ def create_app(
 
     @app.get("/api/affinity")
     def affinity_runs() -> list[dict[str, Any]]:
-        """Stored affinity runs: models, datasets, k, diagonal test, whether current."""
+        """Stored affinity runs: models, datasets, measure and its parameters, diagonal test,
+        whether current."""
         return _clean(records(read.affinity_runs()))
 
     @app.get("/api/affinity/{run}")
     def affinity_run(run: int = Path(ge=1, le=2**31 - 1)) -> dict[str, Any]:
-        """One stored run: the matrix with its layers and relative depths, the diagonal test
-        and the max-similarity path."""
+        """One stored run of any measure: the matrix with its layers and relative depths, the
+        null level per cell, the diagonal test, bootstrap intervals and the max-similarity path."""
         m = read.affinity_run(run)
         return _clean(
             {
                 **m.summary(),
-                "measure": "mutual_knn",
+                "label": m.label,
+                "describe_parameters": m.describe_parameters,
+                "cell_chance": None if m.cell_chance is None else m.cell_chance.tolist(),
                 "layers_a": m.layers_a,
                 "layers_b": m.layers_b,
                 "depths_a": [layer / m.n_layers_a for layer in m.layers_a],

@@ -181,7 +181,10 @@ async function loadRun(id) {
     const run = state.run, t = run.test;
     const test = !t ? "no diagonal test" : t.t === null ? `no test: ${t.undefined_reason}`
       : `diagonal test t = ${t.t.toFixed(2)}, log10 p = ${t.log10_p.toFixed(1)}`;
-    $("run-about").textContent = `${run.dataset_a}, k = ${run.k}, |D| = ${run.n_prompts}, chance ${run.chance.toFixed(4)}; ${test}`;
+    const chance = run.chance === null ? "no null level" : `chance ${run.chance.toFixed(4)}`;
+    const about = run.describe_parameters ? ` (${run.describe_parameters})` : "";
+    const intervals = run.bootstrap.map((i) => `${i.statistic === "cell" ? `cell ${i.layer_a}:${i.layer_b}` : i.statistic.replace("_", " ")} [${i.low.toFixed(3)}, ${i.high.toFixed(3)}]`);
+    $("run-about").textContent = `${run.label}${about} on ${run.dataset_a}, |D| = ${run.n_prompts}, ${chance}; ${test}` + (intervals.length ? `; bootstrap ${intervals.join(", ")}` : "");
     drawHeatmap(run);
   } catch (error) { showError(error.message); }
 }
@@ -225,7 +228,8 @@ async function start() {
     const runs = (await api("/api/affinity")).filter((r) => r.is_current);
     const select = $("run");
     for (const r of runs) {
-      const option = element("option", `${r.run_id}: ${r.model_a} × ${r.model_b} on ${r.dataset_a}, k = ${r.k}`);
+      const k = r.k === null ? "" : `, k = ${r.k}`;
+      const option = element("option", `${r.run_id}: ${r.model_a} × ${r.model_b} on ${r.dataset_a}, ${r.measure}${k}`);
       option.value = r.run_id;
       select.appendChild(option);
     }
