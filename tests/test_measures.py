@@ -497,3 +497,27 @@ def test_kernel_measures_stream_in_chunks_when_the_gram_matrices_do_not_fit(monk
     monkeypatch.setenv("LAYERBASE_MEASURE_MEMORY", str(2 * 40 * 40 * 8))
     for name, matrix in whole.items():
         np.testing.assert_allclose(all_pairs(name, xs, ys), matrix, atol=1e-12)
+
+
+def test_serve_answers_runs_of_any_measure(wh, db_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    import layerbase
+    from layerbase.cli.server.app import create_app, read_only_api
+
+    _store_pair(wh)
+    lb = layerbase.connect(db_url, progress=False)
+    cka = lb.affinity("A", "B", "d", measure="linear_cka", permutations=3, bootstrap=5, bootstrap_cells=[(1, 1)])
+    plain = lb.affinity("A", "B", "d", measure="rsa", permutations=0)
+    read = read_only_api(lb)
+    with TestClient(create_app(read)) as client:
+        runs = {r["run_id"]: r for r in client.get("/api/affinity").json()}
+        assert runs[cka.run_id]["measure"] == "linear_cka" and runs[cka.run_id]["k"] is None
+        body = client.get(f"/api/affinity/{cka.run_id}").json()
+        assert body["measure"] == "linear_cka" and body["label"] == "linear CKA"
+        np.testing.assert_allclose(body["scores"], cka.scores, atol=1e-6)
+        assert np.array(body["cell_chance"]).shape == (4, 3) and body["parameters"]["permutations"] == 3
+        assert {i["statistic"] for i in body["bootstrap"]} == {"diagonal_t", "diagonal_difference", "cell"}
+        rsa = client.get(f"/api/affinity/{plain.run_id}").json()
+        assert rsa["chance"] is None and rsa["cell_chance"] is None and rsa["null_method"] == "none"
+    read.warehouse.engine.dispose()
