@@ -40,6 +40,25 @@ def status(obj: Context, as_json: bool) -> None:
 
 
 @db.command()
+@click.option("--shard-count", type=int, help="Shards of each distributed table (default: Citus's citus.shard_count).")
+@json_option
+@click.pass_obj
+def distribute(obj: Context, shard_count: int | None, as_json: bool) -> None:
+    """On a Citus coordinator: distribute the hot tables (activations by model, neighbour lists
+    by prompt) and make the rest reference tables (docs/scale-out.md). Idempotent."""
+    from layerbase.warehouse.distribute import distribute as run
+
+    placed = run(obj.warehouse(), shard_count=shard_count)
+    rows = [{**p.as_dict(), "changed": p.changed} for p in placed]
+    changed = sum(p.changed for p in placed)
+    emit(
+        [p.as_dict() for p in placed],
+        as_json,
+        table(rows, ["table", "kind", "column", "shards", "changed"]) + f"\n{changed} tables changed.",
+    )
+
+
+@db.command()
 def stop() -> None:
     """Stop the embedded server (it starts again on the next command)."""
     from layerbase.warehouse.embedded import stop_embedded

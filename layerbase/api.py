@@ -774,6 +774,19 @@ class Layerbase:
             models=self.model_cache,
         )
 
+    # ----------------------------------------------------------------- scale-out
+
+    def distribute(self, *, shard_count: int | None = None) -> pd.DataFrame:
+        """On a Citus coordinator, distribute the hot tables (activations by model, neighbour
+        lists by prompt) and make the rest reference tables; idempotent. One row per table:
+        kind, distribution column, shards, and whether this call changed it."""
+        import pandas as pd
+
+        from layerbase.warehouse.distribute import distribute
+
+        placed = distribute(self.warehouse, shard_count=shard_count)
+        return pd.DataFrame([{**p.as_dict(), "changed": p.changed} for p in placed])
+
     # ----------------------------------------------------------------- reports
 
     def report(

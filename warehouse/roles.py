@@ -52,8 +52,13 @@ WHERE m.member = :oid
 """
 # Every right the role holds, read from the catalog through the has_*_privilege functions,
 # which count rights held through PUBLIC and through memberships. One row per right that a
-# reader must not have; the BI views' SELECT is the only expected privilege.
-VIOLATIONS = """
+# reader must not have; the BI views' SELECT is the only expected privilege, besides reading
+# the catalog views that an extension made and granted to PUBLIC (Citus's citus_tables and
+# citus_schemas), which hold no warehouse data.
+EXTENSION_RELATION = (
+    "EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')"
+)
+VIOLATIONS = f"""
 SELECT 'role attribute ' || a FROM pg_roles r,
   LATERAL (VALUES ('SUPERUSER', r.rolsuper), ('CREATEDB', r.rolcreatedb), ('CREATEROLE', r.rolcreaterole),
                   ('REPLICATION', r.rolreplication), ('BYPASSRLS', r.rolbypassrls)) AS t(a, held)
@@ -68,13 +73,17 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
   AND has_table_privilege(:oid, c.oid, p)
   AND NOT (p = 'SELECT' AND n.nspname = 'public' AND c.relname = ANY(:views))
+  AND NOT (p = 'SELECT' AND {EXTENSION_RELATION})
 UNION ALL
 SELECT format('column rights on %I.%I', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
   AND NOT (n.nspname = 'public' AND c.relname = ANY(:views))
-  AND has_any_column_privilege(:oid, c.oid, 'SELECT, INSERT, UPDATE, REFERENCES')
+  AND has_any_column_privilege(
+      :oid, c.oid,
+      CASE WHEN {EXTENSION_RELATION} THEN 'INSERT, UPDATE, REFERENCES' ELSE 'SELECT, INSERT, UPDATE, REFERENCES' END
+  )
 UNION ALL
 SELECT format('CREATE on schema %I', n.nspname) FROM pg_namespace n
 WHERE n.nspname NOT LIKE 'pg\\_%' AND has_schema_privilege(:oid, n.oid, 'CREATE')

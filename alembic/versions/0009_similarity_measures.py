@@ -146,7 +146,14 @@ def upgrade() -> None:
             comment="closed_form (random neighbour sets), permutation (model B's prompts shuffled) or none",
         ),
     )
-    op.execute("""UPDATE affinity_run SET parameters = jsonb_build_object('preprocess', 'none', 'k', k)""")
+    # One statement per k with a constant: Citus refuses functions of column values in an
+    # UPDATE of a distributed or reference table, and this must run on a distributed warehouse.
+    bind = op.get_bind()
+    for (k,) in bind.execute(sa.text("SELECT DISTINCT k FROM affinity_run")).all():
+        bind.execute(
+            sa.text("UPDATE affinity_run SET parameters = CAST(:p AS jsonb) WHERE k = :k"),
+            {"p": f'{{"preprocess": "none", "k": {int(k)}}}', "k": k},
+        )
     for column in ("k", "chance", "null_sd", "knn_engine", "overlap_engine"):
         op.alter_column("affinity_run", column, nullable=True)
     op.alter_column("affinity_run", "chance", comment="mean of the null level over the cells")

@@ -182,9 +182,12 @@ def materialize(
         # index by, or nest its joins badly (measured: 4x slower at n = 2000). ANALYZE reads
         # a sample of the whole table (0.37 s at 20000 rows), so it runs only when an ingest
         # finished after the last one.
-        with wh.engine.begin() as conn:
-            if conn.execute(sa.text(STATISTICS_STALE)).scalar():
-                conn.execute(sa.text("ANALYZE activation, prompt"))
+        with wh.engine.connect() as conn:
+            stale = conn.execute(sa.text(STATISTICS_STALE)).scalar()
+        if stale:
+            # In a transaction of its own: on Citus, ANALYZE of a distributed table cannot
+            # follow a query that the coordinator executed locally.
+            analyze(wh, "activation", "prompt")
     job = _Job(
         wh,
         model_name,

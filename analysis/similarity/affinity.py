@@ -319,9 +319,14 @@ def compute_affinity(
         current = None if recompute else _current_run(conn, pair, run, n_pairs, study, any_study)
         if current is None:
             conn.execute(sa.text(DERIVED_DATA_COMMIT))
-            computed = _compute(wh, conn, pair, run, options, engine, workers, overlap)
-            test = _test(computed.scores, pair, n_pairs)
-            intervals = _intervals(computed.all_pairs(), computed.scores, pair, test, boot) if boot.replicates else []
+            # The inputs are read on a connection of their own: on Citus, a transaction that
+            # read the distributed tables in parallel may not then write reference tables.
+            with wh.engine.connect() as read:
+                computed = _compute(wh, read, pair, run, options, engine, workers, overlap)
+                test = _test(computed.scores, pair, n_pairs)
+                intervals = (
+                    _intervals(computed.all_pairs(), computed.scores, pair, test, boot) if boot.replicates else []
+                )
             elapsed = time.perf_counter() - started
             current = _store_run(conn, pair, run, computed, test, n_pairs, overlap, study, elapsed)
             _store_intervals(conn, current, intervals, boot)
@@ -482,10 +487,11 @@ def _with_bootstrap(
     wanted = {("cell", a, b) for a, b in boot.cells} | ({("diagonal_difference", None, None)} if m.test else set())
     if wanted <= have:
         return m
-    with wh.engine.begin() as conn:
-        computation = AllPairs(run.measure, options, run.k, *_sides(conn, pair, run, options, engine))
+    with wh.engine.connect() as read:
+        computation = AllPairs(run.measure, options, run.k, *_sides(read, pair, run, options, engine))
         intervals = _intervals(computation, m.scores, pair, m.test, boot)
-        missing = [i for i in intervals if (i.statistic, i.layer_a, i.layer_b) not in have]
+    missing = [i for i in intervals if (i.statistic, i.layer_a, i.layer_b) not in have]
+    with wh.engine.begin() as conn:
         _store_intervals(conn, m.run_id, missing, boot)
     return load_run(wh, m.run_id)
 
