@@ -17,6 +17,7 @@ MODULES = [
     "bench.knn_indb",
     "bench.affinity",
     "bench.measures",
+    "bench.study",
     "bench.ingest_overhead",
     "bench.lookup",
     "bench.steering_calibration",
@@ -74,6 +75,11 @@ def test_bench_help(module: str) -> None:
                 "1",
             ],
             ["per_pair/warehouse", "warehouse/in_memory", "procrustes"],
+        ),
+        (
+            "bench.study",
+            ["--families", "3x16,2x12,2x8", "--n", "64"],
+            ["3 models (7 layers), n = 64, 3 pairs", "affinity", "ratio"],
         ),
         (
             "bench.ingest_overhead",

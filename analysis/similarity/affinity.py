@@ -317,7 +317,8 @@ def compute_affinity(
         )
         # Another process may have stored it while this one waited for the lock.
         current = None if recompute else _current_run(conn, pair, run, n_pairs, study, any_study)
-        if current is None:
+        stored_now = current is None
+        if stored_now:
             conn.execute(sa.text(DERIVED_DATA_COMMIT))
             # The inputs are read on a connection of their own: on Citus, a transaction that
             # read the distributed tables in parallel may not then write reference tables.
@@ -330,10 +331,8 @@ def compute_affinity(
             elapsed = time.perf_counter() - started
             current = _store_run(conn, pair, run, computed, test, n_pairs, overlap, study, elapsed)
             _store_intervals(conn, current, intervals, boot)
-            analyze_after = True
-        else:
-            analyze_after = False
-    if not analyze_after:
+    assert current is not None
+    if not stored_now:
         return _with_bootstrap(wh, load_run(wh, current), pair, run, options, engine, boot)
     analyze(wh, "affinity_run", "affinity_cell", "diagonal_test", "affinity_bootstrap")
     return load_run(wh, current)
