@@ -39,10 +39,10 @@ def device() -> torch.device:
 def rbf_sigma(x: np.ndarray, bandwidth: float) -> float:
     """bandwidth x sqrt(median squared distance), the median over all n^2 pairs."""
     t = torch.as_tensor(x, dtype=torch.float64, device=device())
-    sq = _squared_distances(t).flatten()
+    sq = _squared_distances(t).flatten().cpu()
     # np.median's convention: the mean of the two middle values of an even count.
-    lower = torch.kthvalue(sq.cpu(), (sq.numel() + 1) // 2).values
-    upper = torch.kthvalue(sq.cpu(), sq.numel() // 2 + 1).values
+    lower = torch.kthvalue(sq, (sq.numel() + 1) // 2).values
+    upper = torch.kthvalue(sq, sq.numel() // 2 + 1).values
     return float(bandwidth * torch.sqrt((lower + upper) / 2))
 
 
