@@ -228,8 +228,11 @@ async function start() {
     const runs = (await api("/api/affinity")).filter((r) => r.is_current);
     const select = $("run");
     for (const r of runs) {
-      const k = r.k === null ? "" : `, k = ${r.k}`;
-      const option = element("option", `${r.run_id}: ${r.model_a} × ${r.model_b} on ${r.dataset_a}, ${r.measure}${k}`);
+      // the run's parameters, as "k = 10, permutations = 10" (the preprocessing only when not none)
+      const parameters = Object.entries(r.parameters || {})
+        .filter(([key, value]) => key !== "seed" && !(key === "preprocess" && value === "none"))
+        .map(([key, value]) => `${key} = ${value}`).join(", ");
+      const option = element("option", `${r.run_id}: ${r.model_a} × ${r.model_b} on ${r.dataset_a}, ${r.measure}` + (parameters ? ` (${parameters})` : ""));
       option.value = r.run_id;
       select.appendChild(option);
     }
