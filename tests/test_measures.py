@@ -310,6 +310,14 @@ def test_every_measure_is_stored_with_its_parameters_null_and_test(wh, db_url: s
         again = load_run(wh, m.run_id)
         np.testing.assert_array_equal(again.scores, m.scores)
         assert again.parameters == m.parameters and again.test == m.test
+        # the run a computation returns is the run as stored
+        assert (again.k, again.chance, again.null_method, again.knn_engine) == (
+            m.k,
+            m.chance,
+            m.null_method,
+            m.knn_engine,
+        )
+        np.testing.assert_array_equal(again.cell_chance, m.cell_chance)
         # asked again with the same parameters, the stored run answers; other parameters make a new one
         assert (
             compute_affinity(wh, "A", "B", "d", measure=name, k=K, options=options, progress=False).run_id == m.run_id
@@ -349,7 +357,7 @@ def test_mutual_knn_in_memory_equals_the_stored_sets_path_and_preprocessing_chan
 def test_bootstrap_intervals_are_stored_with_their_seed_and_reused(wh, db_url: str) -> None:
     import psycopg
 
-    from layerbase.analysis.similarity.affinity import compute_affinity
+    from layerbase.analysis.similarity.affinity import compute_affinity, load_run
 
     _store_pair(wh)
     options = MeasureOptions(permutations=0, seed=7)
@@ -362,6 +370,8 @@ def test_bootstrap_intervals_are_stored_with_their_seed_and_reused(wh, db_url: s
     cell = by[("cell", 2, 2)]
     assert cell.low <= cell.estimate <= cell.high and cell.estimate == pytest.approx(m.scores[1, 1])
     assert by[("diagonal_t", None, None)].estimate == pytest.approx(m.test.t)
+    stored = load_run(wh, m.run_id)
+    assert stored.intervals == m.intervals and stored.interval_settings == m.interval_settings == [(30, 7, 0.95)] * 3
     # the same request reuses the run and its intervals; another cell is added to the same run
     again = compute_affinity(
         wh, "A", "B", "d", measure="linear_cka", options=options, bootstrap=30, bootstrap_cells=[(2, 2)], progress=False

@@ -130,12 +130,6 @@ def _restore_comments(conn: sa.Connection, tables: set[str]) -> None:
                 )
 
 
-def placements(wh: Warehouse) -> list[Placement]:
-    """How every table is laid out now (empty on a server without Citus)."""
-    with translate_errors(wh), wh.engine.connect() as conn:
-        return _placements(conn, set()) if citus_version(conn) else []
-
-
 def _placements(conn: sa.Connection, changed: set[str]) -> list[Placement]:
     return [
         Placement(

@@ -28,14 +28,13 @@ from sqlalchemy.orm import Session
 
 from layerbase.analysis.knn.materialize import DERIVED_DATA_COMMIT, EXACT_ENGINES, lock_key, materialize
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
-from layerbase.analysis.similarity.all_pairs import AllPairs, Interval, NullLevel, Side
+from layerbase.analysis.similarity.all_pairs import AllPairs, Interval, NullLevel, Side, closed_form_null
 from layerbase.analysis.similarity.layer_data import activation_side, neighbourhood_side, stored_sets
 from layerbase.analysis.similarity.measures import MEASURES, Measure, MeasureOptions, get_measure
 from layerbase.analysis.similarity.stats import (
     DiagonalTest,
     diagonal_test,
     max_similarity_path,
-    null_model,
     relative_depths,
 )
 from layerbase.warehouse.copy import copy_columns
@@ -335,7 +334,29 @@ def compute_affinity(
     if not stored_now:
         return _with_bootstrap(wh, load_run(wh, current), pair, run, options, engine, boot)
     analyze(wh, "affinity_run", "affinity_cell", "diagonal_test", "affinity_bootstrap")
-    return load_run(wh, current)
+    # The new run as stored, without reading it back.
+    null = computed.null
+    return AffinityMatrix(
+        current,
+        *names,
+        run.k,
+        pair.n_prompts,
+        pair.layers_a,
+        pair.layers_b,
+        computed.scores,
+        None if null is None else null.chance,
+        None if null is None else null.mean_sd,
+        test,
+        elapsed,
+        computed.knn_engines,
+        *pair.n_layers,
+        measure=spec.name,
+        parameters=run.parameters,
+        null_method="none" if null is None else null.method,
+        cell_chance=None if null is None else null.mean,
+        intervals=intervals,
+        interval_settings=[boot.settings] * len(intervals),
+    )
 
 
 def _check_k(k: int, n: int) -> None:
@@ -409,15 +430,13 @@ def _compute(
     if spec.name == "mutual_knn" and options.preprocess == "none":
         assert k is not None
         scores, engines = _scores(wh, conn, pair, k, engine, workers, overlap)
-        mean, sd = null_model(k, pair.n_prompts)
-        null = NullLevel.of(scores, np.full(scores.shape, mean), np.full(scores.shape, sd), "closed_form")
-        return _Computed(scores, null, engines, all_pairs)
+        return _Computed(scores, closed_form_null(spec.name, scores, k, pair.n_prompts), engines, all_pairs)
     computation = all_pairs()
     scores = computation.matrix()
     used: str | None = None  # the k-NN engines whose sets the run read
     if spec.family == "neighbours":
         assert k is not None
-        used = _engines(conn, pair, k, engine) if options.preprocess == "none" else "blas"
+        used = _engines(conn, *_pair_runs(conn, pair, k, engine)) if options.preprocess == "none" else "blas"
     return _Computed(scores, computation.null(scores), used, all_pairs)
 
 
@@ -426,8 +445,7 @@ def _sides(conn: sa.Connection, pair: _Pair, run: _Run, options: MeasureOptions,
     activations as they are), else the activations, preprocessed."""
     if run.measure.family == "neighbours" and options.preprocess == "none":
         assert run.k is not None
-        runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, run.k, engine)
-        runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, run.k, engine)
+        runs_a, runs_b = _pair_runs(conn, pair, run.k, engine)
         return (
             neighbourhood_side(conn, [runs_a[layer] for layer in pair.layers_a], run.k, pair.n_prompts),
             neighbourhood_side(conn, [runs_b[layer] for layer in pair.layers_b], run.k, pair.n_prompts),
@@ -504,10 +522,16 @@ def _store_intervals(conn: sa.Connection, run_id: int, intervals: list[Interval]
         )
 
 
-def _engines(conn: sa.Connection, pair: _Pair, k: int, engine: str) -> str:
+def _pair_runs(conn: sa.Connection, pair: _Pair, k: int, engine: str) -> tuple[dict[int, int], dict[int, int]]:
+    """The k-NN run of each layer of both sides (``_knn_runs``)."""
+    return (
+        _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine),
+        _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine),
+    )
+
+
+def _engines(conn: sa.Connection, runs_a: dict[int, int], runs_b: dict[int, int]) -> str:
     """The engines that computed the k-NN sets a run read (e.g. 'blas', or 'blas+sql')."""
-    runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine)
-    runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
     run_ids = list(runs_a.values()) + list(runs_b.values())
     return "+".join(sorted(set(conn.execute(sa.select(KnnRun.engine).where(KnnRun.id.in_(run_ids))).scalars())))
 
@@ -562,8 +586,7 @@ def _scores(
 ) -> tuple[np.ndarray, str]:
     """The matrix [A's layers, B's layers] of M_k from the stored sets, and the engines that
     computed those sets ('blas', or e.g. 'blas+sql')."""
-    runs_a = _knn_runs(conn, pair.model_ids[0], pair.dataset_ids[0], pair.layers_a, k, engine)
-    runs_b = _knn_runs(conn, pair.model_ids[1], pair.dataset_ids[1], pair.layers_b, k, engine)
+    runs_a, runs_b = _pair_runs(conn, pair, k, engine)
     if overlap == "sparse":
         counts = _sparse_overlap_counts(conn, runs_a, runs_b, k, pair.n_prompts)
     else:
@@ -573,7 +596,7 @@ def _scores(
     col = {layer: j for j, layer in enumerate(pair.layers_b)}
     for (layer_a, layer_b), shared in counts.items():
         scores[row[layer_a], col[layer_b]] = shared / (k * pair.n_prompts)
-    return scores, _engines(conn, pair, k, engine)
+    return scores, _engines(conn, runs_a, runs_b)
 
 
 def _store_run(
@@ -605,8 +628,8 @@ def _store_run(
             n_prompts=pair.n_prompts,
             n_layers_a=pair.n_layers[0],
             n_layers_b=pair.n_layers[1],
-            chance=None if null is None else float(null.mean.mean()),
-            null_sd=None if null is None else float(null.sd.mean()),
+            chance=None if null is None else null.chance,
+            null_sd=None if null is None else null.mean_sd,
             null_method="none" if null is None else null.method,
             knn_engine=computed.knn_engines,
             overlap_engine=overlap if run.measure.name == "mutual_knn" and computed.knn_engines else None,

@@ -19,9 +19,8 @@ from scipy import stats
 from layerbase.analysis.similarity import kernels, neighbourhoods, rsa, subspaces
 from layerbase.analysis.similarity.measures import Measure, MeasureOptions
 from layerbase.analysis.similarity.neighbourhoods import Neighbourhoods
+from layerbase.analysis.similarity.stats import LN10, null_model
 from layerbase.warehouse.errors import InputError
-
-LN10 = float(np.log(10.0))
 
 
 def preprocess(x: np.ndarray, how: str) -> np.ndarray:
@@ -142,13 +141,7 @@ class AllPairs:
         n = self.n
         if self.measure.null == "closed_form":
             assert self.k is not None
-            if self.measure.name == "mutual_knn":
-                from layerbase.analysis.similarity.stats import null_model
-
-                level = null_model(self.k, n)
-            else:
-                level = neighbourhoods.jaccard_null(self.k, n)
-            return NullLevel.of(scores, np.full(scores.shape, level[0]), np.full(scores.shape, level[1]), "closed_form")
+            return closed_form_null(self.measure.name, scores, self.k, n)
         if not self.options.permutations:
             return None
         rng = np.random.default_rng(np.random.SeedSequence([self.options.seed, 0]))
@@ -181,6 +174,12 @@ class AllPairs:
         return out
 
 
+def closed_form_null(measure: str, scores: np.ndarray, k: int, n: int) -> NullLevel:
+    """The null level of a k-NN count measure under uniformly random neighbour sets."""
+    mean, sd = null_model(k, n) if measure == "mutual_knn" else neighbourhoods.jaccard_null(k, n)
+    return NullLevel.of(scores, np.full(scores.shape, mean), np.full(scores.shape, sd), "closed_form")
+
+
 @dataclass(frozen=True)
 class NullLevel:
     """Per-cell null mean and standard deviation, and the one-sided log10 p of each score
@@ -190,6 +189,16 @@ class NullLevel:
     sd: np.ndarray
     log10_p: np.ndarray
     method: str
+
+    @property
+    def chance(self) -> float:
+        """The null mean over the cells, as a run stores it."""
+        return float(self.mean.mean())
+
+    @property
+    def mean_sd(self) -> float:
+        """The null standard deviation over the cells, as a run stores it."""
+        return float(self.sd.mean())
 
     @classmethod
     def of(cls, scores: np.ndarray, mean: np.ndarray, sd: np.ndarray, method: str) -> NullLevel:
