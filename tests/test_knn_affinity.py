@@ -426,6 +426,53 @@ def test_hnsw_builds_without_parallel_workers_on_affected_pgvector(old_wh, caplo
     assert "CVE" not in caplog.text
 
 
+def test_hnsw_builds_get_the_memory_their_graph_needs_and_a_worker_per_core_but_one(wh) -> None:
+    import os
+
+    import layerbase.analysis.knn.index as hnsw
+    from layerbase.warehouse.engine import raw_connection
+
+    n, d = 3000, 2000
+    store_synthetic(wh, "syn", "d", n=n, d=d, n_layers=1)
+    plan = hnsw.plan_index("hnsw", 1, 1, 1, d, "0.8.5")
+    assert plan.value_bytes == 8 + 4 * d
+    needed = hnsw.graph_memory(n, plan.value_bytes, 16)
+    assert needed > hnsw.PARTICIPANT_MEMORY  # so that the estimate, not the floor, sizes this build
+    with wh.engine.begin() as conn:  # the embedded server: this machine's cores, the leader building too
+        hnsw.build_settings(conn, "hnsw", n_rows=n, value_bytes=plan.value_bytes, embedded=True)
+        workers = int(conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar_one())
+        assert workers == max(0, (os.cpu_count() or 1) - 1)
+        memory = conn.execute(sa.text("SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")).scalar()
+        assert memory >= max(needed, hnsw.PARTICIPANT_MEMORY * (workers + 1))
+
+    def build(settings: list[str]) -> list[str]:
+        """The notices of a build of the layer's index after these settings."""
+        notices: list[str] = []
+        with wh.engine.begin() as conn:
+            conn.execute(sa.text(f'DROP INDEX IF EXISTS "{plan.name}"'))
+            raw_connection(conn).add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            for statement in settings:
+                conn.execute(sa.text(statement))
+            conn.execute(
+                sa.text(
+                    f'CREATE INDEX "{plan.name}" ON activation USING hnsw ((vec::vector({d})) vector_cosine_ops) '
+                    "WHERE model_id = 1 AND layer = 1 AND dataset_id = 1"
+                )
+            )
+        return notices
+
+    # One process (no workers) with the estimate alone: the graph fits; with a third of it, it does not.
+    workers_off = "SET LOCAL max_parallel_maintenance_workers = 0"
+    assert not [m for m in build([workers_off, f"SET LOCAL maintenance_work_mem = '{needed >> 20}MB'"]) if "fits" in m]
+    assert [m for m in build([workers_off, f"SET LOCAL maintenance_work_mem = '{needed // 3 >> 20}MB'"]) if "fits" in m]
+    with wh.engine.begin() as conn:  # another server keeps its workers
+        conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 3"))
+        hnsw.build_settings(conn, "hnsw", n_rows=n, value_bytes=plan.value_bytes)
+        assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "3"
+        memory = conn.execute(sa.text("SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")).scalar()
+        assert memory >= hnsw.PARTICIPANT_MEMORY * 4
+
+
 def test_cli_offers_every_engine() -> None:
     from layerbase.analysis.knn.materialize import ENGINES
     from layerbase.cli.analyze import ENGINES as CLI_ENGINES

@@ -170,7 +170,7 @@ def test_embedded_server_sizes_its_memory_once_and_keeps_the_users_setting(tmp_p
             )
 
     try:
-        expected = min(embedded.MAX_SHARED_BUFFERS_MB, embedded._memory_mb() // 4)
+        expected = min(embedded.MAX_SHARED_BUFFERS_MB, (embedded.machine_memory() >> 20) // 4)
         assert shared_buffers_mb() == expected
         url = embedded.embedded_url(pgdata).set(drivername="postgresql").render_as_string(hide_password=False)
         with psycopg.connect(url, autocommit=True) as conn:

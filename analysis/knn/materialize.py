@@ -28,7 +28,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from layerbase.analysis.knn.in_database import dataset_prompt_ids, neighbors_in_db
+from layerbase.analysis.knn.in_database import by_locality, dataset_prompt_ids, neighbors_in_db
 from layerbase.analysis.knn.index import (
     BUILD_DEFAULTS,
     BUILD_FLAGS,
@@ -411,7 +411,8 @@ def _search_in_db(
             break
         search = wider
     assert search is not None
-    rest = np.setdiff1d(np.arange(n), sample)
+    # The sample's prompts are spread over the data, so they serve as anchors of the regions.
+    rest = by_locality(vectors, sample, np.setdiff1d(np.arange(n), sample))
     idx = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k), dtype=np.float32)
     idx[rest], dist[rest] = query(rest, search, progress=job.progress)
