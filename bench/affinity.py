@@ -54,8 +54,8 @@ def per_pair(fa: np.ndarray, fb: np.ndarray, k: int) -> float:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option(
     "--overlap",
-    type=click.Choice(["sparse", "sql"]),
-    default="sparse",
+    type=click.Choice(["numpy", "sql"]),
+    default="numpy",
     show_default=True,
     help="the warehouse's overlap engine: one scipy.sparse product of the stored sets, or one SQL join",
 )

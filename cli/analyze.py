@@ -219,11 +219,11 @@ def _cells(text: str | None) -> list[tuple[int, int]]:
 @click.option("--study", help="Name of the study (default: from the models and datasets).")
 @click.option(
     "--overlap",
-    type=click.Choice(["sparse", "sql"]),
-    default="sparse",
+    type=click.Choice(["numpy", "sql"]),
+    default="numpy",
     show_default=True,
-    help="Where the shared neighbours of all layer pairs are counted: one scipy.sparse product of the stored "
-    "sets, or one join in SQL (identical matrices).",
+    help="Where the shared neighbours of all layer pairs are counted: here from the stored neighbour arrays, "
+    "or by one join in SQL (identical matrices).",
 )
 @click.option("--show-matrix", is_flag=True, help="Print the matrices.")
 @click.option(

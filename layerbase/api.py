@@ -369,7 +369,7 @@ class Layerbase:
         bootstrap_cells: Sequence[tuple[int, int]] = (),
         level: float = 0.95,
         engine: str = "blas",
-        overlap: str = "sparse",
+        overlap: str = "numpy",
         recompute: bool = False,
         progress: bool | None = None,
     ) -> AffinityMatrix:
@@ -388,7 +388,7 @@ class Layerbase:
         (``level``) of the diagonal test's statistic and of ``bootstrap_cells`` ((layer A,
         layer B) pairs), in ``.intervals``. ``dataset_b``: a parallel dataset that ``model_b``
         reads (prompt i <-> prompt i). ``engine`` computes missing k-NN sets; ``overlap`` counts
-        mutual k-NN's shared neighbours (``sparse`` in memory, or ``sql``)."""
+        mutual k-NN's shared neighbours (``numpy`` in this process, or ``sql``)."""
         from layerbase.analysis.similarity.affinity import compute_affinity
 
         return compute_affinity(
@@ -430,7 +430,7 @@ class Layerbase:
         level: float = 0.95,
         engine: str = "blas",
         study: str | None = None,
-        overlap: str = "sparse",
+        overlap: str = "numpy",
         recompute: bool = False,
         progress: bool | None = None,
     ) -> list[AffinityMatrix]:

@@ -56,7 +56,7 @@ def test_bench_help(module: str) -> None:
         (
             "bench.affinity",
             ["--shapes", "3x2", "--n", "120", "--d", "16", "--pairs", "2", "--repeats", "1"],
-            ["per_pair/warehouse", "sparse overlap engine"],
+            ["per_pair/warehouse", "numpy overlap engine"],
         ),
         (
             "bench.measures",

@@ -141,9 +141,9 @@ def test_the_whole_pipeline_on_a_citus_cluster(citus_url: str, tiny_models: dict
         want = AllPairs(MEASURES[name], MeasureOptions(permutations=2), 10, side_a, side_b).matrix()
         np.testing.assert_allclose(m.scores, want, atol=1e-5, err_msg=name)
         assert m.test is not None
-    sparse = lb.affinity("A", "B", "d")
+    counted_here = lb.affinity("A", "B", "d")
     in_sql = lb.affinity("A", "B", "d", overlap="sql", recompute=True)
-    assert np.array_equal(sparse.scores, in_sql.scores)
+    assert np.array_equal(counted_here.scores, in_sql.scores)
     boot = lb.affinity("A", "B", "d", measure="linear_cka", permutations=2, bootstrap=5, bootstrap_cells=[(1, 1)])
     assert len(boot.intervals) == 3
 

@@ -247,10 +247,50 @@ def test_affinity_in_sql_equals_in_memory_reference(wh, db_url: str) -> None:
     assert np.array_equal(in_sql.scores, m.scores) and in_sql.test == m.test and in_sql.run_id > m.run_id
     with psycopg.connect(db_url) as conn:
         engines = conn.execute("SELECT overlap_engine FROM affinity_run ORDER BY id").fetchall()
-        assert engines == [("sparse",), ("sql",)]
+        assert engines == [("numpy",), ("sql",)]
         assert conn.execute("SELECT count(*) FROM affinity_cell").fetchone()[0] == 24
     with pytest.raises(InputError, match="unknown overlap engine"):
         compute_affinity(wh, "A", "B", "d", k=10, overlap="gpu", progress=False)
+
+
+def test_shared_neighbours_equal_the_sparse_product_with_missing_neighbours_and_many_layers(monkeypatch) -> None:
+    import scipy.sparse as sp
+
+    import layerbase.analysis.similarity.overlap as overlap
+
+    rng = np.random.default_rng(7)
+    n, k = 150, 6
+
+    def layers(count: int) -> np.ndarray:
+        base = np.argsort(rng.random((n, n)), axis=1)[:, :k]  # distinct neighbours per prompt
+        sets = np.stack(
+            [
+                np.where(rng.random((n, k)) < 0.5, base, np.argsort(rng.random((n, n)), axis=1)[:, :k])
+                for _ in range(count)
+            ]
+        )
+        for layer in sets:  # repairs may repeat a neighbour within a prompt: draw those rows again
+            for row in np.nonzero([len(set(r)) < k for r in layer])[0]:
+                layer[row] = rng.permutation(n)[:k]
+        sets[rng.random(sets.shape) < 0.02] = -1  # neighbours an index could not find
+        return sets.astype(np.int32)
+
+    def by_sparse_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        def stack(sets: np.ndarray) -> sp.csr_matrix:
+            rows, cols = np.nonzero(sets.reshape(len(sets), -1) >= 0)
+            keys = (cols // k) * n + sets.reshape(len(sets), -1)[rows, cols]
+            return sp.csr_matrix((np.ones(len(keys)), (rows, keys)), shape=(len(sets), n * n))
+
+        return np.rint((stack(a) @ stack(b).T).toarray()).astype(np.int64)
+
+    a, b = layers(5), layers(70)  # more B layers than one 64-bit mask holds
+    want = by_sparse_product(a, b)
+    assert want.min() > 0
+    assert np.array_equal(overlap.shared_neighbours(a, b), want)
+    monkeypatch.setattr(overlap, "BLOCK_BYTES", 8 * n * 7)  # blocks of 7 prompts, the last one short
+    monkeypatch.setattr(overlap, "MIN_BLOCK_PROMPTS", 1)
+    assert np.array_equal(overlap.shared_neighbours(a, b), want)
+    assert np.array_equal(overlap.shared_neighbours(b, a), want.T)
 
 
 def test_parallel_dataset_affinity(wh, db_url: str, tmp_path: Path) -> None:
@@ -471,6 +511,59 @@ def test_hnsw_builds_get_the_memory_their_graph_needs_and_a_worker_per_core_but_
         assert conn.execute(sa.text("SHOW max_parallel_maintenance_workers")).scalar() == "3"
         memory = conn.execute(sa.text("SELECT pg_size_bytes(current_setting('maintenance_work_mem'))")).scalar()
         assert memory >= hnsw.PARTICIPANT_MEMORY * 4
+
+
+def test_packed_arrays_hold_every_run_s_rows_and_migration_0010_packs_earlier_runs(wh, db_url: str) -> None:
+    from layerbase.analysis.knn.stored import stored_sets as packed_sets
+    from layerbase.warehouse.config import parse_url
+    from layerbase.warehouse.schema import downgrade, upgrade
+
+    store_synthetic(wh, "syn", "d", n=90, d=12, n_layers=2, seed=5)
+    for engine in ("blas", "sql", "hnsw", "ivfflat"):
+        materialize(wh, "syn", "d", k_max=7, engine=engine, progress=False)
+
+    def rows_and_packed() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        with wh.engine.connect() as conn:
+            runs = conn.execute(sa.text("SELECT id FROM knn_run ORDER BY id")).scalars().all()
+            rows = conn.execute(
+                sa.text("SELECT run_id, neighbors, distances FROM knn_neighbor ORDER BY run_id, position")
+            ).all()
+            packed = packed_sets(conn, runs, 7, distances=True)
+        assert len(runs) == 8 and len(rows) == 8 * 90
+        by_run = {run: [r for r in rows if r.run_id == run] for run in runs}
+        return [
+            (
+                np.array([r.neighbors for r in by_run[run]]),
+                np.array([r.distances for r in by_run[run]], dtype=np.float32),
+                *sets,
+            )
+            for run, sets in zip(runs, packed)
+        ]
+
+    def check(found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        for neighbors, distances, packed_neighbors, packed_distances in found:
+            assert np.array_equal(neighbors, packed_neighbors) and np.array_equal(distances, packed_distances)
+
+    before = rows_and_packed()
+    check(before)
+    with wh.engine.connect() as conn:  # a prefix reads the first k of each prompt
+        run = conn.execute(sa.text("SELECT min(id) FROM knn_run")).scalar()
+        (first,) = packed_sets(conn, [run], 3)
+        assert np.array_equal(first[0], before[0][0][:, :3])
+        with pytest.raises(InputError, match="fewer than 8 neighbours"):
+            packed_sets(conn, [run], 8)
+        with pytest.raises(InputError, match="not stored"):
+            packed_sets(conn, [run, 10_000], 3)
+    # Runs stored before migration 0010 are packed from their rows by it.
+    engine = sa.create_engine(parse_url(db_url))
+    with engine.begin() as conn:
+        downgrade(conn, "0009")
+    with engine.begin() as conn:
+        upgrade(conn)
+    engine.dispose()
+    after = rows_and_packed()
+    check(after)
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(before, after))
 
 
 def test_cli_offers_every_engine() -> None:

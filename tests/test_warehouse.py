@@ -6,6 +6,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -197,3 +198,27 @@ def test_parallel_work_runs_in_read_only_transactions(wh) -> None:
             run_in_parallel(wh, [1, 2], write, workers=workers)
     with wh.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT to_regclass('parallel_write_probe')").scalar() is None
+
+
+def test_small_writes_leave_statistics_to_autovacuum_and_large_ones_analyze(wh) -> None:
+    from layerbase.warehouse.engine import analyze_if_grown
+
+    def write(rows: int) -> None:
+        with wh.engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO scratch SELECT generate_series(1, :n)"), {"n": rows})
+
+    def analyzed_rows() -> float:
+        with wh.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE relname = 'scratch'")).scalar_one()
+
+    with wh.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE scratch (x int)"))
+    write(100)
+    analyze_if_grown(wh, {"scratch": 100})  # never analyzed: analyzed now
+    assert analyzed_rows() == 100
+    write(5)
+    analyze_if_grown(wh, {"scratch": 5})  # 5 % of the rows: left to autovacuum
+    assert analyzed_rows() == 100
+    write(50)
+    analyze_if_grown(wh, {"scratch": 50})
+    assert analyzed_rows() == 155

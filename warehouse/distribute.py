@@ -6,6 +6,7 @@
   reads one shard on one worker.
 * ``knn_neighbor`` by ``position`` (the prompt): mutual k-NN joins two models' neighbour lists
   prompt by prompt, so the join stays within each shard and fans out over all workers.
+* ``knn_array`` by ``run_id``: a layer's packed sets (up to megabytes a run), read whole.
 * Every other table is a reference table (a copy on every node): small, joined from every
   shard, with its foreign keys kept (Citus allows them from distributed to reference tables
   and among reference tables).
@@ -27,6 +28,7 @@ DISTRIBUTED = (
     ("prompt_encoding", "model_id", "activation"),
     ("token_embedding", "model_id", "activation"),
     ("knn_neighbor", "position", None),
+    ("knn_array", "run_id", None),
 )
 # Kept on the coordinator as a plain table: Alembic's bookkeeping.
 LOCAL = ("alembic_version",)

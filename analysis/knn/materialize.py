@@ -42,6 +42,7 @@ from layerbase.analysis.knn.index import (
     plan_index,
 )
 from layerbase.analysis.knn.search import RECALL_K, SampleRecall, Search, calibrate_lookups, initial_search
+from layerbase.analysis.knn.stored import RunArrays
 from layerbase.analysis.knn.topk import (
     EXTRA_CANDIDATES,
     default_device,
@@ -322,12 +323,14 @@ def _materialize_layer(job: _Job, layer: int, force: bool) -> KnnResult:
             )
             .returning(KnnRun.id)
         ).scalar_one()
+        arrays = RunArrays.empty(n, k_max)  # the same sets, packed for reading whole layers
         copy_column_blocks(
             raw_connection(conn).cursor(),
             "knn_neighbor",
             NEIGHBOR_COLUMNS,
-            (_neighbor_columns(run_id, *block) for block in blocks),
+            (_neighbor_columns(run_id, *arrays.add(*block)) for block in blocks),
         )
+        arrays.store(conn, run_id)
         seconds = time.perf_counter() - started
         conn.execute(
             sa.update(KnnRun)

@@ -3,8 +3,9 @@ similarity measure S (``measures``), stored with its parameters, null level, dia
 and bootstrap intervals.
 
 Mutual k-NN (the default) is computed from the materialized neighbour lists: the overlap
-counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair come from one scipy.sparse product or
-one join of the unnested neighbour arrays on (position, neighbour position); positions
+counts |N_k(x, f) ∩ N_k(x, g)| for every layer pair are counted in this process from the
+stored arrays (``overlap``) or by one join of the unnested neighbour arrays on (position,
+neighbour position); positions
 make parallel datasets (prompt i of D1 <-> prompt i of D2) intersect directly. The other
 k-NN measures read the same stored sets; the rest read every layer's activations
 (``all_pairs``).
@@ -27,10 +28,12 @@ from psycopg import sql
 from sqlalchemy.orm import Session
 
 from layerbase.analysis.knn.materialize import DERIVED_DATA_COMMIT, EXACT_ENGINES, lock_key, materialize
+from layerbase.analysis.knn.stored import stored_sets
 from layerbase.analysis.resolve import get_dataset, get_model, ingested_layers
 from layerbase.analysis.similarity.all_pairs import AllPairs, Interval, NullLevel, Side, closed_form_null
-from layerbase.analysis.similarity.layer_data import activation_side, neighbourhood_side, stored_sets
+from layerbase.analysis.similarity.layer_data import activation_side, neighbourhood_side
 from layerbase.analysis.similarity.measures import MEASURES, Measure, MeasureOptions, get_measure
+from layerbase.analysis.similarity.overlap import shared_neighbours
 from layerbase.analysis.similarity.stats import (
     DiagonalTest,
     diagonal_test,
@@ -38,7 +41,7 @@ from layerbase.analysis.similarity.stats import (
     relative_depths,
 )
 from layerbase.warehouse.copy import copy_columns
-from layerbase.warehouse.engine import Warehouse, analyze, raw_connection
+from layerbase.warehouse.engine import Warehouse, analyze_if_grown, raw_connection
 from layerbase.warehouse.errors import InputError, NotFoundError
 from layerbase.warehouse.models import AffinityBootstrap, AffinityRun, KnnRun
 from layerbase.warehouse.models import DiagonalTest as DiagonalTestRow
@@ -48,7 +51,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-OVERLAP_ENGINES = ("sparse", "sql")
+# Where mutual k-NN counts shared neighbours. Runs before Layerbase 0.2's own counting say
+# 'sparse' (one scipy.sparse product, with the same counts).
+OVERLAP_ENGINES = ("numpy", "sql")
 OVERLAP_SQL = """
 WITH a AS (
     SELECT r.layer, n.position, unnest(n.neighbors[1:CAST(%(k)s AS int)]) AS neighbor_position
@@ -268,7 +273,7 @@ def compute_affinity(
     study: str | None = None,
     n_pairs: int = 1,
     workers: int | None = None,
-    overlap: str = "sparse",
+    overlap: str = "numpy",
     recompute: bool = False,
     any_study: bool = False,
     bootstrap: int = 0,
@@ -282,8 +287,8 @@ def compute_affinity(
     sets first) and stored as a new run. Stored runs are never changed nor replaced;
     ``recompute`` adds a new run even when a current one exists. ``any_study``: a current
     run of another study (another Bonferroni count) is reused too. ``overlap``: where mutual
-    k-NN counts shared neighbours, ``sparse`` (one scipy.sparse product, the default) or
-    ``sql`` (one join in the database); the two give identical matrices. ``bootstrap``:
+    k-NN counts shared neighbours, ``numpy`` (in this process from the stored arrays, the
+    default) or ``sql`` (one join in the database); the two give identical matrices. ``bootstrap``:
     that many resamples of the prompts give percentile intervals (``level``) of the diagonal
     test's t and mean difference and of ``bootstrap_cells`` ((layer A, layer B) pairs),
     added to the run."""
@@ -333,7 +338,15 @@ def compute_affinity(
     assert current is not None
     if not stored_now:
         return _with_bootstrap(wh, load_run(wh, current), pair, run, options, engine, boot)
-    analyze(wh, "affinity_run", "affinity_cell", "diagonal_test", "affinity_bootstrap")
+    analyze_if_grown(
+        wh,
+        {
+            "affinity_run": 1,
+            "affinity_cell": computed.scores.size,
+            "diagonal_test": int(test is not None),
+            "affinity_bootstrap": len(intervals),
+        },
+    )
     # The new run as stored, without reading it back.
     null = computed.null
     return AffinityMatrix(
@@ -587,8 +600,8 @@ def _scores(
     """The matrix [A's layers, B's layers] of M_k from the stored sets, and the engines that
     computed those sets ('blas', or e.g. 'blas+sql')."""
     runs_a, runs_b = _pair_runs(conn, pair, k, engine)
-    if overlap == "sparse":
-        counts = _sparse_overlap_counts(conn, runs_a, runs_b, k, pair.n_prompts)
+    if overlap == "numpy":
+        counts = _array_overlap_counts(conn, runs_a, runs_b, k)
     else:
         counts = _overlap_counts(wh, list(runs_a.values()), list(runs_b.values()), k, pair.n_prompts, workers)
     scores = np.zeros((len(pair.layers_a), len(pair.layers_b)))
@@ -742,28 +755,18 @@ def _overlap_counts(
     return counts
 
 
-def _sparse_overlap_counts(
-    conn: sa.Connection, runs_a: dict[int, int], runs_b: dict[int, int], k: int, n: int
+def _array_overlap_counts(
+    conn: sa.Connection, runs_a: dict[int, int], runs_b: dict[int, int], k: int
 ) -> Counter[tuple[int, int]]:
-    """Shared (prompt, neighbour) pairs per layer pair in one sparse product: each layer's
-    sets become a row of an (L x n^2) 0/1 matrix, with a 1 at prompt x n + neighbour."""
-    import scipy.sparse as sp
+    """Shared (prompt, neighbour) pairs per layer pair, counted in this process from the
+    stored arrays (``overlap.shared_neighbours``)."""
 
-    def stack(runs: dict[int, int]) -> sp.csr_matrix:
-        rows, cols = [], []
-        for layer_index, (positions, sets) in stored_sets(conn, list(runs.values()), k):
-            found = sets >= 0  # -1 marks a neighbour an index could not find
-            cells = positions.astype(np.int64)[:, None] * n + sets.astype(np.int64)
-            cols.append(cells[found])
-            rows.append(np.full(int(found.sum()), layer_index, dtype=np.int64))
-        if not cols:
-            return sp.csr_matrix((len(runs), n * n))
-        flat = np.concatenate(cols)
-        return sp.csr_matrix((np.ones(len(flat)), (np.concatenate(rows), flat)), shape=(len(runs), n * n))
+    def side(runs: dict[int, int]) -> np.ndarray:
+        return np.stack([sets for (sets,) in stored_sets(conn, list(runs.values()), k)])
 
-    shared = (stack(runs_a) @ stack(runs_b).T).toarray()
+    shared = shared_neighbours(side(runs_a), side(runs_b))
     layers_a, layers_b = list(runs_a), list(runs_b)
-    return Counter({(layers_a[i], layers_b[j]): int(round(shared[i, j])) for i, j in np.ndindex(*shared.shape)})
+    return Counter({(layers_a[i], layers_b[j]): int(shared[i, j]) for i, j in np.ndindex(*shared.shape)})
 
 
 def _store_cells(conn: sa.Connection, run_id: int, scores: np.ndarray, pair: _Pair, null: NullLevel | None) -> None:
@@ -778,30 +781,20 @@ def _store_cells(conn: sa.Connection, run_id: int, scores: np.ndarray, pair: _Pa
         ("depth_b", "float8", lb / pair.n_layers[1]),
         ("score", "float8", flat),
     ]
+    finite = np.zeros(flat.size, dtype=bool)
     if null is not None:
         columns += [
             ("chance", "float8", null.mean.ravel()),
             ("null_sd", "float8", null.sd.ravel()),
+            ("log10_p_null", "float8", null.log10_p.ravel()),
         ]
-    copy_columns(
-        raw_connection(conn).cursor(), "affinity_cell", tuple(c[0] for c in columns), [(c[1], c[2]) for c in columns]
-    )
-    if null is not None and np.isfinite(null.log10_p).any():
-        # log10 p is NULL where the null has no spread (NaN here): a second pass, since the
-        # binary COPY writer takes no NULLs.
         finite = np.isfinite(null.log10_p.ravel())
-        conn.execute(
-            sa.text(
-                "UPDATE affinity_cell c SET log10_p_null = v.p FROM unnest(CAST(:a AS int[]), CAST(:b AS int[]), "
-                "CAST(:p AS float8[])) AS v(a, b, p) WHERE c.run_id = :run AND c.layer_a = v.a AND c.layer_b = v.b"
-            ),
-            {
-                "run": run_id,
-                "a": la[finite].tolist(),
-                "b": lb[finite].tolist(),
-                "p": null.log10_p.ravel()[finite].tolist(),
-            },
-        )
+    # log10 p is NULL where the null has no spread (NaN here), and the binary COPY writer
+    # takes no NULLs: those cells are copied without the column (one COPY per kind of row).
+    cur = raw_connection(conn).cursor()
+    for rows, kept in ((finite, columns), (~finite, [c for c in columns if c[0] != "log10_p_null"])):
+        if rows.any():
+            copy_columns(cur, "affinity_cell", tuple(c[0] for c in kept), [(c[1], c[2][rows]) for c in kept])
 
 
 def compute_study(
@@ -816,7 +809,7 @@ def compute_study(
     include_layer0: bool = False,
     engine: str = "blas",
     study: str | None = None,
-    overlap: str = "sparse",
+    overlap: str = "numpy",
     recompute: bool = False,
     bootstrap: int = 0,
     bootstrap_cells: Sequence[tuple[int, int]] = (),
