@@ -35,17 +35,25 @@ LOCAL = ("alembic_version",)
 
 CITUS_VERSION = "SELECT extversion FROM pg_extension WHERE extname = 'citus'"
 PLACEMENTS = """
-SELECT p.logicalrelid::regclass::text AS name, p.partmethod,
+SELECT p.logicalrelid::regclass::text AS name, p.partmethod, p.repmodel,
        column_to_column_name(p.logicalrelid, p.partkey) AS column,
        (SELECT count(*) FROM pg_dist_shard s WHERE s.logicalrelid = p.logicalrelid) AS shards
 FROM pg_dist_partition p ORDER BY 1
 """
 
 
+def _kind(partmethod: str, repmodel: str) -> str:
+    """A table's layout in Citus's metadata: hash-distributed, a reference table (replicated
+    with two-phase commit), or a local table Citus added to its metadata on the coordinator
+    (a table created after distribution with a foreign key to a reference table: a migration's
+    new table), which ``distribute`` still has to lay out."""
+    return "distributed" if partmethod == "h" else "reference" if repmodel == "t" else "local"
+
+
 @dataclass(frozen=True)
 class Placement:
-    """How a table is laid out: ``distributed`` (by ``column``, in ``shards`` shards) or
-    ``reference``; ``changed`` when this call made it so."""
+    """How a table is laid out: ``distributed`` (by ``column``, in ``shards`` shards),
+    ``reference`` or ``local`` (``_kind``); ``changed`` when this call made it so."""
 
     table: str
     kind: str
@@ -87,7 +95,10 @@ def distribute(wh: Warehouse, *, shard_count: int | None = None) -> list[Placeme
         # The two immutability triggers (UPDATE refused on steering vectors and Emb2Emb maps)
         # only raise; Citus runs them on the reference tables' placements.
         conn.execute(sa.text("SET LOCAL citus.enable_unsafe_triggers TO on"))
-        done = {row.name: row for row in conn.execute(sa.text(PLACEMENTS))}
+        # Local tables in Citus's metadata are laid out like plain ones (Citus converts them).
+        done = {
+            row.name: row for row in conn.execute(sa.text(PLACEMENTS)) if _kind(row.partmethod, row.repmodel) != "local"
+        }
         distributed = {table: (column, colocate) for table, column, colocate in DISTRIBUTED}
         changed = set()
         # Reference tables first, in foreign-key order; then the distributed ones, whose
@@ -134,8 +145,6 @@ def _restore_comments(conn: sa.Connection, tables: set[str]) -> None:
 
 def _placements(conn: sa.Connection, changed: set[str]) -> list[Placement]:
     return [
-        Placement(
-            r.name, "distributed" if r.partmethod == "h" else "reference", r.column, int(r.shards), r.name in changed
-        )
+        Placement(r.name, _kind(r.partmethod, r.repmodel), r.column, int(r.shards), r.name in changed)
         for r in conn.execute(sa.text(PLACEMENTS))
     ]

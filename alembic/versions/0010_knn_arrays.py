@@ -29,6 +29,10 @@ down_revision = "0009"
 branch_labels = None
 depends_on = None
 
+COMMENTS = {
+    "neighbors": "n_prompts x k_max int4 (big-endian) dataset positions, rank-major",
+    "distances": "n_prompts x k_max float4 (big-endian) cosine distances, rank-major",
+}
 RUNS = "SELECT id, n_prompts, k_max FROM knn_run ORDER BY id"
 ROWS = "SELECT position, neighbors, distances FROM knn_neighbor WHERE run_id = :run"
 INSERT = "INSERT INTO knn_array (run_id, neighbors, distances) VALUES (:run, :neighbors, :distances)"
@@ -50,26 +54,21 @@ def upgrade() -> None:
     op.create_table(
         "knn_array",
         sa.Column("run_id", sa.Integer(), nullable=False),
-        sa.Column(
-            "neighbors",
-            sa.LargeBinary(),
-            nullable=False,
-            comment="n_prompts x k_max int4 (big-endian) dataset positions, rank-major",
-        ),
-        sa.Column(
-            "distances",
-            sa.LargeBinary(),
-            nullable=False,
-            comment="n_prompts x k_max float4 (big-endian) cosine distances, rank-major",
-        ),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["knn_run.id"], name=op.f("fk_knn_array_run_id_knn_run"), ondelete="CASCADE"
-        ),
+        sa.Column("neighbors", sa.LargeBinary(), nullable=False, comment=COMMENTS["neighbors"]),
+        sa.Column("distances", sa.LargeBinary(), nullable=False, comment=COMMENTS["distances"]),
         sa.PrimaryKeyConstraint("run_id", name=op.f("pk_knn_array")),
     )
     # Uncompressed and out of line: substring() then reads only the bytes of the first k ranks.
+    # Set before the foreign key: on a distributed warehouse, the key to a reference table
+    # makes this a Citus local table, whose storage Citus does not let ALTER TABLE change.
     op.execute("ALTER TABLE knn_array ALTER COLUMN neighbors SET STORAGE EXTERNAL")
     op.execute("ALTER TABLE knn_array ALTER COLUMN distances SET STORAGE EXTERNAL")
+    op.create_foreign_key(
+        op.f("fk_knn_array_run_id_knn_run"), "knn_array", "knn_run", ["run_id"], ["id"], ondelete="CASCADE"
+    )
+    # Citus makes that Citus local table anew, without the column comments: set them again.
+    for column, comment in COMMENTS.items():
+        op.alter_column("knn_array", column, existing_type=sa.LargeBinary(), comment=comment)
     conn = op.get_bind()
     for run, n, k_max in conn.execute(sa.text(RUNS)).all():
         neighbors = np.full((k_max, n), -1, dtype=">i4")
