@@ -718,3 +718,13 @@ def test_filtered_lookups_keep_their_recall_through_iterative_index_scans(wh, mo
         nearest(wh, "syn", 1, "d", position=5, only=PromptFilter(source="2777"), k=3)
     with pytest.raises(InputError, match="an empty filter"):
         PromptFilter(text="")
+
+
+def test_k_max_beyond_what_a_run_s_packed_sets_hold_is_refused_before_any_work(wh, monkeypatch) -> None:
+    import layerbase.analysis.knn.materialize as materialize_module
+
+    store_synthetic(wh, "syn", "d", n=40, d=8, n_layers=1)
+    monkeypatch.setattr(materialize_module, "MAX_PACKED_SETS", 200)  # PostgreSQL's 1 GB, scaled down
+    with pytest.raises(InputError, match="lower --k-max to 5 or less"):
+        materialize(wh, "syn", "d", k_max=6, progress=False)
+    assert materialize(wh, "syn", "d", k_max=5, progress=False)[0].k_max == 5

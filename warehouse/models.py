@@ -364,7 +364,7 @@ class AffinityRun(Base):
         Text,
         server_default="sql",
         comment="sql: one join of the unnested neighbour arrays; numpy: counted in Layerbase from the stored arrays; "
-        "sparse: one scipy.sparse product of them (before Layerbase 0.2's own counting)",
+        "sparse: one scipy.sparse product of them (runs made before migration 0010)",
     )
     study: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float] = mapped_column()

@@ -38,7 +38,7 @@ ROWS = "SELECT position, neighbors, distances FROM knn_neighbor WHERE run_id = :
 INSERT = "INSERT INTO knn_array (run_id, neighbors, distances) VALUES (:run, :neighbors, :distances)"
 OVERLAP_COMMENT = (
     "sql: one join of the unnested neighbour arrays; numpy: counted in Layerbase from the stored arrays; "
-    "sparse: one scipy.sparse product of them (before Layerbase 0.2's own counting)"
+    "sparse: one scipy.sparse product of them (runs made before migration 0010)"
 )
 OLD_OVERLAP_COMMENT = "sql: one join of the unnested neighbour arrays; sparse: one scipy.sparse product of them"
 

@@ -68,10 +68,12 @@ def by_locality(x: np.ndarray, anchors: np.ndarray, rows: np.ndarray) -> np.ndar
     prompt took 3.33 s in this order against 3.68 s in position order (mean of 6 each)."""
     if len(rows) == 0:
         return rows
-    xn = normalize(np.asarray(x, dtype=np.float32))
+    # A row's own norm does not change which anchor is most similar to it: only the anchors
+    # are normalized.
+    toward = normalize(np.asarray(x[anchors], dtype=np.float32)).T
     nearest = np.concatenate(
         [
-            np.argmax(xn[rows[start : start + LOCALITY_BLOCK]] @ xn[anchors].T, axis=1)
+            np.argmax(np.asarray(x[rows[start : start + LOCALITY_BLOCK]], dtype=np.float32) @ toward, axis=1)
             for start in range(0, len(rows), LOCALITY_BLOCK)
         ]
     )

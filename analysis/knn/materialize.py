@@ -42,7 +42,7 @@ from layerbase.analysis.knn.index import (
     plan_index,
 )
 from layerbase.analysis.knn.search import RECALL_K, SampleRecall, Search, calibrate_lookups, initial_search
-from layerbase.analysis.knn.stored import RunArrays
+from layerbase.analysis.knn.stored import MAX_PACKED_SETS, RunArrays
 from layerbase.analysis.knn.topk import (
     EXTRA_CANDIDATES,
     default_device,
@@ -158,6 +158,11 @@ def materialize(
             )
     if not 0 < k_max < n:
         raise InputError(f"k = {k_max} needs 0 < k < the number of prompts ({n}) in {dataset_name!r}; lower --k-max")
+    if n * k_max > MAX_PACKED_SETS:
+        raise InputError(
+            f"{n} prompts x {k_max} neighbours is more than one run's packed sets can hold ({MAX_PACKED_SETS:,} "
+            f"entries, a PostgreSQL value's 1 GB); lower --k-max to {MAX_PACKED_SETS // n} or less"
+        )
     needed = ef_search_for(k_max, ef_search)
     if engine == "hnsw" and needed > EF_SEARCH_LIMIT:
         raise InputError(

@@ -29,6 +29,9 @@ FROM knn_array a JOIN knn_run r ON r.id = a.run_id
 WHERE a.run_id = ANY({runs})
 """
 DISTANCES = ", substring(a.distances FROM 1 FOR 4 * r.n_prompts * {k})"
+# A run's arrays are one value each, and a PostgreSQL value holds at most 1 GB: n x k_max
+# entries of 4 bytes, with room for the varlena header.
+MAX_PACKED_SETS = ((1 << 30) - 64) // 4
 # Wire (big-endian) dtype -> the dtype of the arrays handed out.
 WIRE_INT, WIRE_FLOAT = np.dtype(">i4"), np.dtype(">f4")
 NATIVE = {WIRE_INT: np.int32, WIRE_FLOAT: np.float32}

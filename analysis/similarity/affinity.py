@@ -51,8 +51,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-# Where mutual k-NN counts shared neighbours. Runs before Layerbase 0.2's own counting say
-# 'sparse' (one scipy.sparse product, with the same counts).
+# Where mutual k-NN counts shared neighbours. Runs made before migration 0010 say 'sparse'
+# (one scipy.sparse product, with the same counts).
 OVERLAP_ENGINES = ("numpy", "sql")
 OVERLAP_SQL = """
 WITH a AS (
