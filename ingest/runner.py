@@ -14,10 +14,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -214,17 +216,20 @@ def job_progress(conn: sa.Connection, job_id: int) -> tuple[int, int, int]:
 
 
 def _set_state(wh: Warehouse, job_id: int, state: str, error: str | None = None) -> None:
-    with wh.engine.begin() as conn:
-        conn.execute(
-            sa.update(IngestJob)
-            .where(IngestJob.id == job_id)
-            .values(
-                state=state,
-                error=error,
-                updated_at=sa.func.now(),
-                finished_at=sa.func.now() if state == "done" else None,
+    def attempt() -> None:
+        with wh.engine.begin() as conn:
+            conn.execute(
+                sa.update(IngestJob)
+                .where(IngestJob.id == job_id)
+                .values(
+                    state=state,
+                    error=error,
+                    updated_at=sa.func.now(),
+                    finished_at=sa.func.now() if state == "done" else None,
+                )
             )
-        )
+
+    _retried("the job's state", attempt)
 
 
 def run_job(
@@ -286,29 +291,43 @@ def run_job(
 # A chunk is one transaction, so a chunk whose connection was lost (the server restarted,
 # a failover, a network blip) is simply claimed and computed again. The waits cover a
 # server restart (a few seconds); a server down for longer ends the command with the
-# connection error, and re-running resumes.
+# connection error, and re-running resumes. A deadlock is retried the same way: on Citus,
+# a chunk's writes lock the reference tables' shards that its foreign keys point at, and
+# two workers (one storing a chunk, the other marking the job done) could take those locks
+# in opposite orders (seen on a local cluster: "canceling the transaction since it was
+# involved in a distributed deadlock").
 CHUNK_RETRY_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0)
+T = TypeVar("T")
+
+
+def _retried(what: str, attempt: Callable[[], T]) -> T:
+    """``attempt`` (one transaction), again after a lost connection or a deadlock
+    (``CHUNK_RETRY_WAITS``)."""
+    for number, wait in enumerate((*CHUNK_RETRY_WAITS, None), start=1):
+        try:
+            return attempt()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            if wait is None:
+                raise
+            deadlock = isinstance(exc.orig, psycopg.errors.DeadlockDetected)
+            log.warning(
+                "%s (%s); retrying %s in %g s (attempt %d of %d)",
+                "a deadlock with another worker" if deadlock else "the database connection was lost",
+                str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__,
+                what,
+                wait,
+                number + 1,
+                len(CHUNK_RETRY_WAITS) + 1,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _chunk_with_retries(
     wh: Warehouse, job: IngestJob, extractor: Extractor, worker: str, dataset_name: str, storage: Storage
 ) -> tuple[int, int]:
-    """``_process_one_chunk``, again after a lost connection (``CHUNK_RETRY_WAITS``)."""
-    for attempt, wait in enumerate((*CHUNK_RETRY_WAITS, None), start=1):
-        try:
-            return _process_one_chunk(wh, job, extractor, worker, dataset_name, storage)
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            if wait is None:
-                raise
-            log.warning(
-                "the database connection was lost (%s); retrying the chunk in %g s (attempt %d of %d)",
-                str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__,
-                wait,
-                attempt + 1,
-                len(CHUNK_RETRY_WAITS) + 1,
-            )
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+    """``_process_one_chunk``, again after a lost connection or a deadlock (``_retried``)."""
+    return _retried("the chunk", lambda: _process_one_chunk(wh, job, extractor, worker, dataset_name, storage))
 
 
 def _process_one_chunk(

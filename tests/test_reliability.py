@@ -181,3 +181,31 @@ def test_concurrent_knn_and_affinity_runs_do_not_duplicate(wh, db_url: str) -> N
     assert all(r[3] == 1 for r in runs)  # one set per (model, layer, engine)
     assert all(r[4] == 400 * (20 if r[0] == "A" else 100) for r in runs)
     assert affinity == 1 and cells == (6, 6) and tests == 1
+
+
+def test_a_deadlock_with_another_worker_is_retried(monkeypatch, caplog) -> None:
+    import logging
+
+    import psycopg
+    import sqlalchemy as sa
+
+    from layerbase.ingest import runner
+
+    monkeypatch.setattr(runner, "CHUNK_RETRY_WAITS", (0.0, 0.0))
+    calls: list[int] = []
+
+    def deadlocked_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("UPDATE ingest_job", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+        return "stored"
+
+    with caplog.at_level(logging.WARNING, logger=runner.log.name):
+        assert runner._retried("the job's state", deadlocked_once) == "stored"
+    assert len(calls) == 2 and "a deadlock with another worker" in caplog.text and "the job's state" in caplog.text
+
+    def always() -> None:
+        raise sa.exc.OperationalError("UPDATE ingest_job", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    with pytest.raises(sa.exc.OperationalError):  # after the last wait, the error is the caller's
+        runner._retried("the job's state", always)
