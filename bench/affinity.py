@@ -22,7 +22,7 @@ import click
 import numpy as np
 import scipy.sparse as sp
 
-from bench.common import bench_warehouse, median_time, print_table, server_option
+from bench.common import bench_warehouse, median_time, paired_times, print_table, server_option
 
 
 def sparse_all_pairs(sets_a: list[np.ndarray], sets_b: list[np.ndarray], n: int, k: int) -> np.ndarray:
@@ -51,7 +51,9 @@ def per_pair(fa: np.ndarray, fb: np.ndarray, k: int) -> float:
 @click.option("--d", type=int, default=576, show_default=True)
 @click.option("-k", "k", type=int, default=10, show_default=True)
 @click.option("--pairs", type=int, default=20, show_default=True, help="layer pairs timed for the per-pair approach")
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option(
+    "--repeats", type=int, default=3, show_default=True, help="rounds of the reference and the warehouse, back to back"
+)
 @click.option(
     "--overlap",
     type=click.Choice(["numpy", "sql"]),
@@ -86,15 +88,16 @@ def main(**options: Any) -> None:
             for m, layers in feats.items():
                 store_synthetic(wh, names[m], f"d{shape}", n=n, d=d, n_layers=len(layers), layer_vectors=layers)
                 materialize(wh, names[m], f"d{shape}", k_max=k, engine="blas", progress=False)
-            sql_s, matrix = median_time(
+            sets = {m: [exact_topk(f, k)[0] for f in layers.values()] for m, layers in feats.items()}
+            timed = paired_times(
+                lambda: sparse_all_pairs(sets["A"], sets["B"], n, k),
                 lambda: compute_affinity(
                     wh, names["A"], names["B"], f"d{shape}", k=k, overlap=args.overlap, recompute=True, progress=False
                 ),
                 args.repeats,
             )
-            sets = {m: [exact_topk(f, k)[0] for f in layers.values()] for m, layers in feats.items()}
-            sparse_s, dense = median_time(lambda: sparse_all_pairs(sets["A"], sets["B"], n, k), args.repeats)
-            assert np.allclose(dense, matrix.scores), "the warehouse and the in-memory reference disagree"
+            warehouse_s = timed.subject_s
+            assert np.allclose(timed.reference, timed.subject.scores), "the warehouse and the reference disagree"
             pairs = random.Random(0).sample(
                 [(i, j) for i in range(1, la + 1) for j in range(1, lb + 1)], min(args.pairs, la * lb)
             )
@@ -105,17 +108,18 @@ def main(**options: Any) -> None:
                     "layers": f"{la}x{lb}",
                     "n": n,
                     "k": k,
-                    "warehouse_s": sql_s,
-                    "in_memory_s": sparse_s,
-                    "warehouse/in_memory": sql_s / sparse_s,
+                    "warehouse_s": warehouse_s,
+                    "in_memory_s": timed.reference_s,
+                    "warehouse/in_memory": timed.ratio,
+                    "ratios": timed.spread,
                     "per_pair_s": per_pair_s,
-                    "per_pair/warehouse": per_pair_s / sql_s,
+                    "per_pair/warehouse": per_pair_s / warehouse_s,
                 }
             )
             print_table(rows[-1:], list(rows[-1]))
     print(
         f"\naffinity from stored neighbour lists ({args.overlap} overlap engine) vs in-memory references "
-        f"(median of {args.repeats}; "
+        f"({args.repeats} rounds of both, back to back; times and ratio are medians; "
         f"per-pair scaled from {args.pairs} pairs):"
     )
     print_table(rows, list(rows[0]))

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a throw-away warehouse, repeated timing, and tables."""
+"""Shared pieces of the benchmarks: a throw-away warehouse, repeated and paired timing, and
+tables."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,54 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A subject timed against its reference in rounds (``paired_times``)."""
+
+    reference_s: float  # median over the rounds
+    subject_s: float  # median over the rounds
+    ratio: float  # median of the rounds' subject / reference
+    low: float  # the smallest and largest round's ratio
+    high: float
+    reference: Any  # the last round's results
+    subject: Any
+
+    @property
+    def spread(self) -> str:
+        """The rounds' ratios as a range, e.g. '2.50-2.69'."""
+        return f"{self.low:.2f}-{self.high:.2f}"
+
+
+def paired_times(
+    reference: Callable[[], Any], subject: Callable[[], Any], rounds: int, *, subject_scale: float = 1.0
+) -> Paired:
+    """Time ``reference`` and then ``subject``, back to back, in each of ``rounds`` rounds.
+
+    These machines' speed drifts by a third within minutes (the same k-NN reference took
+    1.5 s and 2.3 s in one hour), so a reference timed before the subject's runs can
+    flatter or sink a ratio. A round's two runs see the same machine: the ratio is the
+    median of the rounds' ratios. ``subject_scale`` multiplies the subject's times (a
+    subject timed on a sample and scaled to the whole)."""
+    ref_times, sub_times, ref_result, sub_result = [], [], None, None
+    for _ in range(max(1, rounds)):
+        start = time.perf_counter()
+        ref_result = reference()
+        ref_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sub_result = subject()
+        sub_times.append((time.perf_counter() - start) * subject_scale)
+    ratios = [s / r for s, r in zip(sub_times, ref_times)]
+    return Paired(
+        statistics.median(ref_times),
+        statistics.median(sub_times),
+        statistics.median(ratios),
+        min(ratios),
+        max(ratios),
+        ref_result,
+        sub_result,
+    )
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -12,13 +12,13 @@ computes the same sets from arrays already in RAM, with recall@k of each against
 An exact scan in SQL costs the same for every query prompt and takes tens of minutes for
 all 10000 on two cores, so the ``sql`` engine is timed on the first ``--sample`` prompts,
 through the engine's own statement and workers, and scaled to n; the output says so. The
-indexed engines run whole. The in-database engines run ``--db-repeats`` times (default 1),
-the reference ``--repeats``.
+indexed engines run whole. Each of ``--repeats`` rounds times the reference and then the
+engine, back to back; the ratio is the median of the rounds' ratios, and ``ratios`` shows
+their range.
 """
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,7 +31,7 @@ from bench.common import (
     bench_vectors,
     bench_warehouse,
     data_option,
-    median_time,
+    paired_times,
     print_table,
     server_option,
     storage_option,
@@ -50,8 +50,9 @@ def recall_at(stored: np.ndarray, reference: np.ndarray, k: int) -> float:
 @click.option("--engines", default="ivfflat,hnsw,sql", show_default=True)
 @click.option("--min-recall", type=float, default=0.99, show_default=True)
 @click.option("--workers", type=int, help="connections per in-database engine (default: the engine's)")
-@click.option("--repeats", type=int, default=3, show_default=True, help="runs of the reference")
-@click.option("--db-repeats", type=int, default=1, show_default=True, help="runs of each in-database engine")
+@click.option(
+    "--repeats", type=int, default=3, show_default=True, help="rounds of the reference and each engine, back to back"
+)
 @click.option("--sample", type=int, default=640, show_default=True, help="query prompts timed for the exact scan")
 @click.option("--hnsw-m", type=int, help="hnsw: the index's m (default: pgvector's 16)")
 @click.option("--ef-construction", type=int, help="hnsw: the index's ef_construction (default: 64)")
@@ -80,7 +81,10 @@ def main(**options: Any) -> None:
             vectors = as_stored(bench_vectors(args.data, n, d, seed=n + d), args.storage)
             name, dataset = f"syn-{n}x{d}", f"d{n}x{d}"
             store_synthetic(wh, name, dataset, n=n, d=d, n_layers=1, layer_vectors={1: vectors}, storage=args.storage)
-            reference, (idx, _) = median_time(lambda: exact_topk(vectors, args.k), args.repeats)
+
+            def reference() -> np.ndarray:
+                return exact_topk(vectors, args.k)[0]
+
             with wh.engine.begin() as conn:
                 model_id, dataset_id = conn.execute(
                     sa.text("SELECT m.id, d.id FROM model m, dataset d WHERE m.name = :m AND d.name = :d"),
@@ -109,9 +113,10 @@ def main(**options: Any) -> None:
                             **asked.get(engine, {}),
                         )
 
-                    seconds, results = median_time(run, args.db_repeats)
-                    strategy = results[0].strategy
-                    found = results[0].search or {}
+                    timed = paired_times(reference, run, args.repeats)
+                    result = timed.subject[0]
+                    strategy = result.strategy
+                    found = result.search or {}
                     search = describe_search(found)
                     with wh.engine.connect() as conn:
                         run_id = conn.execute(
@@ -119,31 +124,28 @@ def main(**options: Any) -> None:
                             {"m": model_id, "d": dataset_id, "e": engine},
                         ).scalar()
                         stored = neighbor_array(conn, run_id, args.k)
-                    recall = recall_at(stored, idx, args.k)
+                    recall = recall_at(stored, timed.reference, args.k)
                 else:
-                    timed = min(args.sample, n)
+                    sample = min(args.sample, n)
                     prompt_ids = dataset_prompt_ids(wh, dataset_id)
 
                     def run() -> object:  # the engine's own statement and workers, on the first prompts
-                        t0 = time.perf_counter()
-                        found, _ = neighbors_in_db(
+                        return neighbors_in_db(
                             wh,
                             model_id,
                             1,
                             dataset_id,
                             d,
                             prompt_ids,
-                            np.arange(timed),
+                            np.arange(sample),
                             args.k,
                             workers=workers,
                             storage=STORAGES[args.storage],
-                        )
-                        return time.perf_counter() - t0, found
+                        )[0]
 
-                    _, (sample_s, stored) = median_time(run, args.db_repeats)
-                    seconds = sample_s * n / timed
-                    strategy = f"exact scan, timed on {timed} prompts and scaled"
-                    recall = recall_at(stored, idx[:timed], args.k)
+                    timed = paired_times(reference, run, args.repeats, subject_scale=n / sample)
+                    strategy = f"exact scan, timed on {sample} prompts and scaled"
+                    recall = recall_at(timed.subject, timed.reference[:sample], args.k)
                 rows.append(
                     {
                         "n": n,
@@ -152,16 +154,17 @@ def main(**options: Any) -> None:
                         "strategy": strategy,
                         "search": search,
                         "workers": workers,
-                        "reference_s": reference,
-                        "engine_s": seconds,
-                        "ratio": seconds / reference,
+                        "reference_s": timed.reference_s,
+                        "engine_s": timed.subject_s,
+                        "ratio": timed.ratio,
+                        "ratios": timed.spread,
                         f"recall@{args.k}": recall,
                     }
                 )
                 print_table(rows[-1:], list(rows[-1]))
     print(
-        f"\nin-database k-NN vs in-memory numpy (reference: median of {args.repeats}; engines: median of "
-        f"{args.db_repeats}; {args.data} data, {args.server} server, {args.storage} storage):"
+        f"\nin-database k-NN vs in-memory numpy ({args.repeats} rounds of the reference and each engine; times and "
+        f"ratio are medians; {args.data} data, {args.server} server, {args.storage} storage):"
     )
     print_table(rows, list(rows[0]))
 

@@ -125,3 +125,22 @@ def test_bench_runs_on_tiny_shapes(module: str, args: list[str], expected: list[
     assert result.returncode == 0, result.stderr
     for text in expected:
         assert text in result.stdout, result.stdout
+
+
+def test_paired_times_takes_the_median_of_each_rounds_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import common
+
+    # Three rounds, each (reference, subject): (1 s, 2 s), (2 s, 4 s), (1 s, 3 s). The clock is
+    # read before and after each call.
+    ticks = iter([0, 1, 1, 3, 3, 5, 5, 9, 9, 10, 10, 13])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(ticks))
+    calls: list[str] = []
+    timed = common.paired_times(lambda: calls.append("ref") or "r", lambda: calls.append("sub") or "s", 3)
+    assert calls == ["ref", "sub"] * 3  # back to back, round by round
+    assert (timed.reference_s, timed.subject_s) == (1, 3)
+    assert (timed.ratio, timed.low, timed.high, timed.spread) == (2, 2, 3, "2.00-3.00")
+    assert (timed.reference, timed.subject) == ("r", "s")
+    ticks = iter([0, 2, 2, 3])  # a subject timed on a sample of a tenth: 1 s stands for 10 s
+    scaled = common.paired_times(lambda: None, lambda: None, 1, subject_scale=10)
+    assert (scaled.reference_s, scaled.subject_s, scaled.ratio) == (2, 10, 5)
