@@ -159,11 +159,14 @@ LEFT JOIN LATERAL (
 WHERE m.name = :model AND e.extname = 'vector'
 """
 # The query prompt's own vector is read inside the lookup statement, so that a stored
-# prompt costs one statement: an InitPlan the index scan takes as its ordering key.
+# prompt costs one statement: an InitPlan the index scan takes as its ordering key. The
+# prompt's id comes first, so that the vector is one read of the primary key whatever the
+# planner's statistics say (as a join, with statistics that had not caught up with an
+# ingest, it read all 100000 rows of the layer: 349 ms a lookup instead of 4 ms).
 STORED_QUERY = """(
-    SELECT a.{column} FROM activation a JOIN prompt p ON p.id = a.prompt_id
+    SELECT a.{column} FROM activation a
     WHERE a.model_id = {model} AND a.layer = {layer} AND a.dataset_id = {dataset}
-      AND p.dataset_id = {dataset} AND p.position = {position}
+      AND a.prompt_id = (SELECT p.id FROM prompt p WHERE p.dataset_id = {dataset} AND p.position = {position})
 )"""
 
 
