@@ -531,3 +531,19 @@ def test_serve_answers_runs_of_any_measure(wh, db_url: str) -> None:
         rsa = client.get(f"/api/affinity/{plain.run_id}").json()
         assert rsa["chance"] is None and rsa["cell_chance"] is None and rsa["null_method"] == "none"
     read.warehouse.engine.dispose()
+
+
+@pytest.mark.parametrize("n", [5, 64, 130])
+def test_the_symmetric_gram_product_equals_the_general_one(n: int) -> None:
+    """kernels.gram computes one triangle through BLAS's dsyrk and mirrors it: the whole
+    matrix, exactly symmetric, for sizes that do not divide into its mirror blocks."""
+    import torch
+
+    from layerbase.analysis.similarity.kernels import gram
+
+    x = torch.as_tensor(np.random.default_rng(n).standard_normal((n, 7)) * 30)
+    out = torch.full((n, n), np.nan, dtype=torch.float64)
+    gram(x, out)
+    want = x.numpy() @ x.numpy().T
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-12, atol=1e-9)
+    assert torch.equal(out, out.T)

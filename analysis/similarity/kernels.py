@@ -52,27 +52,78 @@ def _squared_distances(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(norms[:, None] + norms[None, :] - 2 * x @ x.T, min=0.0)
 
 
-def centered(x: torch.Tensor, kind: str, sigma: float | None = None) -> torch.Tensor:
-    """One layer's centered Gram matrix, flattened and scaled to unit norm: HKH for the
-    biased HSIC, the U-centered K for the unbiased one."""
+# Rows of the mirrored triangle copied at a time: a [block, n] strip and its transpose stay
+# in the CPU caches (at n = 2048, 64 rows took 11 ms a matrix, 512 rows 27 ms).
+MIRROR_BLOCK = 64
+
+
+def gram(x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = x xᵀ for [n, d] rows x, into an [n, n] tensor.
+
+    On the CPU in float64 through BLAS's ``dsyrk``, which computes one triangle of the
+    symmetric product with half the multiply-adds of a general product; the other triangle
+    is then mirrored (torch has no symmetric rank-k product). Measured at n = 2048, d = 576
+    on 2 cores: 39 ms against 59 ms for ``torch.matmul``, equal to 1e-12 of values up to 700."""
+    if x.device.type != "cpu" or x.dtype != torch.float64 or not out.is_contiguous():
+        torch.matmul(x, x.T, out=out)
+        return
+    from scipy.linalg import blas
+
     n = x.shape[0]
+    g = out.numpy()
+    # Fortran views of C-ordered arrays: with trans=1, dsyrk computes (xᵀ)ᵀ xᵀ = x xᵀ into the
+    # upper triangle of g in Fortran order, which is the lower triangle in C order.
+    product = blas.dsyrk(1.0, x.contiguous().numpy().T, beta=0.0, c=g.T, trans=1, overwrite_c=1)
+    if not np.shares_memory(product, g):  # the wrapper copied c instead of writing in place
+        g[...] = product.T
+    for start in range(0, n, MIRROR_BLOCK):
+        stop = min(n, start + MIRROR_BLOCK)
+        g[start:stop, stop:] = g[stop:, start:stop].T
+        block = g[start:stop, start:stop]
+        block[...] = np.tril(block) + np.tril(block, -1).T
+
+
+def centered(x: torch.Tensor, kind: str, sigma: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's centered Gram matrix, flattened and scaled to unit norm: HKH for the
+    biased HSIC, the U-centered K for the unbiased one. Written into ``out`` ([n^2]) when
+    given: a chunk's matrices are made in place, without temporary n x n matrices, whose
+    fresh pages cost time of their own (with them and torch's products, all 30 x 18 layer
+    pairs at n = 2048 took 6.5 s on 2 cores; in place, with dsyrk and numpy's product, 4.0 s)."""
+    n = x.shape[0]
+    flat = torch.empty(n * n, dtype=x.dtype, device=x.device) if out is None else out
+    matrix = flat.view(n, n)
     xc = x - x.mean(0)
     if kind == "rbf_cka":
         assert sigma is not None
-        gram = torch.exp(-_squared_distances(x) / (2 * sigma**2))
-        gram = gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+        # exp(-|x_i - x_j|^2 / (2 sigma^2)) of the centered rows, as _squared_distances.
+        norms = (xc * xc).sum(1)
+        gram(xc, matrix)
+        matrix.mul_(-2.0).add_(norms[:, None]).add_(norms[None, :]).clamp_(min=0.0)
+        matrix.div_(-2 * sigma**2).exp_()
+        columns, rows, total = matrix.mean(0), matrix.mean(1), matrix.mean()
+        matrix.sub_(columns[None, :]).sub_(rows[:, None]).add_(total)
     else:
         # HKH of a linear kernel is the Gram matrix of the centered activations; the
         # U-centered matrix of K equals that of HKH (it removes row and column effects).
-        gram = xc @ xc.T
+        gram(xc, matrix)
         if kind == "unbiased_cka":
-            gram.fill_diagonal_(0.0)
-            rows = gram.sum(1)
-            gram = gram - rows[:, None] / (n - 2) - rows[None, :] / (n - 2) + rows.sum() / ((n - 1) * (n - 2))
-            gram.fill_diagonal_(0.0)
-    flat = gram.flatten()
+            matrix.fill_diagonal_(0.0)
+            rows = matrix.sum(1)
+            matrix.sub_(rows[:, None] / (n - 2)).sub_(rows[None, :] / (n - 2)).add_(rows.sum() / ((n - 1) * (n - 2)))
+            matrix.fill_diagonal_(0.0)
     norm = torch.linalg.vector_norm(flat)
-    return flat / norm if norm > 0 else flat
+    if norm > 0:
+        flat.div_(norm)
+    return flat
+
+
+def _inner_products(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """a bᵀ of [L_A, n^2] and [L_B, n^2] rows, as numpy. On the CPU through numpy's BLAS call,
+    which spreads this long, thin product over the cores better than torch's (at n = 2048,
+    30 x 18 layers on 2 cores: 0.18 s against 0.47 s)."""
+    if a.device.type == "cpu":
+        return a.numpy() @ b.numpy().T
+    return (a @ b.T).cpu().numpy()
 
 
 def _chunks(count: int, size: int) -> Iterator[range]:
@@ -100,16 +151,11 @@ def all_pairs(
     index = [None if p is None else torch.as_tensor(p, device=dev) for p in perms]
 
     def chunk(xs: Sequence[np.ndarray], layers: range, which: int) -> torch.Tensor:
-        return torch.stack(
-            [
-                centered(
-                    torch.as_tensor(xs[i], dtype=torch.float64, device=dev),
-                    kind,
-                    None if sigmas is None else sigmas[which][i],
-                )
-                for i in layers
-            ]
-        )
+        block = torch.empty((len(layers), n * n), dtype=torch.float64, device=dev)
+        for row, i in zip(block, layers):
+            x = torch.as_tensor(xs[i], dtype=torch.float64, device=dev)
+            centered(x, kind, None if sigmas is None else sigmas[which][i], out=row)
+        return block
 
     for rows in _chunks(len(xs_a), size):
         block_a = chunk(xs_a, rows, 0)
@@ -119,6 +165,6 @@ def all_pairs(
                 b = block_b
                 if p is not None:
                     b = block_b.view(len(cols), n, n)[:, p][:, :, p].reshape(len(cols), n * n)
-                result[rows.start : rows.stop, cols.start : cols.stop] = (block_a @ b.T).cpu().numpy()
+                result[rows.start : rows.stop, cols.start : cols.stop] = _inner_products(block_a, b)
             del block_b
     return out
