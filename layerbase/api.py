@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -313,6 +314,7 @@ class Layerbase:
         row i = the prompt at position i."""
         from layerbase.analysis.vectors import stored_layer
 
+        layer = _layer(layer, "activations(model, dataset, layer)")
         return stored_layer(self.warehouse, model, dataset, layer)
 
     # ---------------------------------------------------------------- analyses
@@ -495,6 +497,7 @@ class Layerbase:
         ``.attrs`` holds the query and the path that answered (stored set, index or exact scan)."""
         from layerbase.analysis.knn.lookup import PromptFilter, nearest
 
+        layer = _layer(layer, "neighbors(model, dataset, layer, prompt=… or text=…)")
         answer = nearest(
             self.warehouse,
             model,
@@ -521,6 +524,10 @@ class Layerbase:
 
         from layerbase.analysis.knn.lookup import overlap
 
+        for place in (first, second):
+            if not isinstance(place, tuple | list) or len(place) != 3:
+                raise InputError(f"each side of an overlap is (model, layer, dataset), not {place!r}")
+            _layer(place[1], "overlap(prompt, (model, layer, dataset), (model, layer, dataset))")
         result = overlap(self.warehouse, prompt, first, second, k)
         shared = set(result.shared)
         frames, sides = [], {}
@@ -636,6 +643,7 @@ class Layerbase:
         under ``name`` (vectors are immutable)."""
         from layerbase.analysis.steering.vectors import make_vector
 
+        layer = _layer(layer, "make_steering_vector(model, layer, positive, negative, name=…)")
         pos, neg = (
             self._prompt_source(side, what)
             for side, what in ((positive, "positive prompts"), (negative, "negative prompts"))
@@ -659,6 +667,7 @@ class Layerbase:
         """Store a vector made elsewhere (a .npy or .pt file holding one vector)."""
         from layerbase.analysis.steering.vectors import import_vector
 
+        layer = _layer(layer, "import_steering_vector(model, layer, path, name=…)")
         return import_vector(self.warehouse, model, layer, Path(path), name=name, token_rule=token_rule)
 
     def compare_vectors(self, first: str, second: str) -> float:
@@ -843,6 +852,14 @@ class Layerbase:
         if not texts:
             raise InputError(f"the {what} are empty; give at least one text")
         return PromptSource(f"{len(texts)} texts from Python", texts)
+
+
+def _layer(layer: Any, call: str) -> int:
+    """A layer argument as an int. Arguments in another order (a dataset's name where the
+    layer goes) otherwise reach the database as a type error with its SQL."""
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise InputError(f"the layer must be a layer number, not {layer!r}: the call is {call}")
+    return int(layer)
 
 
 def _measure_options(

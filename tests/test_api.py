@@ -80,6 +80,11 @@ def test_notebook_session_from_texts_to_affinity(db_url: str, tiny_models: dict[
         lb.activations("g", "toy", 7)
     with pytest.raises(InputError, match="has not been ingested"):
         lb.activations("g", "rnd", 1)
+    # Arguments in another order: a clear error, not the database's type error.
+    with pytest.raises(InputError, match=r"not 'toy': the call is neighbors\(model, dataset, layer"):
+        lb.neighbors("g", 2, "toy", prompt=0)
+    with pytest.raises(InputError, match="each side of an overlap is"):
+        lb.overlap(0, ("g", 2), ("l", 2, "toy"))
 
     knn = lb.knn("g", "toy", k=5)
     assert knn["layer"].tolist() == [1, 2, 3] and (knn["engine"] == "blas").all() and not knn["reused"].any()
