@@ -184,3 +184,16 @@ def test_the_page_escapes_what_it_inserts(tmp_path: Path) -> None:
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>m</b>" not in page and "&lt;b&gt;m&lt;/b&gt;" in page
     assert "d&amp;d" in page and "a &lt;i&gt;warning&lt;/i&gt;" in page
+
+
+def test_heatmap_subtitles_break_between_clauses() -> None:
+    from layerbase.analysis.reporting.plots import wrap_clauses
+
+    text = "news; on-diagonal mean 0.215 vs off 0.149, t = 10.9, log10 p = -24.7 (Bonferroni, 1 pair(s): -24.7)"
+    lines = wrap_clauses(text, 58).split("\n")
+    assert lines == [
+        "news; on-diagonal mean 0.215 vs off 0.149, t = 10.9,",
+        "log10 p = -24.7 (Bonferroni, 1 pair(s): -24.7)",
+    ]
+    long = wrap_clauses("word " * 40, 30).split("\n")  # one clause longer than a line: wrapped at spaces
+    assert len(long) > 1 and all(len(line) <= 30 for line in long)

@@ -9,6 +9,7 @@ when dropped.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,19 @@ def diagonal_mask_for(scores: np.ndarray) -> np.ndarray:
     return generalized_diagonal(scores.shape[1], scores.shape[0]).T
 
 
+def wrap_clauses(text: str, width: int) -> str:
+    """``text`` in lines of at most ``width`` characters, broken only after a comma or a
+    semicolon where it can be, so that "log10 p = -24.7" stays on one line (textwrap breaks at
+    any space). A clause longer than a line is wrapped as textwrap would."""
+    lines: list[str] = []
+    for clause in re.split(r"(?<=[,;]) ", text):
+        if lines and len(lines[-1]) + 1 + len(clause) <= width:
+            lines[-1] += " " + clause
+        else:
+            lines.extend(textwrap.wrap(clause, width) or [""])
+    return "\n".join(lines)
+
+
 def heatmap_size(n_rows: int, n_cols: int) -> tuple[float, float]:
     """Figure size in inches for a layer x layer heatmap: cells of about 0.22 inch."""
     return max(6.0, 3.6 + 0.22 * n_cols), max(4.8, 2.6 + 0.22 * n_rows)
@@ -126,7 +140,7 @@ def affinity_heatmap(
     right.set_ylabel(f"{name_a} relative depth")
     title = f"{name_a} × {name_b}"
     if subtitle:
-        title += "\n" + textwrap.fill(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))
+        title += "\n" + wrap_clauses(subtitle, width=int(10 * heatmap_size(n_a, n_b)[0]))
     ax.set_title(title, fontsize=9)
     return fig
 
