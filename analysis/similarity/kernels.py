@@ -46,12 +46,6 @@ def rbf_sigma(x: np.ndarray, bandwidth: float) -> float:
     return float(bandwidth * torch.sqrt((lower + upper) / 2))
 
 
-def _squared_distances(x: torch.Tensor) -> torch.Tensor:
-    x = x - x.mean(0)  # distances do not change; the products lose less to rounding
-    norms = (x * x).sum(1)
-    return torch.clamp(norms[:, None] + norms[None, :] - 2 * x @ x.T, min=0.0)
-
-
 # Rows of the mirrored triangle copied at a time: a [block, n] strip and its transpose stay
 # in the CPU caches (at n = 2048, 64 rows took 11 ms a matrix, 512 rows 27 ms).
 MIRROR_BLOCK = 64
@@ -83,6 +77,16 @@ def gram(x: torch.Tensor, out: torch.Tensor) -> None:
         block[...] = np.tril(block) + np.tril(block, -1).T
 
 
+def _squared_distances(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, n] squared distances between the rows of x, into ``out`` when given."""
+    x = x - x.mean(0)  # distances do not change; the products lose less to rounding
+    norms = (x * x).sum(1)
+    n = x.shape[0]
+    matrix = torch.empty((n, n), dtype=x.dtype, device=x.device) if out is None else out
+    gram(x, matrix)
+    return matrix.mul_(-2.0).add_(norms[:, None]).add_(norms[None, :]).clamp_(min=0.0)
+
+
 def centered(x: torch.Tensor, kind: str, sigma: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One layer's centered Gram matrix, flattened and scaled to unit norm: HKH for the
     biased HSIC, the U-centered K for the unbiased one. Written into ``out`` ([n^2]) when
@@ -92,20 +96,15 @@ def centered(x: torch.Tensor, kind: str, sigma: float | None = None, out: torch.
     n = x.shape[0]
     flat = torch.empty(n * n, dtype=x.dtype, device=x.device) if out is None else out
     matrix = flat.view(n, n)
-    xc = x - x.mean(0)
     if kind == "rbf_cka":
         assert sigma is not None
-        # exp(-|x_i - x_j|^2 / (2 sigma^2)) of the centered rows, as _squared_distances.
-        norms = (xc * xc).sum(1)
-        gram(xc, matrix)
-        matrix.mul_(-2.0).add_(norms[:, None]).add_(norms[None, :]).clamp_(min=0.0)
-        matrix.div_(-2 * sigma**2).exp_()
+        _squared_distances(x, out=matrix).div_(-2 * sigma**2).exp_()
         columns, rows, total = matrix.mean(0), matrix.mean(1), matrix.mean()
         matrix.sub_(columns[None, :]).sub_(rows[:, None]).add_(total)
     else:
         # HKH of a linear kernel is the Gram matrix of the centered activations; the
         # U-centered matrix of K equals that of HKH (it removes row and column effects).
-        gram(xc, matrix)
+        gram(x - x.mean(0), matrix)
         if kind == "unbiased_cka":
             matrix.fill_diagonal_(0.0)
             rows = matrix.sum(1)
